@@ -1,0 +1,105 @@
+"""Shared fixtures: a real face, real speech, demo weights in the official layout, a real S3 server."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def astronaut_rgb() -> np.ndarray:
+    """512×512 RGB public-domain photo; the face lies around x 177–272, y 66–175."""
+    from skimage import data
+
+    return data.astronaut().copy()
+
+
+@pytest.fixture(scope="session")
+def astronaut_png(tmp_path_factory, astronaut_rgb) -> Path:
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("faces") / "astronaut.png"
+    Image.fromarray(astronaut_rgb).save(path)
+    return path
+
+
+def make_speech(path: Path, text: str, rate: int = 16000, channels: int = 1) -> Path:
+    """Speak ``text`` with espeak-ng and convert it with sox (real speech, a few seconds)."""
+    if not shutil.which("espeak-ng") or not shutil.which("sox"):
+        pytest.fail("espeak-ng and sox are required (apt-get install espeak-ng sox)")
+    raw = path.with_suffix(".raw.wav")
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(raw), text], check=True)
+    subprocess.run(["sox", str(raw), "-r", str(rate), "-c", str(channels), "-b", "16", str(path)], check=True)
+    raw.unlink()
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech_wav(tmp_path_factory) -> Path:
+    """About 1.5 s of English speech, 16 kHz mono WAV."""
+    return make_speech(tmp_path_factory.mktemp("audio") / "speech.wav", "Hello, this is a test.")
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory) -> Path:
+    """A seeded random-weight model set in the official directory layout."""
+    from musetalk_ops.models.demo import write_demo_models
+
+    root = tmp_path_factory.mktemp("models")
+    write_demo_models(root)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real moto S3 server on 127.0.0.1 (HTTP, boto3's normal code path); yields its URL."""
+    port = _free_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("moto server did not start")
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch):
+    """A fresh bucket on the moto server, with the environment a user would set."""
+    import uuid
+
+    import boto3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
