@@ -20,7 +20,7 @@ def models_dir(override: str | os.PathLike | None = None) -> Path:
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """Writable cache (fp16 conversions, hashes): flag, else ``$MUSETALK_CACHE``, else ``~/.cache/musetalk``."""
+    """Writable cache (fp16 weights, hashes): flag, else ``$MUSETALK_CACHE``, else ``~/.cache/musetalk``."""
     return Path(override or os.environ.get("MUSETALK_CACHE") or Path.home() / ".cache" / "musetalk")
 
 

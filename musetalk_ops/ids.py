@@ -15,6 +15,8 @@ def validate_id(value: object, what: str = "id") -> str:
     """
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
         shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-        raise InputError(f"invalid {what} {shown}: use 1-64 characters of a-z, 0-9, '_' and '-', "
-                         "starting with a letter or digit")
+        raise InputError(
+            f"invalid {what} {shown}: use 1-64 characters of a-z, 0-9, '_' and '-', "
+            "starting with a letter or digit"
+        )
     return value

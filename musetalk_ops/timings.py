@@ -85,6 +85,8 @@ class Timings:
         rows = [(s, getattr(self, s)) for s in (*STAGES, "total")]
         lines = [f"  {name:<15}{seconds:8.3f} s" for name, seconds in rows]
         lines.append(f"  {'frames':<15}{self.frames:8d}    video {self.video_seconds:.2f} s")
-        lines.append(f"  {'fps':<15}{self.fps:8.2f}    rtf {self.rtf:.2f}x  ({self.device}, {self.dtype}, "
-                     f"batch {self.batch_size}, weights {self.weights})")
+        lines.append(
+            f"  {'fps':<15}{self.fps:8.2f}    rtf {self.rtf:.2f}x  ({self.device}, {self.dtype}, "
+            f"batch {self.batch_size}, weights {self.weights})"
+        )
         return "\n".join(lines)

@@ -1,0 +1,266 @@
+"""The ``musetalk`` console script.
+
+Engine subcommands (``render``, ``prepare``, ``models``, ``templates``) live here and never import
+Dagster; ``submit`` and ``stats`` belong to the Dagster code location and are imported only when used.
+A user mistake prints one line and exits 2; an interrupted command exits 130 and leaves no output.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from musetalk_ops.errors import InputError, MuseTalkError
+
+log = logging.getLogger("musetalk")
+
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+
+
+def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--models",
+        type=Path,
+        help="official-layout weights directory (default: $MUSETALK_MODELS or ./models)",
+    )
+    p.add_argument(
+        "--version", choices=("v15", "v1"), help="MuseTalk version (default: the template's, else v15)"
+    )
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: float16 on CUDA, float32 on the CPU")
+
+
+def _parse_box(text: str) -> list[int]:
+    try:
+        box = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--bbox {text!r}: expected four integers x1,y1,x2,y2") from None
+    if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1] or min(box) < 0:
+        raise argparse.ArgumentTypeError(
+            f"--bbox {text!r}: expected x1,y1,x2,y2 with x2 > x1 >= 0, y2 > y1 >= 0"
+        )
+    return box
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="musetalk", description="MuseTalk v1.5 lip-sync rendering.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("render", help="render a lip-synced MP4 from a template and speech audio")
+    r.add_argument(
+        "--template",
+        required=True,
+        type=Path,
+        help="template cache dir, official realtime avatar dir, or a source image/video",
+    )
+    r.add_argument("--audio", required=True, type=Path, help="speech: wav, flac, mp3, m4a/aac or ogg")
+    r.add_argument("--out", required=True, type=Path, help="output .mp4")
+    _add_runtime_flags(r)
+    r.add_argument("--batch-size", type=int, default=20)
+    r.add_argument("--fps", type=float, help="output fps (default: the template's; images 25)")
+    r.add_argument("--crf", type=int, default=18, help="H.264 quality (default 18)")
+    r.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast)")
+    r.add_argument("--frames-dir", type=Path, help="also write every frame as lossless PNG 00000000.png…")
+    r.add_argument("--stats-json", type=Path, help="write the timings as JSON")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("prepare", help="preprocess a template source into a template cache")
+    p.add_argument("source", type=Path, help="image (jpg, png, webp) or video (mp4, mov, webm, mkv)")
+    p.add_argument("--out", required=True, type=Path, help="cache directory to write")
+    p.add_argument("--id", dest="template_id", help="template id (default: derived from the file name)")
+    _add_runtime_flags(p)
+    p.add_argument("--settings", type=Path, help="settings.yaml (default: the one beside the source, if any)")
+    p.add_argument("--bbox", type=_parse_box, help="manual landmark box x1,y1,x2,y2 (before extra margin)")
+    p.add_argument("--extra-margin", type=int)
+    p.add_argument("--parsing-mode", choices=("jaw", "raw"))
+    p.add_argument("--mask-source", choices=("parsing", "landmarks"))
+    p.add_argument("--fps", type=float, help="frame rate for image templates (default 25)")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+
+    m = sub.add_parser("models", help="manage the official weights directory")
+    msub = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    demo = msub.add_parser("demo", help="write a seeded random-weight set in the official layout")
+    demo.add_argument("dir", type=Path)
+    demo.add_argument("--seed", type=int, default=0)
+    dl = msub.add_parser("download", help="download the official weights (needs internet)")
+    dl.add_argument("dir", type=Path)
+    chk = msub.add_parser("check", help="check that a weights directory is complete and loadable")
+    chk.add_argument("dir", type=Path)
+    chk.add_argument("--version", choices=("v15", "v1"), default="v15")
+    conv = msub.add_parser("convert", help="write fp16 safetensors copies under $MUSETALK_CACHE")
+    conv.add_argument("dir", type=Path)
+
+    t = sub.add_parser("templates", help="manage the templates in the object store")
+    tsub = t.add_subparsers(dest="templates_command", required=True, metavar="ACTION")
+    push = tsub.add_parser("push", help="upload templates/<id>/ folders into the store")
+    push.add_argument("dir", type=Path, nargs="?", default=Path("templates"))
+
+    for name, text in (
+        ("submit", "submit a render request to the Dagster pipeline"),
+        ("stats", "request statistics and per-stage timings"),
+    ):
+        sub.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from musetalk_ops.render import RenderSettings, render_file
+
+    settings = RenderSettings(
+        batch_size=args.batch_size,
+        crf=args.crf,
+        preset=args.preset,
+        device=args.device,
+        dtype=args.dtype,
+        version=args.version,
+        models_root=args.models,
+        fps=args.fps,
+    )
+    for name in ("template", "audio"):
+        if not getattr(args, name).exists():
+            raise InputError(f"--{name} {getattr(args, name)}: no such file or directory")
+    timings = render_file(
+        args.template,
+        args.audio,
+        args.out,
+        settings,
+        frames_dir=args.frames_dir,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    if timings.weights == "demo":
+        print("note: rendered with demo (random) weights: the mouth is noise, not lip-sync", file=sys.stderr)
+    print(f"wrote {args.out} ({timings.frames} frames, {timings.video_seconds:.2f} s)")
+    print(timings.summary())
+    if args.stats_json:
+        _write_json(args.stats_json, timings.to_dict())
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from musetalk_ops.ids import validate_id
+    from musetalk_ops.prepare import prepare_template
+    from musetalk_ops.settings import load_settings
+
+    if not args.source.is_file():
+        raise InputError(f"{args.source}: no such file")
+    settings_path = args.settings or args.source.parent / "settings.yaml"
+    settings = load_settings(settings_path if settings_path.exists() else None)
+    overrides = {
+        "face_box": args.bbox,
+        "extra_margin": args.extra_margin,
+        "parsing_mode": args.parsing_mode,
+        "mask_source": args.mask_source,
+        "version": args.version,
+        "fps": args.fps,
+    }
+    settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    template_id = validate_id(args.template_id or _default_id(args.source), "template id")
+    out = prepare_template(
+        args.source,
+        args.out,
+        template_id=template_id,
+        settings=settings,
+        models_root=args.models,
+        device=args.device,
+        dtype=args.dtype,
+        force=args.force,
+        progress=sys.stderr.isatty(),
+    )
+    print(f"wrote template cache {out}")
+    return 0
+
+
+def _default_id(source: Path) -> str:
+    """``templates/<id>/source.png`` → ``<id>``; ``Alice Smith.png`` → ``alice-smith``."""
+    stem = source.parent.name if source.stem == "source" else source.stem
+    cleaned = "".join(c if c.isalnum() or c in "_-" else "-" for c in stem.lower()).strip("-_")
+    return cleaned[:64] or "template"
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from musetalk_ops import models
+
+    if args.models_command == "demo":
+        from musetalk_ops.models.demo import write_demo_models
+
+        write_demo_models(args.dir, seed=args.seed)
+        print(f"wrote demo (random) weights to {args.dir}: renders made with them are labelled weights=demo")
+    elif args.models_command == "download":
+        from musetalk_ops.models.download import download_models
+
+        download_models(args.dir)
+        print(f"downloaded the official weights to {args.dir}")
+    elif args.models_command == "check":
+        import torch
+
+        from musetalk_ops.models.layout import check_models, weights_kind
+
+        check_models(args.dir, version=args.version)
+        models.load_models(
+            args.dir,
+            version=args.version,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            components=("unet", "vae", "whisper", "bisenet"),
+        )
+        print(f"{args.dir}: complete and loadable ({args.version}, weights {weights_kind(args.dir)})")
+    else:
+        from musetalk_ops.models.convert import convert_models
+
+        written = convert_models(args.dir)
+        print(f"converted {len(written)} files to fp16 safetensors under $MUSETALK_CACHE")
+    return 0
+
+
+def cmd_templates(args: argparse.Namespace) -> int:
+    from musetalk_ops.store import open_store, push_templates
+
+    if not args.dir.is_dir():
+        raise InputError(f"{args.dir}: no such directory")
+    store = open_store()
+    written = push_templates(args.dir, store)
+    print(f"uploaded {len(written)} objects to {store.uri('templates/')}")
+    for key in written:
+        print(f"  {key}")
+    return 0
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+COMMANDS = {"render": cmd_render, "prepare": cmd_prepare, "models": cmd_models, "templates": cmd_templates}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("submit", "stats"):
+        from pipelines.cli import main as pipeline_main  # Dagster only for these two
+
+        return _guard(lambda: pipeline_main(argv))
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    return _guard(lambda: COMMANDS[args.command](args))
+
+
+def _guard(run) -> int:
+    try:
+        return run()
+    except MuseTalkError as exc:
+        print(f"musetalk: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("musetalk: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
