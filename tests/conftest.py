@@ -107,3 +107,19 @@ def s3_bucket(s3_endpoint, monkeypatch):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
     return name
+
+
+# The astronaut's landmark box before extra margin (x from the jaw, y2 at the chin): skips dlib.
+ASTRONAUT_FACE_BOX = (177, 66, 272, 175)
+
+
+@pytest.fixture(scope="session")
+def astronaut_cache(tmp_path_factory, astronaut_png, demo_models) -> Path:
+    """A template cache of the astronaut image prepared with demo weights and a manual face box."""
+    from musetalk_ops.prepare import prepare_template
+    from musetalk_ops.settings import TemplateSettings
+
+    out = tmp_path_factory.mktemp("caches") / "astronaut"
+    return prepare_template(astronaut_png, out, template_id="astronaut",
+                            settings=TemplateSettings(face_box=list(ASTRONAUT_FACE_BOX)),
+                            models_root=demo_models, device="cpu", dtype="float32")

@@ -1,0 +1,91 @@
+"""Object keys of the store layout (design.md), built in one place from validated parts.
+
+Request and template ids arrive from users; every helper validates them (and extensions and
+fingerprints) before they become part of a key, so a key built here is always a valid store key.
+Prefixes end with ``/`` so that listing ``template_prefix("a")`` never matches template ``ab``.
+"""
+
+import re
+
+from musetalk_ops.errors import InputError
+from musetalk_ops.ids import validate_id
+
+AUDIO_EXTS = ("wav", "flac", "mp3", "m4a", "aac", "ogg")
+SOURCE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "mp4", "mov", "webm", "mkv")
+MAX_CHUNKS = 10000  # chunk numbers are zero-padded to 4 digits so listings sort in frame order
+
+_FINGERPRINT = re.compile(r"[0-9a-f]{16}")
+
+
+def _ext(ext: object, allowed: tuple[str, ...], what: str) -> str:
+    """Normalise ``".WAV"``/``"wav"`` to ``"wav"`` and check it against ``allowed``."""
+    norm = ext.lower().removeprefix(".") if isinstance(ext, str) else ext
+    if norm not in allowed:
+        raise InputError(f"unsupported {what} type {ext!r}: use one of {', '.join(allowed)}")
+    return norm
+
+
+def validate_fingerprint(value: object) -> str:
+    """A cache fingerprint is exactly 16 lowercase hex digits (design.md, template cache format)."""
+    if not isinstance(value, str) or not _FINGERPRINT.fullmatch(value):
+        raise InputError(f"invalid fingerprint {value!r}: expected 16 lowercase hex digits")
+    return value
+
+
+def template_prefix(tid: str) -> str:
+    return f"templates/{validate_id(tid, 'template id')}/"
+
+
+def template_source(tid: str, ext: str) -> str:
+    return f"{template_prefix(tid)}source.{_ext(ext, SOURCE_EXTS, 'template source')}"
+
+
+def template_settings(tid: str) -> str:
+    return f"{template_prefix(tid)}settings.yaml"
+
+
+def cache_prefix(tid: str, fingerprint: str) -> str:
+    return f"cache/templates/{validate_id(tid, 'template id')}/{validate_fingerprint(fingerprint)}/"
+
+
+def request(rid: str) -> str:
+    return f"requests/{validate_id(rid, 'request id')}.json"
+
+
+def rejected_request(rid: str) -> str:
+    return f"requests/rejected/{validate_id(rid, 'request id')}.json"
+
+
+def rejected_reason(rid: str) -> str:
+    return f"requests/rejected/{validate_id(rid, 'request id')}.reason.txt"
+
+
+def audio(rid: str, ext: str) -> str:
+    return f"audio/{validate_id(rid, 'request id')}.{_ext(ext, AUDIO_EXTS, 'audio')}"
+
+
+def work_prefix(rid: str) -> str:
+    return f"work/{validate_id(rid, 'request id')}/"
+
+
+def work_features(rid: str) -> str:
+    return f"{work_prefix(rid)}features.safetensors"
+
+
+def work_chunk(rid: str, n: int) -> str:
+    """``work/<rid>/chunks/0003.mp4``: zero-padded so that a sorted listing is in chunk order."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < MAX_CHUNKS:
+        raise InputError(f"invalid chunk number {n!r}: expected an integer 0-{MAX_CHUNKS - 1}")
+    return f"{work_prefix(rid)}chunks/{n:04d}.mp4"
+
+
+def render_video(rid: str) -> str:
+    return f"renders/{validate_id(rid, 'request id')}.mp4"
+
+
+def render_timings(rid: str) -> str:
+    return f"renders/{validate_id(rid, 'request id')}.json"
+
+
+def welcome_video(tid: str, fingerprint: str) -> str:
+    return f"welcome/{validate_id(tid, 'template id')}/{validate_fingerprint(fingerprint)}.mp4"

@@ -1,0 +1,526 @@
+"""Object storage: one interface over a local folder and S3 (design.md, "Object storage keys").
+
+Keys are relative ``/``-separated names checked by :func:`check_key` on every call, so nothing a
+request carries can address anything outside the store root. Writes are atomic per object: a reader
+sees the old object or the new one, never a partial one. Listings skip anything that is not a valid
+key (temp files, foreign objects), so what ``list`` returns can always be read back.
+"""
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO
+
+import boto3
+from boto3.exceptions import S3UploadFailedError
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from musetalk_ops import config, keys
+from musetalk_ops.errors import InputError, StoreError
+from musetalk_ops.ids import validate_id
+
+log = logging.getLogger(__name__)
+
+MAX_KEY_LENGTH = 1024
+MAX_SEGMENT_LENGTH = 255  # a file name on common file systems: keys behave the same on both backends
+_KEY_CHARS = re.compile(r"[A-Za-z0-9._/-]+")
+_TEMP_SUFFIX = "~tmp"  # '~' is not a key character, so a temp file can never be taken for an object
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_MD5 = re.compile(r"[0-9a-f]{32}")
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it is a safe object key, else raise InputError.
+
+    Safe: 1-1024 characters of ``A-Z a-z 0-9 . _ - /``, relative, segments non-empty, not ``.`` or
+    ``..`` and at most 255 characters. This excludes traversal, absolute paths, backslashes, control
+    characters and unicode look-alikes on every backend.
+    """
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LENGTH or not _KEY_CHARS.fullmatch(key):
+        raise InputError(
+            f"invalid object key {_shown(key)}: use 1-{MAX_KEY_LENGTH} characters of A-Z a-z 0-9 . _ - /"
+        )
+    if any(seg in ("", ".", "..") or len(seg) > MAX_SEGMENT_LENGTH for seg in key.split("/")):
+        raise InputError(
+            f"invalid object key {_shown(key)}: '/'-separated names must be non-empty, not '.' or '..', "
+            f"and at most {MAX_SEGMENT_LENGTH} characters"
+        )
+    return key
+
+
+def _is_key(key: str) -> bool:
+    try:
+        check_key(key)
+    except InputError:
+        return False
+    return True
+
+
+def check_prefix(prefix: object) -> str:
+    """A listing prefix is ``""`` (everything), a key, or a key followed by ``/``."""
+    if not isinstance(prefix, str):
+        raise InputError(f"invalid object key prefix {_shown(prefix)}")
+    if prefix:
+        check_key(prefix.removesuffix("/"))
+    return prefix
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object. ``etag`` is an opaque token that changes whenever the content changes."""
+
+    key: str
+    size: int
+    etag: str
+    modified: datetime
+
+
+def _write_atomically(dest: Path, fill: Callable[[BinaryIO], object]) -> None:
+    """Write ``dest`` through a temp file in its directory, fsync, then rename over it."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{secrets.token_hex(8)}{_TEMP_SUFFIX}"
+    try:
+        with open(tmp, "xb") as f:  # mode 0o666 minus umask, like any other file the user writes
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _local_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no such file: {path}")
+    return path
+
+
+class Store(ABC):
+    """Object store interface shared by the CLI, the Dagster resources and the sensors."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """Content of ``key``; StoreError("object not found: <uri>") if there is none."""
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Create or replace ``key`` atomically."""
+
+    @abstractmethod
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        """Download ``key`` to the local ``path`` (parents created; it appears complete or not at all)."""
+
+    @abstractmethod
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        """Upload the local file ``path`` to ``key`` atomically."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Objects whose key starts with ``prefix`` (a plain string prefix, as on S3), sorted by key."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; deleting a missing object is not an error (as on S3)."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every listed object under ``prefix``; returns how many were removed."""
+
+    @abstractmethod
+    def move(self, src: str, dst: str) -> None:
+        """Rename ``src`` to ``dst`` (replacing ``dst``); StoreError if ``src`` is missing."""
+
+    @abstractmethod
+    def uri(self, key: str) -> str:
+        """Where ``key`` (or a prefix such as ``templates/``) lives, for messages and metadata."""
+
+
+class LocalStore(Store):
+    """A folder as object store: ``<root>/<key>``; the embedded default for one machine.
+
+    The etag is ``<size>-<mtime_ns>-<inode>`` (hex), not a content hash: listing never reads file
+    contents, so listing renders or requests stays cheap. Every write through the store renames a new
+    file (new inode) into place, and an edit in place changes the mtime, so changed content always
+    changes the etag; rewriting identical content changes it too.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+
+    def uri(self, key: str) -> str:
+        base = self.root.as_uri()  # "file:///" for the root directory itself
+        return f"{base}{'' if base.endswith('/') else '/'}{check_prefix(key)}"
+
+    def _inside(self, path: Path) -> bool:
+        return path.resolve().is_relative_to(self.root)
+
+    def _path(self, key: str) -> Path:
+        """Local path of ``key``, refused if it resolves outside the root (a symlink pointing out)."""
+        path = self.root / check_key(key)
+        if not self._inside(path):
+            raise StoreError(f"object key {key!r} resolves outside the store root {self.root} (symlink?)")
+        return path
+
+    @contextlib.contextmanager
+    def _errors(self, key: str, action: str) -> Iterator[None]:
+        """OSError → one-line StoreError; a missing file on read is "object not found"."""
+        try:
+            yield
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+            if action == "read":
+                raise StoreError(f"object not found: {self.uri(key)}") from None
+            raise StoreError(f"cannot {action} {self.uri(key)}: {e.strerror}") from None
+        except OSError as e:
+            raise StoreError(f"cannot {action} {self.uri(key)}: {e.strerror or e}") from None
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        with self._errors(key, "read"):
+            return path.read_bytes()
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        with self._errors(key, "write"):
+            _write_atomically(path, lambda f: f.write(data))
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        src = self._path(key)
+        with contextlib.ExitStack() as stack:
+            with self._errors(key, "read"):  # only opening the object means "object not found"
+                source = stack.enter_context(open(src, "rb"))
+            _write_atomically(Path(path), lambda f: shutil.copyfileobj(source, f, 1 << 20))
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        dest = self._path(key)
+        with open(_local_file(path), "rb") as s, self._errors(key, "write"):
+            _write_atomically(dest, lambda f: shutil.copyfileobj(s, f, 1 << 20))
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def _start(self, prefix: str) -> Path | None:
+        """Directory to walk for ``prefix`` (its last complete segment), if it lies inside the root."""
+        start = self.root / check_prefix(prefix).rpartition("/")[0]
+        return start if self._inside(start) else None
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        start = self._start(prefix)
+        if start is None:
+            return []
+        found = []
+        for dirpath, _dirs, files in os.walk(start):  # does not descend into symlinked directories
+            for name in files:
+                path = Path(dirpath, name)
+                key = path.relative_to(self.root).as_posix()
+                if not key.startswith(prefix) or not _is_key(key) or not self._inside(path):
+                    continue
+                try:
+                    st = path.stat()
+                except FileNotFoundError:  # deleted while listing
+                    continue
+                modified = datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=timezone.utc)
+                etag = f"{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}"
+                found.append(ObjectInfo(key, st.st_size, etag, modified))
+        return sorted(found, key=lambda info: info.key)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        with self._errors(key, "delete"):
+            if not path.is_dir():
+                path.unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> int:
+        objects = self.list(prefix)
+        for info in objects:
+            self.delete(info.key)
+        start = self._start(prefix)
+        if start is not None:  # prune emptied directories under the prefix, never above it
+            for dirpath, _dirs, _files in os.walk(start, topdown=False):
+                rel = Path(dirpath).relative_to(self.root).as_posix()
+                if rel != "." and f"{rel}/".startswith(prefix):
+                    with contextlib.suppress(OSError):
+                        os.rmdir(dirpath)
+        return len(objects)
+
+    def move(self, src: str, dst: str) -> None:
+        source, dest = self._path(src), self._path(dst)
+        if not source.is_file():
+            raise StoreError(f"object not found: {self.uri(src)}")
+        with self._errors(dst, "write"):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, dest)
+
+
+def _code(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class S3Store(Store):
+    """An S3 bucket (AWS, MinIO, moto) under an optional key prefix.
+
+    Each object is written by one PUT (or one multipart upload, which also appears only when
+    complete), so writes are atomic. ``move`` is copy + delete: for a moment both keys exist.
+    The client's timeouts and retries are kept short so that an unreachable endpoint fails within
+    seconds (connect_timeout × attempts plus backoff); ``max_attempts`` defaults to boto3's own
+    setting (``AWS_MAX_ATTEMPTS``, else 3).
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        client=None,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        max_attempts: int | None = None,
+    ):
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket or ""):
+            raise InputError(f"invalid S3 bucket name {_shown(bucket)}")
+        self.bucket = bucket
+        prefix = prefix.strip("/")
+        self.prefix = f"{check_key(prefix)}/" if prefix else ""
+        if client is None:
+            session = boto3.session.Session()
+            retries = {"total_max_attempts": max_attempts} if max_attempts else None
+            client = session.client(
+                "s3",
+                region_name=os.environ.get("AWS_REGION") or session.region_name or "us-east-1",
+                endpoint_url=endpoint_url,  # None: boto3 reads AWS_ENDPOINT_URL_S3 / its config itself
+                config=Config(connect_timeout=connect_timeout, read_timeout=read_timeout, retries=retries),
+            )
+        self._client = client
+        self.endpoint = client.meta.endpoint_url
+
+    def _uri(self, target: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix}{target}"
+
+    def uri(self, key: str) -> str:
+        return self._uri(check_prefix(key))
+
+    def _full(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    @contextlib.contextmanager
+    def _errors(self, target: str) -> Iterator[None]:
+        """botocore/boto3 errors → one-line StoreError naming the object (or prefix) and endpoint."""
+        try:
+            yield
+        except S3UploadFailedError as e:
+            cause = e.__context__
+            raise self._translate(
+                cause if isinstance(cause, BotoCoreError | ClientError) else e, target
+            ) from None
+        except (ClientError, BotoCoreError) as e:
+            raise self._translate(e, target) from None
+
+    def _translate(self, error: Exception, target: str) -> StoreError:
+        if isinstance(error, ClientError):
+            code = _code(error)
+            if code in _NOT_FOUND:
+                return StoreError(f"object not found: {self._uri(target)}")
+            if code == "NoSuchBucket":
+                return StoreError(f"bucket not found: s3://{self.bucket} at {self.endpoint}")
+            message = error.response.get("Error", {}).get("Message", "")
+            return StoreError(_one_line(f"object store error for {self._uri(target)}: {code} {message}"))
+        if isinstance(error, BotoConnectionError | HTTPClientError):
+            return StoreError(_one_line(f"object store unreachable at {self.endpoint}: {error}"))
+        if isinstance(error, NoCredentialsError):
+            return StoreError(
+                f"no S3 credentials for s3://{self.bucket}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "a profile or a role"
+            )
+        return StoreError(
+            _one_line(f"object store error for {self._uri(target)} at {self.endpoint}: {error}")
+        )
+
+    def get_bytes(self, key: str) -> bytes:
+        full = self._full(key)
+        with self._errors(key):
+            return self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        full = self._full(key)
+        with self._errors(key):
+            self._client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data))
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        full = self._full(key)
+        with self._errors(key):
+            _write_atomically(Path(path), lambda f: self._client.download_fileobj(self.bucket, full, f))
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        full, local = self._full(key), _local_file(path)
+        with self._errors(key):
+            self._client.upload_file(str(local), self.bucket, full)
+
+    def exists(self, key: str) -> bool:
+        full = self._full(key)
+        with self._errors(key):
+            try:
+                self._client.head_object(Bucket=self.bucket, Key=full)
+            except ClientError as e:
+                if _code(e) in _NOT_FOUND:
+                    return False
+                raise
+        return True
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        check_prefix(prefix)
+        found = []
+        with self._errors(prefix):
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    key = obj["Key"][len(self.prefix) :]
+                    if _is_key(key):  # foreign objects with unsafe names are not ours
+                        found.append(
+                            ObjectInfo(key, obj["Size"], obj["ETag"].strip('"'), obj["LastModified"])
+                        )
+        return sorted(found, key=lambda info: info.key)
+
+    def delete(self, key: str) -> None:
+        full = self._full(key)
+        with self._errors(key):
+            self._client.delete_object(Bucket=self.bucket, Key=full)
+
+    def delete_prefix(self, prefix: str) -> int:
+        objects = self.list(prefix)
+        for i in range(0, len(objects), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": self.prefix + info.key} for info in objects[i : i + 1000]]
+            with self._errors(prefix):
+                errors = self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                ).get("Errors", [])
+            if errors:
+                first = errors[0]
+                raise StoreError(
+                    _one_line(
+                        f"could not delete {len(errors)} objects under {self._uri(prefix)}, e.g. "
+                        f"{first.get('Key')}: {first.get('Code')} {first.get('Message', '')}"
+                    )
+                )
+        return len(objects)
+
+    def move(self, src: str, dst: str) -> None:
+        source, dest = self._full(src), self._full(dst)
+        if source == dest:  # S3 refuses to copy an object onto itself
+            if not self.exists(src):
+                raise StoreError(f"object not found: {self.uri(src)}")
+            return
+        with self._errors(src):
+            self._client.copy({"Bucket": self.bucket, "Key": source}, self.bucket, dest)
+            self._client.delete_object(Bucket=self.bucket, Key=source)
+
+
+def open_store(root: str | os.PathLike | None = None) -> Store:
+    """``$MUSETALK_S3_BUCKET`` set: S3 (``$MUSETALK_S3_PREFIX``, ``$AWS_ENDPOINT_URL_S3``); else a LocalStore
+    at ``root``, ``$MUSETALK_STORE`` or ``./.musetalk/store``."""
+    bucket = os.environ.get("MUSETALK_S3_BUCKET")
+    if bucket:
+        prefix, endpoint = os.environ.get("MUSETALK_S3_PREFIX", ""), os.environ.get("AWS_ENDPOINT_URL_S3")
+        return S3Store(bucket, prefix, endpoint or None)
+    return LocalStore(config.store_dir(root))
+
+
+def _template_files(repo_dir: Path) -> dict[str, dict[str, Path]]:
+    """``{template id: {key: local file}}`` for every template directory; validated before any upload."""
+    if not repo_dir.is_dir():
+        raise InputError(f"templates directory not found: {repo_dir}")
+    plan = {}
+    for folder in sorted(p for p in repo_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        tid = validate_id(folder.name, f"template id (directory {folder})")
+        files, sources = {}, []
+        for path in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
+            if path.name == "settings.yaml" and path.is_file():
+                files[keys.template_settings(tid)] = path
+            elif path.stem == "source" and path.is_file():
+                sources.append(path)
+            else:
+                raise InputError(f"unexpected {path}: a template holds source.<ext> and settings.yaml only")
+        if len(sources) != 1:
+            raise InputError(
+                f"{folder}: expected exactly one source.<ext> "
+                f"({', '.join(keys.SOURCE_EXTS)}), found {len(sources)}"
+            )
+        try:
+            files[keys.template_source(tid, sources[0].suffix)] = sources[0]
+        except InputError as e:
+            raise InputError(f"{sources[0]}: {e}") from None
+        plan[tid] = files
+    if not plan:
+        raise InputError(f"no template directories (<id>/source.<ext>) in {repo_dir}")
+    return plan
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _unchanged(store: Store, info: ObjectInfo, path: Path) -> bool:
+    """Same content? Sizes first, then S3's md5 etag (single-part uploads), else compare the bytes."""
+    if info.size != path.stat().st_size:
+        return False
+    if _MD5.fullmatch(info.etag) and info.etag == _md5(path):
+        return True
+    return store.get_bytes(info.key) == path.read_bytes()
+
+
+def push_templates(repo_dir: str | os.PathLike, store: Store) -> list[str]:
+    """Upload ``<repo_dir>/<id>/source.<ext>`` and optional ``settings.yaml`` to the same store keys.
+
+    Unchanged objects are not rewritten, so their etags stay and template_sensor does not re-run them.
+    Afterwards the store holds exactly the repository's inputs for each pushed template: a stored
+    source with another extension, or a settings.yaml removed from the repository, is deleted.
+    Templates that are not in ``repo_dir`` are left alone. Returns the keys written.
+    """
+    written = []
+    for tid, files in _template_files(Path(repo_dir)).items():
+        stored = {info.key: info for info in store.list(keys.template_prefix(tid))}
+        for key, path in files.items():
+            if key not in stored or not _unchanged(store, stored[key], path):
+                store.put_file(key, path)
+                written.append(key)
+        for key in sorted(stored.keys() - files.keys()):
+            name = key.removeprefix(keys.template_prefix(tid))
+            if name == "settings.yaml" or name.startswith("source."):
+                store.delete(key)
+                log.info("deleted stale %s", store.uri(key))
+    return written
