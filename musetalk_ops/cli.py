@@ -143,7 +143,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from musetalk_ops.ids import validate_id
+    from musetalk_ops.ids import default_template_id, validate_id
     from musetalk_ops.prepare import prepare_template
     from musetalk_ops.settings import load_settings
 
@@ -160,7 +160,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         "fps": args.fps,
     }
     settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-    template_id = validate_id(args.template_id or _default_id(args.source), "template id")
+    template_id = validate_id(args.template_id or default_template_id(args.source), "template id")
     out = prepare_template(
         args.source,
         args.out,
@@ -174,13 +174,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     )
     print(f"wrote template cache {out}")
     return 0
-
-
-def _default_id(source: Path) -> str:
-    """``templates/<id>/source.png`` → ``<id>``; ``Alice Smith.png`` → ``alice-smith``."""
-    stem = source.parent.name if source.stem == "source" else source.stem
-    cleaned = "".join(c if c.isalnum() or c in "_-" else "-" for c in stem.lower()).strip("-_")
-    return cleaned[:64] or "template"
 
 
 def cmd_models(args: argparse.Namespace) -> int:

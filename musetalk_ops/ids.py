@@ -1,6 +1,7 @@
 """Identifiers that travel from requests into storage keys: validated before any use."""
 
 import re
+from pathlib import Path
 
 from musetalk_ops.errors import InputError
 
@@ -20,3 +21,11 @@ def validate_id(value: object, what: str = "id") -> str:
             "starting with a letter or digit"
         )
     return value
+
+
+def default_template_id(source: Path) -> str:
+    """An id for a template file: ``templates/<id>/source.png`` → ``<id>``; ``Alice Smith.png`` →
+    ``alice-smith`` (so a file can be rendered without naming it)."""
+    stem = source.parent.name if source.stem == "source" else source.stem
+    cleaned = "".join(c if c.isascii() and (c.isalnum() or c in "_-") else "-" for c in stem.lower())
+    return validate_id(cleaned.strip("-_")[:64] or "template", "template id")

@@ -7,6 +7,7 @@ a worker thread so the CPU work overlaps the next batch's GPU work. Stage second
 stage (overlapping stages can sum to more than ``total``, which is wall time).
 """
 
+import dataclasses
 import itertools
 import math
 import queue
@@ -27,6 +28,7 @@ from musetalk_ops.blend import frame_indices, paste_face
 from musetalk_ops.cache import Template
 from musetalk_ops.config import DTYPES, Limits, dtype_name, models_dir, resolve_device, resolve_dtype
 from musetalk_ops.errors import InputError
+from musetalk_ops.ids import default_template_id
 from musetalk_ops.models import Models, load_models
 from musetalk_ops.models.unet import unet_predict
 from musetalk_ops.models.vae import decode_latents
@@ -232,29 +234,29 @@ def render_chunk(
     return ChunkResult(path=Path(out_path), frames=stop - start, timings=timings)
 
 
-def open_template(path: Path, settings: RenderSettings, workdir: Path) -> Template:
-    """A template cache directory, an official realtime avatar directory, or a source image/video
-    (prepared on the fly into ``workdir`` with default settings)."""
+def open_template(path: Path, settings: RenderSettings, limits: Limits | None = None) -> Template:
+    """A template cache directory, an official realtime avatar directory, or a source image/video.
+
+    A source file is prepared on the fly (with the ``settings.yaml`` beside it, if any) into the engine
+    cache (``$MUSETALK_CACHE/templates/<id>/<fingerprint>/``), so rendering it again reuses that work.
+    """
     from musetalk_ops.cache import load_template
 
     path = Path(path)
     if path.is_dir():
         return load_template(path)
-    if not path.exists():
+    if not path.is_file():
         raise InputError(f"template not found: {path}")
-    from musetalk_ops.prepare import prepare_template
-    from musetalk_ops.settings import TemplateSettings
+    from musetalk_ops.prepare import prepare_to_cache
+    from musetalk_ops.settings import load_settings
 
-    template_settings = TemplateSettings(version=settings.version or "v15")
-    cache = prepare_template(
-        path,
-        workdir / "template",
-        template_id="adhoc",
-        settings=template_settings,
-        models_root=models_dir(settings.models_root),
-        device=settings.device,
-        dtype=settings.dtype,
-    )
+    beside = path.parent / "settings.yaml"
+    template_settings = load_settings(beside if beside.is_file() else None)
+    if settings.version is not None:
+        template_settings = dataclasses.replace(template_settings, version=settings.version)
+    cache = prepare_to_cache(path, template_id=default_template_id(path), settings=template_settings,
+                             models_root=models_dir(settings.models_root), device=settings.device,
+                             dtype=settings.dtype, limits=limits)
     return load_template(cache)
 
 
@@ -277,7 +279,7 @@ def render_file(
     wall = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".musetalk-", dir=out_path.parent) as tmp:
         load_start = time.perf_counter()
-        template = open_template(Path(template_path), settings, Path(tmp))
+        template = open_template(Path(template_path), settings, limits)
         models = load_engine(settings, version=template.version)
         load_seconds = time.perf_counter() - load_start
 

@@ -5,6 +5,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -14,6 +15,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tests never touch the user's engine cache or object store.
+os.environ["MUSETALK_CACHE"] = tempfile.mkdtemp(prefix="musetalk-test-cache-")
+os.environ["MUSETALK_STORE"] = tempfile.mkdtemp(prefix="musetalk-test-store-")
 
 
 @pytest.fixture(scope="session")
