@@ -15,8 +15,14 @@ from musetalk_ops.video import probe
 
 def musetalk(*args, env=None, cwd=None):
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "musetalk_ops.cli", *map(str, args)], capture_output=True,
-                          text=True, env=full_env, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "musetalk_ops.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 def assert_user_error(proc, fragment):
@@ -31,8 +37,23 @@ def assert_user_error(proc, fragment):
 def test_render_end_to_end(tmp_path, astronaut_cache, speech_wav, demo_models):
     out, stats, frames_dir = tmp_path / "out.mp4", tmp_path / "stats.json", tmp_path / "frames"
     start = time.perf_counter()
-    proc = musetalk("render", "--template", astronaut_cache, "--audio", speech_wav, "--out", out,
-                    "--models", demo_models, "--device", "cpu", "--stats-json", stats, "--frames-dir", frames_dir)
+    proc = musetalk(
+        "render",
+        "--template",
+        astronaut_cache,
+        "--audio",
+        speech_wav,
+        "--out",
+        out,
+        "--models",
+        demo_models,
+        "--device",
+        "cpu",
+        "--stats-json",
+        stats,
+        "--frames-dir",
+        frames_dir,
+    )
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr
     print(f"\nCPU end-to-end render of {speech_wav.name}: {elapsed:.2f} s (process start to exit)")
@@ -52,8 +73,24 @@ def test_render_end_to_end(tmp_path, astronaut_cache, speech_wav, demo_models):
     assert len(list(frames_dir.glob("*.png"))) == expected_frames
 
     timings = json.loads(stats.read_text())
-    for key in ("audio_features", "unet", "vae_decode", "composite", "encode", "mux", "load", "total",
-                "frames", "video_seconds", "fps", "rtf", "device", "dtype", "batch_size", "weights"):
+    for key in (
+        "audio_features",
+        "unet",
+        "vae_decode",
+        "composite",
+        "encode",
+        "mux",
+        "load",
+        "total",
+        "frames",
+        "video_seconds",
+        "fps",
+        "rtf",
+        "device",
+        "dtype",
+        "batch_size",
+        "weights",
+    ):
         assert key in timings
     assert timings["frames"] == expected_frames
     assert timings["weights"] == "demo" and timings["device"] == "cpu" and timings["dtype"] == "float32"
@@ -64,8 +101,21 @@ def test_render_end_to_end(tmp_path, astronaut_cache, speech_wav, demo_models):
 @pytest.mark.slow
 def test_render_from_a_source_image_prepares_on_the_fly(tmp_path, astronaut_png, speech_wav, demo_models):
     out = tmp_path / "out.mp4"
-    proc = musetalk("render", "--template", astronaut_png, "--audio", speech_wav, "--out", out,
-                    "--models", demo_models, "--device", "cpu", "--fps", "20")
+    proc = musetalk(
+        "render",
+        "--template",
+        astronaut_png,
+        "--audio",
+        speech_wav,
+        "--out",
+        out,
+        "--models",
+        demo_models,
+        "--device",
+        "cpu",
+        "--fps",
+        "20",
+    )
     assert proc.returncode == 0, proc.stderr
     seconds = soundfile.info(str(speech_wav)).frames / 16000
     assert probe(out).frames == math.floor(seconds * 20)
@@ -74,8 +124,17 @@ def test_render_from_a_source_image_prepares_on_the_fly(tmp_path, astronaut_png,
 
 def test_missing_audio(tmp_path, astronaut_cache, demo_models):
     out = tmp_path / "out.mp4"
-    proc = musetalk("render", "--template", astronaut_cache, "--audio", tmp_path / "nope.wav", "--out", out,
-                    "--models", demo_models)
+    proc = musetalk(
+        "render",
+        "--template",
+        astronaut_cache,
+        "--audio",
+        tmp_path / "nope.wav",
+        "--out",
+        out,
+        "--models",
+        demo_models,
+    )
     assert_user_error(proc, "nope.wav")
     assert list(tmp_path.iterdir()) == []
 
@@ -92,8 +151,19 @@ def test_bad_audio(tmp_path, astronaut_cache, demo_models, name, content, fragme
     audio = tmp_path / name
     audio.write_bytes(content)
     out = tmp_path / "out.mp4"
-    proc = musetalk("render", "--template", astronaut_cache, "--audio", audio, "--out", out,
-                    "--models", demo_models, "--device", "cpu")
+    proc = musetalk(
+        "render",
+        "--template",
+        astronaut_cache,
+        "--audio",
+        audio,
+        "--out",
+        out,
+        "--models",
+        demo_models,
+        "--device",
+        "cpu",
+    )
     assert_user_error(proc, fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
@@ -101,8 +171,19 @@ def test_bad_audio(tmp_path, astronaut_cache, demo_models, name, content, fragme
 def test_silent_audio(tmp_path, astronaut_cache, demo_models):
     audio = tmp_path / "silence.wav"
     soundfile.write(audio, [0.0] * 16000, 16000)
-    proc = musetalk("render", "--template", astronaut_cache, "--audio", audio, "--out", tmp_path / "o.mp4",
-                    "--models", demo_models, "--device", "cpu")
+    proc = musetalk(
+        "render",
+        "--template",
+        astronaut_cache,
+        "--audio",
+        audio,
+        "--out",
+        tmp_path / "o.mp4",
+        "--models",
+        demo_models,
+        "--device",
+        "cpu",
+    )
     assert_user_error(proc, "silent")
     assert not (tmp_path / "o.mp4").exists()
 
@@ -110,21 +191,52 @@ def test_silent_audio(tmp_path, astronaut_cache, demo_models):
 def test_unknown_template_directory(tmp_path, speech_wav, demo_models):
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = musetalk("render", "--template", empty, "--audio", speech_wav, "--out", tmp_path / "o.mp4",
-                    "--models", demo_models, "--device", "cpu")
+    proc = musetalk(
+        "render",
+        "--template",
+        empty,
+        "--audio",
+        speech_wav,
+        "--out",
+        tmp_path / "o.mp4",
+        "--models",
+        demo_models,
+        "--device",
+        "cpu",
+    )
     assert_user_error(proc, "empty")
     assert not (tmp_path / "o.mp4").exists()
 
 
 def test_missing_weights(tmp_path, astronaut_cache, speech_wav):
-    proc = musetalk("render", "--template", astronaut_cache, "--audio", speech_wav, "--out", tmp_path / "o.mp4",
-                    "--models", tmp_path / "no-models", "--device", "cpu")
+    proc = musetalk(
+        "render",
+        "--template",
+        astronaut_cache,
+        "--audio",
+        speech_wav,
+        "--out",
+        tmp_path / "o.mp4",
+        "--models",
+        tmp_path / "no-models",
+        "--device",
+        "cpu",
+    )
     assert_user_error(proc, "no-models")
     assert not (tmp_path / "o.mp4").exists()
 
 
 def test_output_must_be_mp4_in_an_existing_directory(tmp_path, astronaut_cache, speech_wav, demo_models):
-    common = ("--template", astronaut_cache, "--audio", speech_wav, "--models", demo_models, "--device", "cpu")
+    common = (
+        "--template",
+        astronaut_cache,
+        "--audio",
+        speech_wav,
+        "--models",
+        demo_models,
+        "--device",
+        "cpu",
+    )
     assert_user_error(musetalk("render", *common, "--out", tmp_path / "o.avi"), ".mp4")
     assert_user_error(musetalk("render", *common, "--out", tmp_path / "missing" / "o.mp4"), "does not exist")
 
@@ -132,8 +244,19 @@ def test_output_must_be_mp4_in_an_existing_directory(tmp_path, astronaut_cache, 
 def test_cuda_requested_without_cuda(tmp_path, astronaut_cache, speech_wav, demo_models):
     if __import__("torch").cuda.is_available():
         pytest.skip("this machine has CUDA")
-    proc = musetalk("render", "--template", astronaut_cache, "--audio", speech_wav, "--out", tmp_path / "o.mp4",
-                    "--models", demo_models, "--device", "cuda")
+    proc = musetalk(
+        "render",
+        "--template",
+        astronaut_cache,
+        "--audio",
+        speech_wav,
+        "--out",
+        tmp_path / "o.mp4",
+        "--models",
+        demo_models,
+        "--device",
+        "cuda",
+    )
     assert_user_error(proc, "CUDA is not available")
 
 

@@ -1,5 +1,6 @@
 """The chunk API: chunk planning, frame/latent/audio alignment, chunk independence, official avatars."""
 
+import itertools
 import json
 import pickle
 
@@ -37,7 +38,7 @@ def test_plan_chunks_covers_every_frame_in_near_equal_ranges():
     for frames in range(1, 3000, 37):
         chunks = plan_chunks(frames, 4, min_chunk_frames=100)
         assert chunks[0][0] == 0 and chunks[-1][1] == frames
-        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))
         sizes = [stop - start for start, stop in chunks]
         assert max(sizes) - min(sizes) <= 1
         assert len(chunks) == min(4, -(-frames // 100))
@@ -66,8 +67,9 @@ def test_render_chunk_frame_matches_independent_computation(engine, features, as
     """Output frame i = paste(template frame cycle[i], decode(unet(latent cycle[i], pe(window i))))."""
     template = load_template(astronaut_cache)
     settings = RenderSettings(batch_size=3, device="cpu", dtype="float32")
-    result = render_chunk(engine, template, features, 2, 9, tmp_path / "c.mp4", settings,
-                          frames_dir=tmp_path / "frames")
+    result = render_chunk(
+        engine, template, features, 2, 9, tmp_path / "c.mp4", settings, frames_dir=tmp_path / "frames"
+    )
     assert result.frames == 7 and result.timings.frames == 7
     written = _pngs(tmp_path / "frames")
     assert sorted(written) == [f"{i:08d}.png" for i in range(2, 9)]
@@ -79,7 +81,9 @@ def test_render_chunk_frame_matches_independent_computation(engine, features, as
         pred = unet_predict(engine.unet, template.latents[k : k + 1], tokens)
         face = decode_latents(engine.vae, pred)[0].numpy()
     face_entry = template.faces[k]
-    expected = paste_face(template.frames[k], face, face_entry.face_box, template.masks[k], face_entry.crop_box)
+    expected = paste_face(
+        template.frames[k], face, face_entry.face_box, template.masks[k], face_entry.crop_box
+    )
     diff = np.abs(written[f"{i:08d}.png"].astype(int) - expected.astype(int))
     assert diff.max() <= 1  # batch of 3 vs batch of 1 on the CPU: float summation order only
     assert (diff > 0).mean() < 0.01
@@ -93,15 +97,28 @@ def test_render_chunk_frame_matches_independent_computation(engine, features, as
     assert np.array_equal(written[f"{i:08d}.png"][outside], template.frames[k][outside])
 
 
-def test_chunks_join_into_the_same_frames_as_one_render(engine, features, astronaut_cache, tmp_path, speech_wav):
+def test_chunks_join_into_the_same_frames_as_one_render(
+    engine, features, astronaut_cache, tmp_path, speech_wav
+):
     template = load_template(astronaut_cache)
     settings = RenderSettings(batch_size=4, device="cpu", dtype="float32")
     total = features.num_frames(template.fps)
-    whole = render_chunk(engine, template, features, 0, total, tmp_path / "whole.mp4", settings,
-                         frames_dir=tmp_path / "whole")
-    parts = [render_chunk(engine, template, features, start, stop, tmp_path / f"part{n}.mp4", settings,
-                          frames_dir=tmp_path / "parts")
-             for n, (start, stop) in enumerate(plan_chunks(total, 2, min_chunk_frames=total // 2))]
+    whole = render_chunk(
+        engine, template, features, 0, total, tmp_path / "whole.mp4", settings, frames_dir=tmp_path / "whole"
+    )
+    parts = [
+        render_chunk(
+            engine,
+            template,
+            features,
+            start,
+            stop,
+            tmp_path / f"part{n}.mp4",
+            settings,
+            frames_dir=tmp_path / "parts",
+        )
+        for n, (start, stop) in enumerate(plan_chunks(total, 2, min_chunk_frames=total // 2))
+    ]
     assert len(parts) == 2
     a, b = _pngs(tmp_path / "whole"), _pngs(tmp_path / "parts")
     assert sorted(a) == sorted(b) and len(a) == total
@@ -138,8 +155,9 @@ def _write_official_avatar(cache_dir, avatar_dir):
     (avatar_dir / "coords.pkl").write_bytes(pickle.dumps(coords))
     (avatar_dir / "mask_coords.pkl").write_bytes(pickle.dumps(crops))
     torch.save([template.latents[k : k + 1].half() for k in cycle], avatar_dir / "latents.pt")
-    (avatar_dir / "avator_info.json").write_text(json.dumps(
-        {"avatar_id": "astro", "video_path": "astronaut.png", "bbox_shift": 0, "version": "v15"}))
+    (avatar_dir / "avator_info.json").write_text(
+        json.dumps({"avatar_id": "astro", "video_path": "astronaut.png", "bbox_shift": 0, "version": "v15"})
+    )
 
 
 def test_official_avatar_renders_like_the_cache(engine, features, astronaut_cache, tmp_path):
