@@ -254,9 +254,15 @@ def open_template(path: Path, settings: RenderSettings, limits: Limits | None = 
     template_settings = load_settings(beside if beside.is_file() else None)
     if settings.version is not None:
         template_settings = dataclasses.replace(template_settings, version=settings.version)
-    cache = prepare_to_cache(path, template_id=default_template_id(path), settings=template_settings,
-                             models_root=models_dir(settings.models_root), device=settings.device,
-                             dtype=settings.dtype, limits=limits)
+    cache = prepare_to_cache(
+        path,
+        template_id=default_template_id(path),
+        settings=template_settings,
+        models_root=models_dir(settings.models_root),
+        device=settings.device,
+        dtype=settings.dtype,
+        limits=limits,
+    )
     return load_template(cache)
 
 

@@ -124,6 +124,12 @@ def astronaut_cache(tmp_path_factory, astronaut_png, demo_models) -> Path:
     from musetalk_ops.settings import TemplateSettings
 
     out = tmp_path_factory.mktemp("caches") / "astronaut"
-    return prepare_template(astronaut_png, out, template_id="astronaut",
-                            settings=TemplateSettings(face_box=list(ASTRONAUT_FACE_BOX)),
-                            models_root=demo_models, device="cpu", dtype="float32")
+    return prepare_template(
+        astronaut_png,
+        out,
+        template_id="astronaut",
+        settings=TemplateSettings(face_box=list(ASTRONAUT_FACE_BOX)),
+        models_root=demo_models,
+        device="cpu",
+        dtype="float32",
+    )
