@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    for name in ("template", "audio"):  # before importing torch: a typo fails in milliseconds
+        if not getattr(args, name).exists():
+            raise InputError(f"--{name} {getattr(args, name)}: no such file or directory")
     from musetalk_ops.render import RenderSettings, render_file
 
     settings = RenderSettings(
@@ -120,9 +123,6 @@ def cmd_render(args: argparse.Namespace) -> int:
         models_root=args.models,
         fps=args.fps,
     )
-    for name in ("template", "audio"):
-        if not getattr(args, name).exists():
-            raise InputError(f"--{name} {getattr(args, name)}: no such file or directory")
     timings = render_file(
         args.template,
         args.audio,
