@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from musetalk_ops.config import Limits
 from musetalk_ops.errors import CacheError, InputError, ModelFilesError
+from musetalk_ops.files import atomic_path
 
 if TYPE_CHECKING:
     from musetalk_ops.models.whisper import WhisperEncoder
@@ -211,17 +212,13 @@ class AudioFeatures:
     def save(self, path: str | os.PathLike) -> None:
         """Write fp16 states + metadata as safetensors, atomically (temp file, then rename)."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         metadata = {
             "schema": FEATURES_SCHEMA,
             "num_samples": str(self.num_samples),
             "sample_rate": str(SAMPLE_RATE),
         }
-        try:
+        with atomic_path(path) as tmp:
             save_file({"states": self.states.to(torch.float16).contiguous()}, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AudioFeatures:

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from musetalk_ops import ENGINE_VERSION
 from musetalk_ops.blend import Box
 from musetalk_ops.errors import CacheError, InputError
+from musetalk_ops.files import sha256_file
 from musetalk_ops.ids import validate_id
 from musetalk_ops.sources import read_source
 
@@ -73,14 +74,6 @@ class Template:
     weights: str
     fingerprint: str
     manifest: dict
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def settings_sha256(settings: dict) -> str:

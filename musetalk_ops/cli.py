@@ -6,9 +6,7 @@ A user mistake prints one line and exits 2; an interrupted command exits 130 and
 """
 
 import argparse
-import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -136,7 +134,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} ({timings.frames} frames, {timings.video_seconds:.2f} s)")
     print(timings.summary())
     if args.stats_json:
-        _write_json(args.stats_json, timings.to_dict())
+        from musetalk_ops.files import write_json
+
+        write_json(args.stats_json, timings.to_dict())
     return 0
 
 
@@ -222,12 +222,6 @@ def cmd_templates(args: argparse.Namespace) -> int:
     for key in written:
         print(f"  {key}")
     return 0
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 COMMANDS = {"render": cmd_render, "prepare": cmd_prepare, "models": cmd_models, "templates": cmd_templates}

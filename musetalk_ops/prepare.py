@@ -22,7 +22,6 @@ from musetalk_ops.cache import (
     MANIFEST,
     Face,
     settings_sha256,
-    sha256_file,
     template_fingerprint,
     write_cache,
 )
@@ -30,6 +29,7 @@ from musetalk_ops.config import Limits, models_dir, resolve_device, resolve_dtyp
 from musetalk_ops.config import cache_dir as default_cache_dir
 from musetalk_ops.errors import InputError
 from musetalk_ops.faces import FaceTrack, LandmarkDetector, track_faces
+from musetalk_ops.files import sha256_file
 from musetalk_ops.ids import validate_id
 from musetalk_ops.masks import blending_mask, landmark_mask, parse_mask
 from musetalk_ops.models.bisenet import BiSeNet, load_bisenet, parse_faces

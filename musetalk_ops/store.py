@@ -11,14 +11,12 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO
 
 import boto3
 from boto3.exceptions import S3UploadFailedError
@@ -33,6 +31,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from musetalk_ops import config, keys
 from musetalk_ops.errors import InputError, StoreError
+from musetalk_ops.files import write_atomic
 from musetalk_ops.ids import validate_id
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,6 @@ log = logging.getLogger(__name__)
 MAX_KEY_LENGTH = 1024
 MAX_SEGMENT_LENGTH = 255  # a file name on common file systems: keys behave the same on both backends
 _KEY_CHARS = re.compile(r"[A-Za-z0-9._/-]+")
-_TEMP_SUFFIX = "~tmp"  # '~' is not a key character, so a temp file can never be taken for an object
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _MD5 = re.compile(r"[0-9a-f]{32}")
 
@@ -94,21 +92,6 @@ class ObjectInfo:
     size: int
     etag: str
     modified: datetime
-
-
-def _write_atomically(dest: Path, fill: Callable[[BinaryIO], object]) -> None:
-    """Write ``dest`` through a temp file in its directory, fsync, then rename over it."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{secrets.token_hex(8)}{_TEMP_SUFFIX}"
-    try:
-        with open(tmp, "xb") as f:  # mode 0o666 minus umask, like any other file the user writes
-            fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _local_file(path: str | os.PathLike) -> Path:
@@ -207,19 +190,19 @@ class LocalStore(Store):
     def put_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
         with self._errors(key, "write"):
-            _write_atomically(path, lambda f: f.write(data))
+            write_atomic(path, lambda f: f.write(data), fsync=True)
 
     def get_file(self, key: str, path: str | os.PathLike) -> None:
         src = self._path(key)
         with contextlib.ExitStack() as stack:
             with self._errors(key, "read"):  # only opening the object means "object not found"
                 source = stack.enter_context(open(src, "rb"))
-            _write_atomically(Path(path), lambda f: shutil.copyfileobj(source, f, 1 << 20))
+            write_atomic(Path(path), lambda f: shutil.copyfileobj(source, f, 1 << 20), fsync=True)
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         dest = self._path(key)
         with open(_local_file(path), "rb") as s, self._errors(key, "write"):
-            _write_atomically(dest, lambda f: shutil.copyfileobj(s, f, 1 << 20))
+            write_atomic(dest, lambda f: shutil.copyfileobj(s, f, 1 << 20), fsync=True)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -378,7 +361,7 @@ class S3Store(Store):
     def get_file(self, key: str, path: str | os.PathLike) -> None:
         full = self._full(key)
         with self._errors(key):
-            _write_atomically(Path(path), lambda f: self._client.download_fileobj(self.bucket, full, f))
+            write_atomic(Path(path), lambda f: self._client.download_fileobj(self.bucket, full, f))
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         full, local = self._full(key), _local_file(path)

@@ -16,7 +16,6 @@ import heapq
 import itertools
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -28,6 +27,7 @@ from av.video.frame import VideoFrame
 from av.video.reformatter import ColorPrimaries, ColorTrc, Interpolation
 
 from musetalk_ops.errors import InputError
+from musetalk_ops.files import atomic_path, temp_path
 
 PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 GOP_SECONDS = 2  # an IDR every 2 s: seekable output, and short enough for streaming segments later
@@ -92,12 +92,12 @@ class SegmentWriter:
         self._container: av.container.OutputContainer | None = None
 
     def __enter__(self) -> "SegmentWriter":
-        self._tmp = _temp_path(self.path)
+        self._tmp = temp_path(self.path)
         try:
             self._container = av.open(str(self._tmp), "w", format="mp4")
             self._stream = self._add_stream(self._container)
         except BaseException:
-            self._tmp.unlink()
+            self._tmp.unlink(missing_ok=True)
             raise
         return self
 
@@ -175,24 +175,19 @@ def mux(segments: list[Path], audio: Path | None, out: Path, *, comment: str) ->
         raise ValueError("mux: no segments")
     out = Path(out)
     seconds, delay = _check_segments(segments)
-    tmp = _temp_path(out)
-    try:
-        with contextlib.ExitStack() as stack:
-            container = stack.enter_context(
-                av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"})
-            )
-            container.metadata["comment"] = comment
-            with av.open(str(segments[0])) as first:
-                video = container.add_stream_from_template(first.streams.video[0])  # codec, time base
-            tracks = [_segment_packets(segments, video, delay)]
-            if audio is not None:
-                source = stack.enter_context(_open_input(Path(audio), "audio"))
-                tracks.append(_add_aac_track(container, source, seconds))
-            for packet in heapq.merge(*tracks, key=_packet_time):
-                container.mux(packet)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out) as tmp, contextlib.ExitStack() as stack:
+        container = stack.enter_context(
+            av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"})
+        )
+        container.metadata["comment"] = comment
+        with av.open(str(segments[0])) as first:
+            video = container.add_stream_from_template(first.streams.video[0])  # codec, time base
+        tracks = [_segment_packets(segments, video, delay)]
+        if audio is not None:
+            source = stack.enter_context(_open_input(Path(audio), "audio"))
+            tracks.append(_add_aac_track(container, source, seconds))
+        for packet in heapq.merge(*tracks, key=_packet_time):
+            container.mux(packet)
 
 
 def _check_segments(segments: list[Path]) -> tuple[Fraction, int]:
@@ -327,12 +322,6 @@ def _open_input(path: Path, what: str) -> av.container.InputContainer:
         return av.open(str(path))
     except av.error.FFmpegError as error:
         raise InputError(f"{what} {path}: cannot read ({error})") from None
-
-
-def _temp_path(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(name)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from diffusers.models.attention_processor import Attention
 from PIL import Image
 
 from musetalk_ops.errors import InputError, ModelFilesError
+from musetalk_ops.files import TEMP_SUFFIX
 from musetalk_ops.models import download as download_mod
 from musetalk_ops.models import load_models
 from musetalk_ops.models.bisenet import BiSeNet, load_bisenet, parse_faces
@@ -399,7 +400,7 @@ def test_demo_models_are_deterministic_and_marked(demo_models, tmp_path):
     marker = json.loads((demo_models / DEMO_MARKER).read_text())
     assert marker["seed"] == 0 and marker["note"]
     assert sum(p.stat().st_size for p in demo_models.rglob("*") if p.is_file()) < 120e6
-    assert not list(demo_models.rglob("*.tmp"))
+    assert not list(demo_models.rglob(f"*{TEMP_SUFFIX}"))
     resnet = file_tensors(demo_models / "face-parse-bisent" / "resnet18-5c106cde.pth")
     assert (
         resnet["fc.weight"].shape == (1000, 512) and resnet["layer4.1.bn2.running_var"].dtype == torch.float16

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from musetalk_ops import config
 from musetalk_ops.errors import InputError
+from musetalk_ops.files import atomic_path
 from musetalk_ops.models.layout import (
     VERSIONS,
     ModelLayout,
@@ -25,7 +26,6 @@ from musetalk_ops.models.layout import (
     check_file,
     file_sha256,
     read_state_dict,
-    temp_path,
 )
 
 log = logging.getLogger(__name__)
@@ -94,18 +94,12 @@ def convert_models(
         sha = file_sha256(source, cache)
         out = converted_path(sha, dtype, cache)
         state = {k: v.to(dtype).contiguous() for k, v in read_state_dict(source).items()}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_path(out)
-        try:
+        with atomic_path(out) as tmp:
             save_file(
                 state,
                 tmp,
                 metadata={"format": FORMAT, "source_sha256": sha, "dtype": config.dtype_name(dtype)},
             )
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         log.info("converted %s → %s", source, out)
         written.append(out)
     return written

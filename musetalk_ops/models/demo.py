@@ -18,8 +18,9 @@ from diffusers import AutoencoderKL
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 from musetalk_ops.errors import InputError
+from musetalk_ops.files import write_atomic
 from musetalk_ops.models.bisenet import BiSeNet
-from musetalk_ops.models.layout import COMPONENTS, VERSIONS, ModelLayout, temp_path, weights_kind
+from musetalk_ops.models.layout import COMPONENTS, VERSIONS, ModelLayout, weights_kind
 from musetalk_ops.models.unet import OFFICIAL_UNET_CONFIG, build_unet
 
 DEMO_UNET_CONFIG = {**OFFICIAL_UNET_CONFIG, "block_out_channels": [32, 64, 64, 64]}
@@ -60,26 +61,13 @@ DEMO_WHISPER_CONFIG = {  # whisper-tiny's encoder; a token-sized decoder (unused
 }
 
 
-def _replace_into(path: Path, write) -> None:
-    """Atomic write: ``write(file)`` into a temp file beside ``path``, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        with tmp.open("xb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
     # Saving to a file object names the archive "archive", so equal seeds give byte-equal files.
-    _replace_into(path, lambda f: torch.save(state, f))
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def _save_json(data: dict, path: Path) -> None:
-    _replace_into(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+    write_atomic(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
 def _smooth_images(n: int, size: int) -> torch.Tensor:
@@ -149,7 +137,7 @@ def write_demo_models(root: str | os.PathLike, seed: int = 0) -> None:
         _save_json(whisper_config.to_dict(), config_file)
         _save_tensors({k: v.half() for k, v in whisper.state_dict().items()}, weights_file)
         features = WhisperFeatureExtractor(feature_size=80, sampling_rate=16000)
-        _replace_into(preprocessor_file, lambda f: f.write(features.to_json_string().encode()))
+        write_atomic(preprocessor_file, lambda f: f.write(features.to_json_string().encode()))
 
         bisenet = _bisenet_state()
         _save_tensors(bisenet, layout.bisenet_weights)

@@ -20,16 +20,15 @@ from pathlib import Path
 import torch
 
 from musetalk_ops.errors import InputError, ModelFilesError
+from musetalk_ops.files import atomic_path, sha256_file
 from musetalk_ops.models.layout import (
     TORCH_MAGICS,
     ModelLayout,
     check_file,
     check_version,
     file_sha256,
-    hash_file,
     read_state_dict,
     state_dict_mismatch,
-    temp_path,
     weights_kind,
 )
 
@@ -146,7 +145,7 @@ def _verify(source: Source, tmp: Path, target: Path) -> None:
     if target.suffix in (".pth", ".bin") and not head.startswith(TORCH_MAGICS):
         raise ModelFilesError(f"the download for {target} is not a PyTorch weights file (an error page?)")
     if source.sha256:
-        sha = hash_file(tmp)
+        sha = sha256_file(tmp)
         if not sha.startswith(source.sha256):
             raise ModelFilesError(
                 f"the download for {target} has sha256 {sha[:16]}…, expected {source.sha256}…"
@@ -184,17 +183,15 @@ def download_models(root: str | os.PathLike, *, versions: Iterable[str] = ("v15"
         _probe(_endpoint(), "Hugging Face", first)
     written = []
     for source, target in todo:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_path(target)
         where = f"{source.repo}/{source.filename}" if source.repo else source.url
         log.info("downloading %s → %s", where, target)
         try:
-            if source.repo:
-                _fetch_hub(source, tmp)
-            else:
-                _fetch_url(source, tmp)
-            _verify(source, tmp, target)
-            os.replace(tmp, target)
+            with atomic_path(target) as tmp:
+                if source.repo:
+                    _fetch_hub(source, tmp)
+                else:
+                    _fetch_url(source, tmp)
+                _verify(source, tmp, target)
         except Exception as e:  # network and hub errors, whatever their class: name the file and the way out
             if isinstance(e, ModelFilesError):
                 message = str(e)
@@ -207,7 +204,5 @@ def download_models(root: str | os.PathLike, *, versions: Iterable[str] = ("v15"
                     f"{target.parent}, or set ${FACE_PARSE_URL_ENV} to a mirror"
                 )
             raise ModelFilesError(message) from None
-        finally:
-            tmp.unlink(missing_ok=True)
         written.append(target)
     return written

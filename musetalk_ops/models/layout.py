@@ -4,10 +4,10 @@ Everything that touches a weights file goes through here, so a missing, truncate
 fails the same way everywhere: one ``ModelFilesError`` line naming the file and what to do.
 """
 
+import contextlib
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from torch import nn
 
 from musetalk_ops import config
 from musetalk_ops.errors import InputError, ModelFilesError
+from musetalk_ops.files import sha256_file, write_atomic
 
 VERSIONS = ("v15", "v1")
 COMPONENTS = ("unet", "vae", "whisper", "bisenet")
@@ -168,11 +169,6 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def temp_path(path: Path) -> Path:
-    """A unique name beside ``path`` for write-then-``os.replace`` (same directory: an atomic rename)."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-
-
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
@@ -258,15 +254,6 @@ def _stat_key(path: Path) -> tuple[str, dict]:
     return str(path.resolve()), {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def hash_file(path: Path) -> str:
-    """sha256 hex of a file's content, read in 8 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cached_sha256(path: Path, cache: str | os.PathLike | None = None) -> str | None:
     """The memoised sha256 of ``path`` if this file state (size, mtime) was hashed before; never hashes."""
     key, stat = _stat_key(path)
@@ -282,19 +269,14 @@ def file_sha256(path: Path, cache: str | os.PathLike | None = None) -> str:
     if known:
         return known
     key, stat = _stat_key(path)
-    sha = hash_file(path)
+    sha = sha256_file(path)
     if _stat_key(path) != (key, stat):  # changed while being read: do not remember a torn state
         return sha
     memo_file = _memo_path(cache)
     memo = _memo_read(cache)
     memo[key] = {**stat, "sha256": sha}
-    tmp = temp_path(memo_file)
-    try:  # the memo only saves time: an unwritable cache must not stop a render
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(memo, indent=0, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, memo_file)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # the memo only saves time: an unwritable cache must not stop a render
+        write_atomic(memo_file, lambda f: f.write(json.dumps(memo, indent=0, sort_keys=True).encode()))
     return sha
 
 
