@@ -1,0 +1,71 @@
+"""Template caches between the object store and the local disk.
+
+Upload writes ``manifest.json`` last, so a cache is visible in the store only when complete; the
+local copy under ``$MUSETALK_CACHE/templates/<id>/<fingerprint>/`` appears by one rename, so
+concurrent steps on one machine download it at most a few times and never read half of it.
+"""
+
+import shutil
+import uuid
+from functools import lru_cache
+from pathlib import Path
+
+from musetalk_ops import config
+from musetalk_ops.cache import MANIFEST, Template, read_cache
+from musetalk_ops.errors import CacheError
+from musetalk_ops.store import Store
+from pipelines.catalog import CacheRef
+
+
+def upload_cache(store: Store, local: Path, prefix: str) -> list[str]:
+    """Upload every file of the cache directory ``local`` under ``prefix``; returns the keys."""
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    if not any(p.name == MANIFEST for p in files):
+        raise CacheError(f"partial cache {local} (no {MANIFEST}): nothing uploaded")
+    files.sort(key=lambda p: p.name == MANIFEST)  # manifest last
+    written = []
+    for path in files:
+        key = prefix + path.relative_to(local).as_posix()
+        store.put_file(key, path)
+        written.append(key)
+    return written
+
+
+def download_cache(store: Store, ref: CacheRef, dest: Path) -> Path:
+    """Copy the cache ``ref`` from the store into the new directory ``dest`` (atomically)."""
+    objects = store.list(ref.prefix)
+    if not any(info.key == ref.manifest for info in objects):
+        raise CacheError(
+            f"template cache {store.uri(ref.prefix)} is missing or partial (no {MANIFEST}): "
+            f"re-materialize template_cache partition {ref.template}"
+        )
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        for info in objects:
+            store.get_file(info.key, tmp / info.key.removeprefix(ref.prefix))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(dest)
+    except OSError:
+        if not (dest / MANIFEST).is_file():  # lost a race with another process: theirs is as good
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def local_cache(store: Store, ref: CacheRef) -> Path:
+    """The local copy of ``ref``, downloaded on first use (content-addressed: never stale)."""
+    dest = config.cache_dir() / "templates" / ref.template / ref.fingerprint
+    if (dest / MANIFEST).is_file():
+        return dest
+    return download_cache(store, ref, dest)
+
+
+@lru_cache(maxsize=2)
+def _read(path: str) -> Template:
+    return read_cache(Path(path))
+
+
+def load_cached_template(store: Store, ref: CacheRef) -> Template:
+    """The template of ``ref``, read once per process (in-process runs render every chunk from it)."""
+    return _read(str(local_cache(store, ref)))

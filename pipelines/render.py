@@ -1,0 +1,288 @@
+"""The ``render_video`` job: one run per render request, chunks fanned out over GPUs.
+
+load_request → audio_features → plan_chunks ─┬► render_chunk ─┐
+                                             └► render_chunk ─┴► merge_video → renders/<id>.mp4
+
+Steps pass small dicts (keys, frame ranges, timings); frames and features travel as objects in the
+store (``work/<id>/``), so each step can run in its own process or pod.
+"""
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from musetalk_ops import keys
+from musetalk_ops import render as engine_render
+from musetalk_ops.audio import AudioFeatures
+from musetalk_ops.config import Limits
+from musetalk_ops.errors import InputError
+from musetalk_ops.store import Store
+from musetalk_ops.timings import STAGES, Timings
+from musetalk_ops.video import mux
+from pipelines.cache_store import load_cached_template
+from pipelines.catalog import RENDERED_VIDEO, TEMPLATE_CACHE, CacheRef, latest_cache, user_errors
+from pipelines.executors import GPU_OP_TAGS
+from pipelines.partitions import render_requests
+from pipelines.request import parse_request
+from pipelines.resources import EngineResource, GpuSlots, StoreResource
+
+
+def _ref(request: dict) -> CacheRef:
+    return CacheRef(request["template"], request["fingerprint"], request["weights"])
+
+
+@dg.op(description="Read and validate requests/<partition>.json and find its template's current cache.")
+def load_request(context: dg.OpExecutionContext, store: StoreResource) -> dict:
+    rid = context.partition_key
+    client = store.get()
+    with user_errors():
+        request = parse_request(rid, client.get_bytes(keys.request(rid)))
+        tid = request.template
+        ref = latest_cache(context.instance, tid)
+        if ref is None:
+            raise InputError(
+                f"request {rid}: template {tid!r} is unknown or not prepared "
+                f"(no template_cache materialization for partition {tid!r})"
+            )
+        if not client.exists(ref.manifest):
+            raise InputError(
+                f"request {rid}: template cache {client.uri(ref.prefix)} is missing from the "
+                f"store: re-materialize template_cache partition {tid!r}"
+            )
+        if not client.exists(request.audio):
+            raise InputError(f"request {rid}: audio object {client.uri(request.audio)} does not exist")
+        manifest = json.loads(client.get_bytes(ref.manifest))
+    context.log.info(f"request {rid}: template {tid} cache {ref.fingerprint} (weights {ref.weights})")
+    return {
+        "id": rid,
+        "template": tid,
+        "audio": request.audio,
+        "options": request.options,
+        "fingerprint": ref.fingerprint,
+        "weights": ref.weights,
+        "version": manifest["model"]["version"],
+        "fps": float(request.options.get("fps") or manifest["fps"]),
+    }
+
+
+@dg.op(description="Whisper features of the whole request, computed once and stored for every chunk.")
+def audio_features(
+    context: dg.OpExecutionContext, store: StoreResource, engine: EngineResource, request: dict
+) -> dict:
+    client = store.get()
+    with user_errors(), tempfile.TemporaryDirectory(prefix="musetalk-audio-") as tmp:
+        audio = Path(tmp) / Path(request["audio"]).name
+        client.get_file(request["audio"], audio)
+        start = time.perf_counter()
+        settings = engine.render_settings(**request["options"])
+        models = engine_render.load_engine(settings, version=request["version"], components=("whisper",))
+        loaded = time.perf_counter()
+        features = engine_render.compute_features(models, audio, Limits.from_env())
+        computed = time.perf_counter()
+        frames = features.num_frames(request["fps"])
+        if frames == 0:
+            raise InputError(f"request {request['id']}: the audio is shorter than one video frame")
+        path = Path(tmp) / "features.safetensors"
+        features.save(path)
+        client.put_file(keys.work_features(request["id"]), path)
+    context.log.info(f"{features.duration:.2f} s of audio → {frames} frames at {request['fps']:g} fps")
+    return {
+        "key": keys.work_features(request["id"]),
+        "frames": frames,
+        "video_seconds": frames / request["fps"],
+        "audio_features": computed - loaded,
+        "load": loaded - start,
+    }
+
+
+@dg.op(
+    out=dg.DynamicOut(dict),
+    description="Equal contiguous frame ranges, one per GPU, each ≥ min_chunk_frames.",
+)
+def plan_chunks(context: dg.OpExecutionContext, engine: EngineResource, features: dict):
+    with user_errors():
+        ranges = engine_render.plan_chunks(features["frames"], engine.gpu_count(), engine.min_chunk_frames)
+    context.log.info(f"{features['frames']} frames in {len(ranges)} chunk(s): {ranges}")
+    for index, (start, stop) in enumerate(ranges):
+        yield dg.DynamicOutput(
+            {"index": index, "start": start, "stop": stop},
+            mapping_key=f"c{index:04d}",
+            metadata={"frames": stop - start},
+        )
+
+
+def _chunk_done(client: Store, key: str, request: dict, chunk: dict) -> dict | None:
+    """The record of this very chunk from an earlier attempt, if its segment was uploaded."""
+    marker = key.removesuffix(".mp4") + ".json"
+    if not (client.exists(marker) and client.exists(key)):
+        return None
+    done = json.loads(client.get_bytes(marker))
+    same = (done.get("fingerprint"), done.get("start"), done.get("stop")) == (
+        request["fingerprint"],
+        chunk["start"],
+        chunk["stop"],
+    )
+    return done if same else None
+
+
+@dg.op(
+    tags=GPU_OP_TAGS,
+    pool="gpu",
+    retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL),
+    description="Render one frame range to an H.264 segment under work/<id>/chunks/ (skipped when an "
+    "earlier attempt already uploaded it).",
+)
+def render_chunk(
+    context: dg.OpExecutionContext,
+    store: StoreResource,
+    engine: EngineResource,
+    gpu_slots: GpuSlots,
+    request: dict,
+    features: dict,
+    chunk: dict,
+) -> dict:
+    client = store.get()
+    key = keys.work_chunk(request["id"], chunk["index"])
+    with user_errors():
+        done = _chunk_done(client, key, request, chunk)
+        if done is not None:
+            context.log.info(
+                f"chunk {chunk['index']} [{chunk['start']}, {chunk['stop']}) already rendered: reusing {key}"
+            )
+            return {**done, "reused": True}
+        with gpu_slots.slot(context.log), tempfile.TemporaryDirectory(prefix="musetalk-chunk-") as tmp:
+            start = time.perf_counter()
+            settings = engine.render_settings(**request["options"])
+            models = engine_render.load_engine(
+                settings, version=request["version"], components=("unet", "vae")
+            )
+            template = load_cached_template(client, _ref(request))
+            client.get_file(features["key"], Path(tmp) / "features.safetensors")
+            audio = AudioFeatures.load(Path(tmp) / "features.safetensors")
+            loaded = time.perf_counter() - start
+            result = engine_render.render_chunk(
+                models, template, audio, chunk["start"], chunk["stop"], Path(tmp) / "chunk.mp4", settings
+            )
+            result.timings.load += loaded
+            client.put_file(key, result.path)
+        record = {
+            **chunk,
+            "key": key,
+            "fingerprint": request["fingerprint"],
+            "timings": result.timings.to_dict(),
+        }
+        client.put_bytes(key.removesuffix(".mp4") + ".json", json.dumps(record).encode())  # the done marker
+    context.log.info(
+        f"chunk {chunk['index']}: {result.frames} frames in {result.timings.total:.2f} s "
+        f"(+{loaded:.2f} s load) on {result.timings.device}"
+    )
+    return {**record, "reused": False}
+
+
+def request_timings(features: dict, chunks: list[dict], mux_seconds: float, total: float) -> Timings:
+    """The request's timings (design.md schema): stage seconds summed over steps, total = run wall time."""
+    first = chunks[0]["timings"]
+    timings = Timings(
+        device=first["device"],
+        dtype=first["dtype"],
+        batch_size=first["batch_size"],
+        weights=first["weights"],
+        video_seconds=features["video_seconds"],
+    )
+    for chunk in chunks:
+        timings.merge(Timings.from_dict(chunk["timings"]))
+    timings.audio_features += features["audio_features"]
+    timings.load += features["load"]
+    timings.mux += mux_seconds
+    timings.total = total
+    return timings
+
+
+@dg.op(description="Join the segments without re-encoding, add AAC, publish renders/<id>.mp4 + .json.")
+def merge_video(
+    context: dg.OpExecutionContext, store: StoreResource, request: dict, features: dict, chunks: list[dict]
+) -> dict:
+    client = store.get()
+    rid, tid = request["id"], request["template"]
+    chunks = sorted(chunks, key=lambda c: c["index"])
+    video_key, timings_key = keys.render_video(rid), keys.render_timings(rid)
+    with user_errors(), tempfile.TemporaryDirectory(prefix="musetalk-merge-") as tmp:
+        segments = []
+        for chunk in chunks:
+            segments.append(Path(tmp) / f"{chunk['index']:04d}.mp4")
+            client.get_file(chunk["key"], segments[-1])
+        audio = Path(tmp) / Path(request["audio"]).name
+        client.get_file(request["audio"], audio)
+        out = Path(tmp) / "out.mp4"
+        start = time.perf_counter()
+        mux(segments, audio, out, comment=engine_render.GENERATED_COMMENT)
+        mux_seconds = time.perf_counter() - start
+        client.put_file(video_key, out)
+        run_start = context.instance.get_run_stats(context.run_id).start_time or time.time()
+        timings = request_timings(features, chunks, mux_seconds, time.time() - run_start)
+        summary = {
+            **timings.to_dict(),
+            "id": rid,
+            "template": tid,
+            "fingerprint": request["fingerprint"],
+            "chunks": len(chunks),
+            "run_id": context.run_id,
+        }
+        client.put_bytes(timings_key, json.dumps(summary, indent=1).encode())
+        client.delete_prefix(keys.work_prefix(rid))
+    context.log_event(
+        dg.AssetMaterialization(
+            asset_key=RENDERED_VIDEO,
+            partition=rid,
+            description=f"{timings.frames} frames of template {tid}",
+            metadata={
+                "uri": client.uri(video_key),
+                "timings_uri": client.uri(timings_key),
+                "template": tid,
+                "cache_fingerprint": request["fingerprint"],
+                "weights": timings.weights,
+                "chunks": len(chunks),
+                "reused_chunks": sum(c["reused"] for c in chunks),
+                "frames": timings.frames,
+                "video_seconds": dg.MetadataValue.float(timings.video_seconds),
+                **{
+                    f"{s}_seconds": dg.MetadataValue.float(round(getattr(timings, s), 4))
+                    for s in (*STAGES, "total")
+                },
+                "fps": dg.MetadataValue.float(round(timings.fps, 3)),
+                "rtf": dg.MetadataValue.float(round(timings.rtf, 3)),
+                "timings": dg.MetadataValue.json(summary),
+            },
+        )
+    )
+    context.log_event(
+        dg.AssetObservation(
+            asset_key=TEMPLATE_CACHE,
+            partition=tid,
+            metadata={
+                "used_by_request": rid,
+                "cache_fingerprint": request["fingerprint"],
+                "run_id": context.run_id,
+            },
+        )
+    )
+    context.log.info(
+        f"wrote {client.uri(video_key)}: {timings.frames} frames, {timings.total:.2f} s, "
+        f"rtf {timings.rtf:.2f}"
+    )
+    return {"video": video_key, "timings": timings_key}
+
+
+@dg.job(
+    partitions_def=render_requests,
+    description="Render one request (partition = request id) into renders/<id>.mp4.",
+    tags={"musetalk/pipeline": "render"},
+)
+def render_video():
+    request = load_request()
+    features = audio_features(request)
+    chunks = plan_chunks(features).map(lambda chunk: render_chunk(request, features, chunk))
+    merge_video(request, features, chunks.collect())

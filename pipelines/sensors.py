@@ -1,0 +1,134 @@
+"""Triggers from the object store: templates to prepare and render requests to run.
+
+Both sensors only list and read small objects; the work happens in the runs they request.
+"""
+
+import hashlib
+import json
+from datetime import datetime, timezone
+
+import dagster as dg
+
+from musetalk_ops.errors import InputError, StoreError
+from musetalk_ops.ids import ID_PATTERN
+from musetalk_ops.store import ObjectInfo, Store
+from pipelines.catalog import TEMPLATE_CACHE, latest_cache
+from pipelines.partitions import render_requests, templates
+from pipelines.request import TEMPLATE_TAG, parse_request
+from pipelines.resources import StoreResource
+
+REJECTED = "requests/rejected/"
+# A request whose audio is not there yet may still be uploading (clients should upload it first).
+AUDIO_GRACE_SECONDS = 60
+
+
+def _template_inputs(objects: list[ObjectInfo]) -> dict[str, str]:
+    """``{template id: signature}`` for every ``templates/<id>/`` holding a ``source.<ext>``; the
+    signature changes whenever the source or settings.yaml changes (their etags)."""
+    parts: dict[str, list[str]] = {}
+    for info in objects:
+        segments = info.key.split("/")
+        if len(segments) != 3 or not ID_PATTERN.fullmatch(segments[1]):
+            continue
+        name = segments[2]
+        if name == "settings.yaml" or name.startswith("source."):
+            parts.setdefault(segments[1], []).append(f"{name}={info.etag}")
+    return {
+        tid: hashlib.sha256("\n".join(sorted(p)).encode()).hexdigest()[:16]
+        for tid, p in parts.items()
+        if any(x.startswith("source.") for x in p)
+    }
+
+
+@dg.sensor(
+    asset_selection=[TEMPLATE_CACHE],
+    minimum_interval_seconds=15,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Keeps the templates partitions in step with the store's templates/ prefix and "
+    "materializes template_cache for new or changed templates.",
+)
+def template_sensor(context: dg.SensorEvaluationContext, store: StoreResource) -> dg.SensorResult:
+    current = _template_inputs(store.get().list("templates/"))
+    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    known = set(context.instance.get_dynamic_partitions(templates.name))
+    added = sorted(set(current) - known)
+    removed = sorted(known - set(current))
+    changed = [tid for tid in sorted(current) if seen.get(tid) != current[tid]]
+    partition_requests = []
+    if added:
+        partition_requests.append(templates.build_add_request(added))
+    if removed:
+        context.log.info(f"templates removed from the store: {', '.join(removed)}")
+        partition_requests.append(templates.build_delete_request(removed))
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(partition_key=tid, asset_selection=[TEMPLATE_CACHE]) for tid in changed],
+        dynamic_partitions_requests=partition_requests,
+        cursor=json.dumps(current, sort_keys=True),
+    )
+
+
+def _reject(store: Store, info: ObjectInfo, reason: str, log: dg.DagsterLogManager) -> None:
+    """Move the request aside with its reason (reason first: a crash in between retries the move)."""
+    name = info.key.removeprefix("requests/")
+    store.put_bytes(f"{REJECTED}{name.removesuffix('.json')}.reason.txt", (reason + "\n").encode())
+    store.move(info.key, f"{REJECTED}{name}")
+    log.warning(f"rejected {info.key}: {reason}")
+
+
+def _check_request(
+    store: Store, instance: dg.DagsterInstance, info: ObjectInfo, template_ok: dict[str, bool]
+) -> tuple[str, str] | None:
+    """``(request id, template id)`` of a runnable request; None while its audio may still arrive.
+    InputError says why a request is refused."""
+    rid = info.key.removeprefix("requests/").removesuffix(".json")
+    request = parse_request(rid, store.get_bytes(info.key))
+    tid = request.template
+    if tid not in template_ok:
+        template_ok[tid] = instance.has_dynamic_partition(templates.name, tid) and bool(
+            latest_cache(instance, tid)
+        )
+    if not template_ok[tid]:
+        raise InputError(
+            f"request {rid}: unknown template {tid!r} (no materialized template_cache partition)"
+        )
+    if not store.exists(request.audio):
+        age = (datetime.now(timezone.utc) - info.modified).total_seconds()
+        if age < AUDIO_GRACE_SECONDS:
+            return None
+        raise InputError(f"request {rid}: audio object {request.audio} does not exist")
+    return rid, tid
+
+
+@dg.sensor(
+    job_name="render_video",
+    minimum_interval_seconds=5,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Validates new requests/<id>.json objects, refuses bad ones into requests/rejected/ "
+    "with a reason, and runs render_video once per request id.",
+)
+def render_request_sensor(context: dg.SensorEvaluationContext, store: StoreResource) -> dg.SensorResult:
+    client = store.get()
+    known = set(context.instance.get_dynamic_partitions(render_requests.name))
+    template_ok: dict[str, bool] = {}
+    accepted: dict[str, str] = {}
+    for info in client.list("requests/"):
+        name = info.key.removeprefix("requests/")
+        if "/" in name or not name.endswith(".json") or name.removesuffix(".json") in known:
+            continue
+        try:
+            found = _check_request(client, context.instance, info, template_ok)
+        except InputError as e:
+            _reject(client, info, str(e), context.log)
+            continue
+        except StoreError as e:  # removed or unreadable between listing and reading: next tick
+            context.log.warning(f"skipped {info.key}: {e}")
+            continue
+        if found is not None:
+            accepted[found[0]] = found[1]
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(partition_key=rid, run_key=rid, tags={TEMPLATE_TAG: tid})
+            for rid, tid in accepted.items()
+        ],
+        dynamic_partitions_requests=[render_requests.build_add_request(sorted(accepted))] if accepted else [],
+    )

@@ -1,0 +1,165 @@
+"""``musetalk stats``: request counts, template usage and per-stage timings, from the Dagster instance
+and the store. Keeps the fields of the service this replaces (totalRequests, completedRequests,
+completionRate, pythonEngineStatus, templateUsage).
+
+A request is a ``render_requests`` partition; its runs (retries, re-executions) are grouped by the
+partition tag, so a request counts once whatever happened to it.
+"""
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+
+from musetalk_ops.config import models_dir
+from musetalk_ops.errors import InputError, ModelFilesError, MuseTalkError
+from musetalk_ops.models.layout import check_models, weights_kind
+from musetalk_ops.store import Store
+from musetalk_ops.timings import STAGES
+from pipelines.catalog import RENDERED_VIDEO
+from pipelines.graphql import LOCATION, GraphQLClient
+from pipelines.partitions import render_requests
+from pipelines.request import TEMPLATE_TAG
+
+RUNNING = {
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+}
+WORKSPACE_QUERY = """
+query { workspaceOrError { __typename ... on Workspace { locationEntries { name loadStatus
+  locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50/p95 with linear interpolation between samples (None without samples)."""
+    if not values:
+        return {"p50": None, "p95": None}
+    p50, p95 = np.percentile(np.asarray(values, dtype=float), [50, 95])
+    return {"p50": round(float(p50), 4), "p95": round(float(p95), 4)}
+
+
+def engine_status(models: str | os.PathLike | None = None) -> dict:
+    """Which weights a render would use here: official, demo, or missing (with the reason)."""
+    root = models_dir(models)
+    try:
+        check_models(root)
+    except ModelFilesError as e:
+        return {"weights": "missing", "models": str(root), "detail": str(e)}
+    return {"weights": weights_kind(root), "models": str(root.resolve())}
+
+
+def code_location_status(client: GraphQLClient) -> str:
+    """``loaded``, ``loading``, ``error: …``, ``not in workspace`` or ``webserver unreachable``."""
+    try:
+        data = client.query(WORKSPACE_QUERY)["workspaceOrError"]
+    except MuseTalkError:
+        return f"webserver unreachable at {client.url}"
+    for entry in data.get("locationEntries", []):
+        if entry["name"] == LOCATION:
+            found = entry["locationOrLoadError"] or {}
+            if found.get("__typename") == "PythonError":
+                return f"error: {found['message'].strip().splitlines()[0]}"
+            return "loaded" if entry["loadStatus"] == "LOADED" else entry["loadStatus"].lower()
+    return "not in workspace"
+
+
+def _latest_timings(instance: dg.DagsterInstance) -> list[dict]:
+    """The timings of the newest rendered_video materialization of each request."""
+    latest: dict[str, dict] = {}
+    cursor = None
+    while True:
+        result = instance.fetch_materializations(RENDERED_VIDEO, limit=1000, cursor=cursor, ascending=True)
+        for record in result.records:
+            event = record.asset_materialization
+            if event is not None and event.partition and "timings" in event.metadata:
+                latest[event.partition] = event.metadata["timings"].value
+        if not result.has_more:
+            return list(latest.values())
+        cursor = result.cursor
+
+
+def collect_stats(
+    instance: dg.DagsterInstance,
+    store: Store,
+    *,
+    models: str | os.PathLike | None = None,
+    client: GraphQLClient | None = None,
+) -> dict:
+    runs: dict[str, list[dg.DagsterRun]] = {}
+    for record in instance.get_run_records(filters=dg.RunsFilter(job_name="render_video")):
+        partition = record.dagster_run.tags.get("dagster/partition")
+        if partition:
+            runs.setdefault(partition, []).append(record.dagster_run)
+    requests = set(instance.get_dynamic_partitions(render_requests.name)) | set(runs)
+    completed = {rid for rid, rs in runs.items() if any(r.status == dg.DagsterRunStatus.SUCCESS for r in rs)}
+    running = {
+        rid for rid, rs in runs.items() if rid not in completed and any(r.status in RUNNING for r in rs)
+    }
+    failed = set(runs) - completed - running
+    usage = Counter(
+        next((r.tags[TEMPLATE_TAG] for r in rs if r.tags.get(TEMPLATE_TAG)), "unknown")
+        for rs in runs.values()
+    )
+    rejected = [i for i in store.list("requests/rejected/") if i.key.endswith(".json")]
+    timings = _latest_timings(instance)
+    ratio = len(completed) / len(requests) if requests else 0.0
+    engine = engine_status(models)
+    location = code_location_status(client or GraphQLClient(timeout=3.0))
+    return {
+        "totalRequests": len(requests),
+        "completedRequests": len(completed),
+        "completionRate": f"{ratio * 100:.2f}%",
+        "completionRatio": round(ratio, 4),
+        "failedRequests": len(failed),
+        "inProgressRequests": len(running),
+        "notStartedRequests": len(requests - set(runs)),
+        "rejectedRequests": len(rejected),
+        "pythonEngineStatus": f"weights {engine['weights']}, code location {location}",
+        "engine": {**engine, "codeLocation": location},
+        "templateUsage": dict(sorted(usage.items())),
+        "renders": len(timings),
+        "stages": {
+            stage: percentiles([t[stage] for t in timings if stage in t]) for stage in (*STAGES, "total")
+        },
+        "fps": percentiles([t["fps"] for t in timings if "fps" in t]),
+        "rtf": percentiles([t["rtf"] for t in timings if "rtf" in t]),
+    }
+
+
+def _seconds(value: float | None) -> str:
+    return "     -" if value is None else f"{value:6.2f}"
+
+
+def format_stats(stats: dict) -> str:
+    """The human-readable report."""
+    lines = [
+        f"requests   {stats['totalRequests']} total, {stats['completedRequests']} completed "
+        f"({stats['completionRate']}), {stats['failedRequests']} failed, "
+        f"{stats['inProgressRequests']} in progress, "
+        f"{stats['notStartedRequests']} not started, {stats['rejectedRequests']} rejected",
+        f"engine     {stats['pythonEngineStatus']}",
+        "templates  "
+        + (", ".join(f"{k}: {v}" for k, v in stats["templateUsage"].items()) or "none used yet"),
+        f"timings    over {stats['renders']} rendered videos (seconds)   p50     p95",
+    ]
+    for stage, p in stats["stages"].items():
+        lines.append(f"  {stage:<15}{' ' * 31}{_seconds(p['p50'])}  {_seconds(p['p95'])}")
+    for name in ("fps", "rtf"):
+        p = stats[name]
+        lines.append(f"  {name:<15}{' ' * 31}{_seconds(p['p50'])}  {_seconds(p['p95'])}")
+    return "\n".join(lines)
+
+
+def instance_from_env() -> dg.DagsterInstance:
+    """The instance of ``$DAGSTER_HOME`` (the one ``dagster dev`` and the daemon use)."""
+    home = os.environ.get("DAGSTER_HOME")
+    if not home or not Path(home).is_dir():
+        raise InputError(
+            f"$DAGSTER_HOME={home!r} is not a directory: set it to the Dagster instance directory "
+            "that `dagster dev` uses"
+        )
+    return dg.DagsterInstance.get()
