@@ -33,6 +33,7 @@ from musetalk_ops import config, keys
 from musetalk_ops.errors import InputError, StoreError
 from musetalk_ops.files import write_atomic
 from musetalk_ops.ids import validate_id
+from musetalk_ops.settings import load_settings
 
 log = logging.getLogger(__name__)
 
@@ -446,14 +447,23 @@ def _template_files(repo_dir: Path) -> dict[str, dict[str, Path]]:
     plan = {}
     for folder in sorted(p for p in repo_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         tid = validate_id(folder.name, f"template id (directory {folder})")
+        settings_file = folder / "settings.yaml"
+        welcome = load_settings(settings_file).welcome_audio if settings_file.is_file() else None
         files, sources = {}, []
         for path in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
             if path.name == "settings.yaml" and path.is_file():
                 files[keys.template_settings(tid)] = path
             elif path.stem == "source" and path.is_file():
                 sources.append(path)
+            elif path.name == welcome and path.is_file():
+                files[check_key(keys.template_prefix(tid) + welcome)] = path
             else:
-                raise InputError(f"unexpected {path}: a template holds source.<ext> and settings.yaml only")
+                raise InputError(
+                    f"unexpected {path}: a template holds source.<ext>, settings.yaml and the "
+                    "welcome_audio file its settings name"
+                )
+        if welcome is not None and keys.template_prefix(tid) + welcome not in files:
+            raise InputError(f"{settings_file}: welcome_audio {welcome!r} is not in {folder}")
         if len(sources) != 1:
             raise InputError(
                 f"{folder}: expected exactly one source.<ext> "

@@ -593,3 +593,30 @@ def test_push_templates_refuses_an_empty_or_missing_directory(store, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no template directories"):
         push_templates(tmp_path / "empty", store)
+
+
+def test_push_templates_uploads_the_welcome_audio_its_settings_name(store, tmp_path):
+    repo = _repo(tmp_path)
+    (repo / "alice" / "settings.yaml").write_bytes(b"welcome_audio: hello.wav\n")
+    (repo / "alice" / "hello.wav").write_bytes(b"RIFF welcome")
+    assert "templates/alice/hello.wav" in push_templates(repo, store)
+    assert store.get_bytes("templates/alice/hello.wav") == b"RIFF welcome"
+
+
+@pytest.mark.parametrize(
+    ("settings", "files", "message"),
+    [
+        (b"welcome_audio: hello.wav\n", {}, "welcome_audio 'hello.wav' is not in"),
+        (b"welcome_text: Hi\n", {"hello.wav": b"x"}, "unexpected .*hello.wav"),
+        (b"welcome_audio: ../x.wav\n", {}, "must be a file name"),
+        (b"welcome_audio: h\xc3\xa9llo.wav\n", {"h\u00e9llo.wav": b"x"}, "invalid"),
+    ],
+)
+def test_push_templates_refuses_a_bad_welcome_audio(store, tmp_path, settings, files, message):
+    repo = _repo(tmp_path)
+    (repo / "alice" / "settings.yaml").write_bytes(settings)
+    for name, data in files.items():
+        (repo / "alice" / name).write_bytes(data)
+    with pytest.raises(InputError, match=message):
+        push_templates(repo, store)
+    assert _keys(store) == []
