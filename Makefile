@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/python -m musetalk_ops.demo
+	$(BIN)/python -m pipelines.demo
 
 test: setup
 	$(BIN)/python -m pytest -q
