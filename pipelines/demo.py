@@ -125,7 +125,8 @@ def main() -> int:
     timings = json.loads(store.get_bytes(keys.render_timings(request_id)))
     print(
         f"video: {store.uri(keys.render_video(request_id))} ({timings['frames']} frames, "
-        f"{timings['video_seconds']:.2f} s of video in {timings['total']:.1f} s, weights {timings['weights']})"
+        f"{timings['video_seconds']:.2f} s of video in {timings['total']:.1f} s, "
+        f"weights {timings['weights']})"
     )
     print(
         json.dumps(
