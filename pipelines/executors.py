@@ -16,19 +16,55 @@ EXECUTORS = ("in_process", "multiprocess", "k8s")
 GPU_TAG = "musetalk/gpu"
 
 # Only op tags reach step pods (job-level dagster-k8s/config shapes the run worker only).
+# The weights volume (k8s/weights.yaml): its models/ read-only at $MUSETALK_MODELS=/models, and a
+# writable $MUSETALK_CACHE=/cache (template copies) with the volume's fp16 copies and file hashes laid
+# over it read-only. ReadWriteOnce storage lives on the GPU node, so every step that reads weights
+# runs there (k8s/README.md).
+_WEIGHTS = "weights"
+_WEIGHTS_VOLUMES = [
+    {"name": _WEIGHTS, "persistent_volume_claim": {"claim_name": "musetalk-weights", "read_only": True}},
+    {"name": "cache", "empty_dir": {"size_limit": "20Gi"}},
+]
+_WEIGHTS_MOUNTS = [
+    {"name": _WEIGHTS, "mount_path": "/models", "sub_path": "models", "read_only": True},
+    {"name": "cache", "mount_path": "/cache"},
+    *(
+        {"name": _WEIGHTS, "mount_path": f"/cache/{name}", "sub_path": f"cache/{name}", "read_only": True}
+        for name in ("converted", "hashes.json")
+    ),
+]
+_GPU_NODE = {
+    "node_selector": {"nvidia.com/gpu.present": "true"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+}
+
+# Steps that read weights without a GPU (audio_features: Whisper on the CPU). A pod without a GPU
+# request may still see the GPU node's devices; CUDA_VISIBLE_DEVICES="" keeps it off them.
+WEIGHTS_K8S_CONFIG = {
+    "container_config": {
+        "resources": {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "8Gi"}},
+        "volume_mounts": _WEIGHTS_MOUNTS,
+        "env": [{"name": "CUDA_VISIBLE_DEVICES", "value": ""}],
+    },
+    "pod_spec_config": {**_GPU_NODE, "volumes": _WEIGHTS_VOLUMES},
+}
+WEIGHTS_OP_TAGS = {"dagster-k8s/config": WEIGHTS_K8S_CONFIG}
+
 GPU_K8S_CONFIG = {
     "container_config": {
         "resources": {
             "requests": {"cpu": "4", "memory": "24Gi", "nvidia.com/gpu": "1"},
             "limits": {"memory": "32Gi", "nvidia.com/gpu": "1"},
         },
-        "volume_mounts": [{"name": "dshm", "mount_path": "/dev/shm"}],
+        "volume_mounts": [{"name": "dshm", "mount_path": "/dev/shm"}, *_WEIGHTS_MOUNTS],
     },
     "pod_spec_config": {
-        "node_selector": {"nvidia.com/gpu.present": "true"},
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        **_GPU_NODE,
         # PyTorch workers share tensors through /dev/shm, which is 64 MiB in a default pod.
-        "volumes": [{"name": "dshm", "empty_dir": {"medium": "Memory", "size_limit": "8Gi"}}],
+        "volumes": [
+            {"name": "dshm", "empty_dir": {"medium": "Memory", "size_limit": "8Gi"}},
+            *_WEIGHTS_VOLUMES,
+        ],
     },
     "pod_template_spec_metadata": {"labels": {"musetalk/workload": "gpu"}},
 }

@@ -24,7 +24,7 @@ from musetalk_ops.timings import STAGES, Timings
 from musetalk_ops.video import mux
 from pipelines.cache_store import load_cached_template
 from pipelines.catalog import RENDERED_VIDEO, TEMPLATE_CACHE, CacheRef, latest_cache, user_errors
-from pipelines.executors import GPU_OP_TAGS
+from pipelines.executors import GPU_OP_TAGS, WEIGHTS_OP_TAGS
 from pipelines.partitions import render_requests
 from pipelines.request import parse_request
 from pipelines.resources import EngineResource, GpuSlots, StoreResource
@@ -68,7 +68,10 @@ def load_request(context: dg.OpExecutionContext, store: StoreResource) -> dict:
     }
 
 
-@dg.op(description="Whisper features of the whole request, computed once and stored for every chunk.")
+@dg.op(
+    tags=WEIGHTS_OP_TAGS,
+    description="Whisper features of the whole request, computed once and stored for every chunk.",
+)
 def audio_features(
     context: dg.OpExecutionContext, store: StoreResource, engine: EngineResource, request: dict
 ) -> dict:
