@@ -1,0 +1,643 @@
+"""Render benchmark: our chunk path vs an official-style baseline, side by side in one run.
+
+Builds full-size random-weight models in the official layout (bench/assets.py), a 512² template (one
+image) and a 1920×1080 template (16-frame clip), prepared on the GPU with manual face boxes, and 40 s
+of speech-like audio. Then, each section timed and saved as it finishes (a failing section is
+recorded and the rest still run), in this order (the last ones are skipped first when ``--budget``
+runs out):
+
+* ``ceiling``: measured fp16 matmul rate → physical limit in frames/s at 800 GFLOP/frame;
+* ``prepare``: template preparation per stage (issue 3's GPU timing with a manual box);
+* ``ours_<template>_<path>``: ``render_chunk`` (features in → encoded H.264 segment out), cold (first
+  chunk of the path in the process: capture included) and warm; design.md timing schema, frames/s,
+  real-time factor, peak GPU memory (allocated and reserved), CPU cores busy;
+* ``baseline_<template>``: bench/baseline.py (eager fp16, batch 20, per-frame PIL paste-back, PNGs,
+  then a separate encode);
+* ``equality``: device paste vs ``paste_face`` on the GPU's own faces; fast path vs reference path;
+* ``compiled``: the torch.compile path in its own process (cold compile cost, warm chunks, the
+  generator alone), then its cold start with the on-disk compile cache warm;
+* ``cold_start``: a fresh process per path, process start → first frame (3 s clip);
+* ``encoding``: x264 alone on the templates' frames (segments at once, presets, YUV input) and 1080p
+  chunks with 8 encoders;
+* ``generator``: UNet + VAE decode alone per path and batch size;
+* ``cpu_reference``: the GPU fp16 fast path vs the CPU fp32 reference path on the same frames.
+
+    python bench/bench_render.py [--frames 1000] [--baseline-frames 150] [--batch 20] [--budget 540]
+                                 [--sections a,b,...] [--quick]
+
+Writes ``$OUT/bench.json`` (or ``./bench-out/``) and prints a table; results go to bench/RESULTS.md.
+``--quick`` is a CPU smoke run with demo-size models.
+"""
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+START = time.time()
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+GFLOP_PER_FRAME = 800.0  # UNet 177.8 + VAE decode 622.2 (docs/performance.md)
+
+
+def cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def sync() -> None:
+    if cuda():
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    gc.collect()
+    if cuda():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb() -> float:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda() else 0.0
+
+
+class Report:
+    """Sections of results, saved to JSON after each one; failures are recorded, not fatal."""
+
+    def __init__(self, out: Path, budget: float, argv: list[str], sections: list[str] | None = None) -> None:
+        self.out, self.deadline, self.sections = out, START + budget, sections
+        self.data: dict = {"command": " ".join(["python", *argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.data["errors"] = {}
+
+    def run(self, name: str, fn: Callable[[dict], None], needs: float = 0.0) -> None:
+        """``fn(entry)`` fills ``data[name]``; skipped when less than ``needs`` seconds of budget are left
+        or when ``--sections`` names others (setup, prepare and engine always run)."""
+        left = self.deadline - time.time()
+        if self.sections and name not in self.sections and name not in ("setup", "prepare", "engine"):
+            return
+        if left < needs:
+            self.data.setdefault("skipped", []).append(name)
+            print(f"[{name}] skipped: {left:.0f} s left, needs ~{needs:.0f}", flush=True)
+            return
+        t = time.time()
+        print(f"[{name}] start ({left:.0f} s left)", flush=True)
+        entry = self.data.setdefault(name, {})
+        try:
+            fn(entry)
+        except Exception as exc:  # recorded; the remaining sections still run
+            self.data["errors"][name] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        entry["section_seconds"] = round(time.time() - t, 2)
+        print(f"[{name}] done in {time.time() - t:.1f} s", flush=True)
+        self.save()
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "bench.json").write_text(json.dumps(self.data, indent=1, default=str))
+
+
+def matmul_tflops() -> float:
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.float16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(20):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1000)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def generator_fps(models, mode: str, batch: int, cudnn_benchmark: bool) -> dict:
+    """UNet + VAE decode alone, a new generator for one full bucket: frames/s, stage split, peak memory."""
+    from musetalk_ops.generator import FaceGenerator
+
+    reset_peak()
+    gen = FaceGenerator(models.unet, models.vae, mode=mode, max_batch=batch, cudnn_benchmark=cudnn_benchmark)
+    result = measure_generator(gen, models, batch)
+    del gen
+    return result
+
+
+def measure_generator(gen, models, batch: int, iters: int = 8) -> dict:
+    from musetalk_ops.generator import StageClock
+
+    inputs = [
+        (
+            torch.randn(batch, 8, 32, 32, device=models.device, dtype=models.dtype),
+            torch.randn(batch, 50, 384, device=models.device, dtype=models.dtype),
+        )
+        for _ in range(2)
+    ]
+    t = time.perf_counter()
+    gen(*inputs[0], StageClock(models.device))
+    sync()
+    first = time.perf_counter() - t
+    for i in range(2):
+        gen(*inputs[i % 2], StageClock(models.device))
+    times, clock = [], StageClock(models.device)
+    for i in range(iters):
+        sync()
+        t = time.perf_counter()
+        gen(*inputs[i % 2], clock)
+        sync()
+        times.append(time.perf_counter() - t)
+    split = clock.totals()
+    return {
+        "fps": round(batch / statistics.median(times), 1),
+        "unet_ms_per_frame": round(1000 * split.get("unet", 0) / iters / batch, 3),
+        "vae_ms_per_frame": round(1000 * split.get("vae_decode", 0) / iters / batch, 3),
+        "first_call_s": round(first, 2),
+        "build_s": round(gen.build_seconds, 2),
+        "peak_gpu_gb": peak_gb(),
+    }
+
+
+def render_once(models, template, features, frames, out: Path, **settings) -> dict:
+    from musetalk_ops.render import RenderSettings, render_chunk
+
+    reset_peak()
+    cpu = cpu_seconds()
+    result = render_chunk(models, template, features, 0, frames, out, RenderSettings(**settings))
+    d = result.timings.to_dict()
+    d["peak_gpu_gb"] = peak_gb()
+    d["peak_gpu_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda() else 0.0
+    d["cpu_cores_busy"] = round((cpu_seconds() - cpu) / result.timings.total, 1)
+    out.unlink(missing_ok=True)
+    return d
+
+
+def diff_stats(a: np.ndarray, b: np.ndarray) -> dict:
+    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return {
+        "max": int(d.max()),
+        "mean": round(float(d.mean()), 5),
+        "frac_gt0": round(float((d > 0).mean()), 6),
+    }
+
+
+def png_dir_stats(a: Path, b: Path) -> dict:
+    names = sorted(p.name for p in a.glob("*.png"))
+    if names != sorted(p.name for p in b.glob("*.png")) or not names:
+        raise RuntimeError(f"frame sets differ: {len(names)} vs {len(list(b.glob('*.png')))}")
+    stats = [diff_stats(cv2.imread(str(a / n)), cv2.imread(str(b / n))) for n in names]
+    return {
+        "frames": len(names),
+        "max": max(s["max"] for s in stats),
+        "mean": round(statistics.mean(s["mean"] for s in stats), 5),
+        "frac_gt0": round(statistics.mean(s["frac_gt0"] for s in stats), 6),
+    }
+
+
+def paste_equality(models, template, batch: int) -> dict:
+    """Faces generated on the GPU, pasted on the GPU (device_paste) and on the CPU (paste_face)."""
+    from musetalk_ops.audio import add_positional_encoding
+    from musetalk_ops.blend import frame_indices, paste_face
+    from musetalk_ops.device_paste import DevicePaster
+    from musetalk_ops.generator import FaceGenerator, StageClock
+
+    gen = FaceGenerator(models.unet, models.vae, mode="eager", max_batch=batch)
+    ks = frame_indices(0, batch, len(template.frames), template.cycle)
+    lat = template.latents[torch.from_numpy(ks)].to(models.device, models.dtype)
+    tok = add_positional_encoding(torch.randn(batch, 50, 384, device=models.device, dtype=models.dtype))
+    faces = gen(lat, tok, StageClock(models.device))
+    regions = DevicePaster(template, models.device).composite(faces, ks.tolist())
+    worst = {"max": 0, "pixels_differing": 0, "pixels": 0}
+    for face, k, region in zip(faces.cpu().numpy(), ks, regions, strict=True):
+        f = template.faces[k]
+        expected = paste_face(template.frames[k], face, f.face_box, template.masks[k], f.crop_box)
+        got = template.frames[k].copy()
+        x1, y1, x2, y2 = DevicePaster(template, models.device).plan(int(k)).region
+        got[y1:y2, x1:x2] = region.cpu().numpy()
+        d = np.abs(got.astype(np.int16) - expected.astype(np.int16))
+        worst["max"] = max(worst["max"], int(d.max()))
+        worst["pixels_differing"] += int((d > 0).any(axis=2).sum())
+        worst["pixels"] += d.shape[0] * d.shape[1]
+    return worst
+
+
+def run_child(kind: str, *args) -> tuple[dict, float]:
+    """This script in a fresh interpreter (``--child KIND ...``); its last stdout line is JSON."""
+    started = time.time()
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", kind, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        timeout=400,
+    )
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        raise RuntimeError(" | ".join(lines[-3:]) if lines else f"{kind} child failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), started
+
+
+def cold_start(mode: str, models_root: Path, cache: Path, wav: Path, out: Path) -> dict:
+    """A fresh interpreter renders a short clip; process start → first frame handed to the encoder."""
+    result, started = run_child("cold", mode, models_root, cache, wav, out)
+    marks = {k: round(v - started, 3) for k, v in result.pop("marks").items()}
+    return {"first_frame_s": marks["first_frame"], "marks_since_process_start": marks, **result}
+
+
+def compiled_child(models_root: str, cache_512: str, cache_hd: str, wav: str, work: str, batch: str) -> None:
+    """The compiled path in its own process: a compiler failure cannot disturb the other sections, and
+    the first chunk pays a cold compile as the first process on a new GPU type would."""
+    from musetalk_ops import render
+    from musetalk_ops.cache import load_template
+
+    models = render.load_engine(render.RenderSettings(models_root=Path(models_root)))
+    features = render.compute_features(models, Path(wav))
+    frames, batch_size = features.num_frames(25), int(batch)
+    templates = {"512": load_template(cache_512), "1080p": load_template(cache_hd)}
+    out, r = Path(work) / "compiled.mp4", {}
+    t = time.perf_counter()
+    r["512_cold"] = render_once(
+        models, templates["512"], features, frames, out, batch_size=batch_size, mode="compiled"
+    )
+    r["first_chunk_s"] = round(time.perf_counter() - t, 1)
+    for name, template in templates.items():
+        r[f"{name}_warm"] = render_once(
+            models, template, features, frames, out, batch_size=batch_size, mode="compiled"
+        )
+    gen = render._generator(models.unet, models.vae, "compiled", batch_size)
+    r["generator_build_s"] = round(gen.build_seconds, 1)
+    r["generator"] = measure_generator(gen, models, batch_size)
+    # Inductor keeps its pool of compile-worker processes after compiling: the same chunks without it,
+    # and with twice the encoders (is the 512² chunk encoder-bound once the GPU is this fast?).
+    from torch._inductor.async_compile import shutdown_compile_workers
+
+    shutdown_compile_workers()
+    for name, template in templates.items():
+        for encoders in (4, 8):
+            r[f"{name}_warm_no_workers_encoders{encoders}"] = render_once(
+                models,
+                template,
+                features,
+                frames,
+                out,
+                batch_size=batch_size,
+                mode="compiled",
+                encoders=encoders,
+            )
+    print(json.dumps(r))
+
+
+def cold_child(mode: str, models_root: str, cache: str, wav: str, out: str) -> None:
+    marks = {"interpreter": START, "torch_cv2_numpy": time.time()}
+    from musetalk_ops.cache import load_template
+    from musetalk_ops.render import RenderSettings, compute_features, load_engine, render_chunk
+
+    marks["imports"] = time.time()
+    settings = RenderSettings(models_root=Path(models_root), mode=mode)
+    template = load_template(cache)
+    marks["template"] = time.time()
+    models = load_engine(settings, version=template.version)
+    marks["models"] = time.time()
+    features = compute_features(models, Path(wav))
+    marks["features"] = time.time()
+
+    def first(_n: int) -> None:
+        marks.setdefault("first_frame", time.time())
+
+    frames = features.num_frames(template.fps)
+    result = render_chunk(models, template, features, 0, frames, Path(out), settings, on_frames=first)
+    marks["segment_done"] = time.time()
+    print(json.dumps({"marks": marks, "frames": frames, "timings": result.timings.to_dict()}))
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return usage.ru_utime + usage.ru_stime
+
+
+def encode_alone(
+    frames: np.ndarray, count: int, writers: int, directory: Path, preset: str, yuv: bool
+) -> dict:
+    """x264 alone on the template's own 1080p frames (ping-pong), ``writers`` segments at once; ``yuv``:
+    frames handed over already converted (what a GPU-side RGB → YUV conversion would leave to the CPU;
+    uses SegmentWriter's stream directly, a measurement only)."""
+    from av.video.frame import VideoFrame
+
+    from musetalk_ops.blend import frame_indices
+    from musetalk_ops.video import SegmentWriter
+
+    per = count // writers
+    order = frame_indices(0, per, len(frames), "pingpong")
+    height, width = frames.shape[1:3]
+    t = time.perf_counter()
+    converted = [
+        VideoFrame.from_ndarray(f, format="rgb24")
+        .reformat(format="yuv420p", dst_colorspace="itu709")
+        .to_ndarray()
+        for f in frames
+    ]
+    convert_ms = (time.perf_counter() - t) / len(frames) * 1000
+
+    def run(n: int) -> None:
+        with SegmentWriter(directory / f"enc{n}.mp4", 25, width, height, preset=preset) as writer:
+            for i, k in enumerate(order):
+                if yuv:
+                    vf = VideoFrame.from_ndarray(converted[k], format="yuv420p")
+                    vf.pts = i
+                    writer._container.mux(writer._stream.encode(vf))
+                    writer.frames += 1
+                else:
+                    writer.write(frames[k])
+
+    t, cpu = time.perf_counter(), cpu_seconds()
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(writers)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    seconds, cpu = time.perf_counter() - t, cpu_seconds() - cpu
+    return {
+        "fps": round(per * writers / seconds, 1),
+        "cpu_cores_busy": round(cpu / seconds, 1),
+        "rgb_to_yuv_ms_one_thread": round(convert_ms, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=1000, help="frames per chunk of our path")
+    parser.add_argument("--baseline-frames", type=int, default=150)
+    parser.add_argument("--batch", type=int, default=20, help="render batch size (the official default)")
+    parser.add_argument("--budget", type=float, default=540, help="seconds; later sections are skipped")
+    parser.add_argument("--quick", action="store_true", help="CPU smoke run with demo-size models")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    parser.add_argument(
+        "--sections", type=lambda v: v.split(","), help="comma-separated section names to run"
+    )
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        {"cold": cold_child, "compiled": compiled_child}[args.child[0]](*args.child[1:])
+        return
+    work = Path(tempfile.mkdtemp(prefix="musetalk-bench-"))
+    os.environ["MUSETALK_CACHE"] = str(work / "cache")
+    report = Report(args.out, args.budget, sys.argv, args.sections)
+    Bench(args, work, report).run()
+    print_table(report.data)
+    report.save()
+
+
+class Bench:
+    """The sections, in order of importance (later ones are the first to be skipped)."""
+
+    def __init__(self, args: argparse.Namespace, work: Path, report: Report) -> None:
+        self.args, self.work, self.report, self.r = args, work, report, report.data
+        self.batch = args.batch
+        self.modes = ["graphs", "eager"] if cuda() else ["eager"]
+        self.models_root = work / "models"
+
+    def run(self) -> None:
+        sys.path.insert(0, str(Path(__file__).parent))
+        self.r["env"] = {
+            "device": torch.cuda.get_device_name() if cuda() else "cpu",
+            "torch": torch.__version__,
+            "cv2": cv2.__version__,
+            "cpus": len(os.sched_getaffinity(0)),
+            "frames": self.args.frames,
+            "batch": self.batch,
+        }
+        print(json.dumps(self.r["env"]), flush=True)
+        run = self.report.run
+        run("ceiling", self.ceiling)
+        run("setup", self.setup)
+        run("prepare", self.prepare)
+        run("engine", self.engine)
+        for name in self.templates:
+            for mode in self.modes:
+                run(f"ours_{name}_{mode}", lambda s, n=name, m=mode: self.ours(s, n, m), needs=30)
+        for name in self.templates:
+            run(f"baseline_{name}", lambda s, n=name: self.baseline(s, n), needs=50)
+        run("equality", self.equality, needs=30)
+        if cuda():
+            run("compiled", self.compiled, needs=200)
+        run("cold_start", self.cold_starts, needs=45)
+        run("encoding", self.encoding, needs=40)
+        run("generator", self.generator, needs=20)
+        if cuda():
+            run("cpu_reference", self.cpu_reference, needs=15)
+
+    def ceiling(self, s: dict) -> None:
+        if cuda():
+            s["fp16_matmul_tflops"] = round(matmul_tflops(), 1)
+            s["limit_fps"] = round(s["fp16_matmul_tflops"] * 1000 / GFLOP_PER_FRAME, 1)
+
+    def setup(self, s: dict) -> None:
+        import assets
+
+        if self.args.quick:
+            from musetalk_ops.models.demo import write_demo_models
+
+            write_demo_models(self.models_root)
+        else:
+            s["write_models_s"] = assets.write_models(self.models_root, self.work / "cache")
+        self.sources = assets.write_sources(self.work)
+        self.wav = assets.write_speech_like(self.work / "speech.wav", self.args.frames / 25 + 0.02)
+        self.short_wav = assets.write_speech_like(self.work / "short.wav", 3.02, seed=1)
+
+    def prepare(self, s: dict) -> None:
+        import assets
+
+        from musetalk_ops.cache import load_template
+
+        png, video = self.sources
+        self.prepared = {}
+        for name, source, box in (("512", png, assets.ASTRONAUT_BOX), ("1080p", video, assets.HD_BOX)):
+            self.prepared[name], s[name] = assets.prepare(
+                source, self.work / f"tpl-{name}", box, self.models_root, f"t{name}"
+            )
+        self.templates = {name: load_template(path) for name, path in self.prepared.items()}
+
+    def engine(self, s: dict) -> None:
+        from musetalk_ops.render import RenderSettings, compute_features, load_engine
+
+        t = time.perf_counter()
+        self.models = load_engine(RenderSettings(models_root=self.models_root))
+        s["load_s"] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+        self.features = compute_features(self.models, self.wav)
+        s["audio_features_s"] = round(time.perf_counter() - t, 3)
+        self.frames = min(self.args.frames, self.features.num_frames(25))
+        s["frames"] = self.frames
+
+    def render(self, name: str, frames: int | None = None, **settings) -> dict:
+        t = self.templates[name]
+        n = frames or self.frames
+        return render_once(
+            self.models, t, self.features, n, self.work / "o.mp4", batch_size=self.batch, **settings
+        )
+
+    def ours(self, s: dict, name: str, mode: str) -> None:
+        from musetalk_ops import render
+
+        render._generator.cache_clear()  # each path's memory and one-off costs on their own
+        s["cold"] = self.render(name, mode=mode)  # first chunk of this path in the process
+        s["warm"] = self.render(name, mode=mode)
+        self.r.setdefault("ours", {})[f"{name}/{mode}"] = s
+
+    def baseline(self, s: dict, name: str) -> None:
+        from baseline import OfficialAvatar, encode_pngs, run_baseline
+
+        avatar = OfficialAvatar(self.templates[name], self.models)
+        n = min(self.args.baseline_frames, self.frames)
+        run_baseline(self.models, avatar, self.features, 25, min(40, n), None)  # warm-up (cuDNN, allocator)
+        pngs = self.work / f"png-{name}"
+        pngs.mkdir()
+        loop = run_baseline(self.models, avatar, self.features, 25, n, pngs)
+        encode = encode_pngs(pngs, self.work / "b.mp4", 25, 18, "veryfast")
+        skip = run_baseline(self.models, avatar, self.features, 25, n, None)
+        s.update(frames=n, loop_with_png_s=round(loop, 3), encode_pngs_s=round(encode, 3))
+        s.update(fps_end_to_end=round(n / (loop + encode), 2), fps_with_png=round(n / loop, 2))
+        s.update(fps_skip_save=round(n / skip, 2))
+
+    def equality(self, s: dict) -> None:
+        from musetalk_ops.render import RenderSettings, render_chunk
+
+        n = min(40, self.frames)
+        for name, template in self.templates.items():
+            s[f"paste_{name}"] = paste_equality(self.models, template, self.batch)
+            dirs = []
+            for mode in (self.modes[0], "reference"):
+                d = self.work / f"eq-{name}-{mode}"
+                settings = RenderSettings(batch_size=self.batch, mode=mode)
+                render_chunk(
+                    self.models, template, self.features, 0, n, self.work / "e.mp4", settings, frames_dir=d
+                )
+                dirs.append(d)
+            s[f"fast_vs_reference_{name}"] = png_dir_stats(*dirs)
+
+    def cold_starts(self, s: dict) -> None:
+        for mode in self.modes:
+            s[mode] = cold_start(
+                mode, self.models_root, self.prepared["512"], self.short_wav, self.work / "c.mp4"
+            )
+
+    def generator(self, s: dict) -> None:
+        sizes = {"graphs": (8, 20, 48), "eager": (20, 48)} if cuda() else {"eager": (4,)}
+        for mode, batches in sizes.items():
+            for b in batches:
+                s[f"{mode}/b{b}"] = generator_fps(self.models, mode, b, False)
+
+    def encoding(self, s: dict) -> None:
+        frames = self.templates["1080p"].frames
+        runs = [("veryfast", 1, False), ("veryfast", 4, False), ("veryfast", 8, False), ("veryfast", 8, True)]
+        runs += [("superfast", 8, False), ("ultrafast", 8, False)]
+        for preset, writers, yuv in runs:
+            key = f"encoder_alone_1080p/{preset}/x{writers}" + ("/yuv_input" if yuv else "")
+            s[key] = encode_alone(frames, 400, writers, self.work, preset, yuv)
+        for writers in (4, 8):  # the single-image 512² template: a static frame but for the mouth
+            s[f"encoder_alone_512/veryfast/x{writers}"] = encode_alone(
+                self.templates["512"].frames, 1000, writers, self.work, "veryfast", False
+            )
+        for preset in ("veryfast", "superfast"):
+            s[f"render_1080p/{preset}/encoders8"] = self.render(
+                "1080p", mode=self.modes[0], encoders=8, preset=preset
+            )
+
+    def compiled(self, s: dict) -> None:
+        result, _ = run_child(
+            "compiled",
+            self.models_root,
+            self.prepared["512"],
+            self.prepared["1080p"],
+            self.wav,
+            self.work,
+            self.batch,
+        )
+        s.update(result)
+        for name in self.templates:
+            self.r.setdefault("ours", {})[f"{name}/compiled"] = {
+                "warm": s[f"{name}_warm"],
+                "cold": s["512_cold"],
+            }
+        s["cold_start_warm_cache"] = cold_start(
+            "compiled", self.models_root, self.prepared["512"], self.short_wav, self.work / "cc.mp4"
+        )
+
+    def cpu_reference(self, s: dict) -> None:
+        from musetalk_ops.render import RenderSettings, compute_features, load_engine, render_chunk
+
+        cpu_models = load_engine(RenderSettings(models_root=self.models_root, device="cpu", dtype="float32"))
+        cpu_features = compute_features(cpu_models, self.wav)
+        n, template = 4, self.templates["512"]
+        a, b = self.work / "cpu-gpu", self.work / "cpu-cpu"
+        render_chunk(
+            self.models,
+            template,
+            self.features,
+            0,
+            n,
+            self.work / "g.mp4",
+            RenderSettings(batch_size=n),
+            frames_dir=a,
+        )
+        t = time.perf_counter()
+        settings = RenderSettings(batch_size=n, device="cpu", dtype="float32")
+        render_chunk(cpu_models, template, cpu_features, 0, n, self.work / "r.mp4", settings, frames_dir=b)
+        s["cpu_seconds_per_frame"] = round((time.perf_counter() - t) / n, 2)
+        s["gpu_fp16_graphs_vs_cpu_fp32_reference_512"] = png_dir_stats(a, b)
+
+
+def print_table(r: dict) -> None:
+    """The headline numbers: ours vs baseline per template, the limits and cold starts."""
+    env = r.get("env", {})
+    print(
+        f"\n{env.get('device')}, torch {env.get('torch')}, {env.get('cpus')} CPUs, batch {env.get('batch')}"
+    )
+    ceiling = r.get("ceiling", {})
+    if "limit_fps" in ceiling:
+        print(f"fp16 matmul {ceiling['fp16_matmul_tflops']} TFLOP/s -> limit {ceiling['limit_fps']} frames/s")
+    cols = ["template", "path", "frames/s", "rtf", "unet s", "vae s", "composite s", "encode s", "build s"]
+    cols += ["peak GB", "x base"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + " --- |" * len(cols))
+    for key, s in sorted(r.get("ours", {}).items()):
+        name, mode = key.split("/")
+        row = s.get("warm")
+        if not row:
+            continue
+        base = r.get(f"baseline_{name}", {}).get("fps_end_to_end")
+        ratio = f"{row['fps'] / base:.1f}" if base else "-"
+        build = s.get("cold", {}).get("extra", {}).get("build", 0.0)
+        cells = [name, mode, f"{row['fps']:.1f}", f"{row['rtf']:.1f}"]
+        cells += [f"{row[k]:.2f}" for k in ("unet", "vae_decode", "composite", "encode")]
+        cells += [f"{build:.2f}", str(row["peak_gpu_gb"]), ratio]
+        print("| " + " | ".join(cells) + " |")
+    for name in ("512", "1080p"):
+        b = r.get(f"baseline_{name}", {})
+        if "fps_end_to_end" in b:
+            print(
+                f"| {name} | baseline | {b['fps_end_to_end']} (loop+PNG {b['fps_with_png']}, "
+                f"no PNG {b['fps_skip_save']}) | | | | | | | | 1.0 |"
+            )
+    for mode, c in r.get("cold_start", {}).items():
+        if isinstance(c, dict):
+            print(f"cold start {mode}: first frame {c['first_frame_s']} s after process start")
+    if r.get("errors"):
+        print("errors:", json.dumps(r["errors"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""UNet at timestep 0 → VAE decode → uint8 faces, in fixed batch shapes: eager, CUDA graphs or compiled.
+
+Why fixed shapes: every new batch shape costs cuDNN algorithm selection, and a CUDA graph or compiled
+kernel exists per shape. Batches are therefore padded up to a small set of bucket sizes (the largest is
+the render batch size), so a chunk never meets a new shape after its first batches. Modes:
+
+* ``eager``: the diffusers modules as they are (launch-bound at small batches);
+* ``graphs``: each bucket's UNet and VAE decode captured once into CUDA graphs (0.1–0.3 s per bucket,
+  captured lazily, when a bucket is first needed) and replayed; removes the launch overhead;
+* ``compiled``: ``torch.compile`` of both models (Inductor; artifacts cached on disk under
+  ``$MUSETALK_CACHE/inductor``, so only the first process per GPU type pays the full compile), then
+  captured into CUDA graphs like ``graphs``. One bucket only: each extra shape would be a recompile.
+  Compiled code is traced and run under ``no_grad`` rather than inference mode, whose tensors
+  Inductor mishandles (pytorch/pytorch#180823: "weakref to UntypedStorage" on a transpose).
+
+Measured on an H100 at batch 20 (bench/RESULTS.md): eager 158–168 frames/s, graphs 221–225,
+compiled 438–448 (compile 94–102 s cold, 17–18 s with the disk cache warm), against a limit of ~920.
+So ``graphs`` is the default: short clips cannot repay a compile; long renders and warm workers can.
+Channels-last copies of the models were slower (VAE 3.9 vs 3.5 ms/frame) and are not used.
+
+The constant t = 0 time embedding is not precomputed: it is two tiny matmuls per batch, which the
+graphs already replay for free.
+"""
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from musetalk_ops.config import cache_dir
+from musetalk_ops.models.vae import decode_latents
+
+MODES = ("eager", "graphs", "compiled")
+GRAPH_MODES = ("graphs", "compiled")
+SMALLEST_BUCKET = 4
+CUDNN_BENCHMARK = False  # autotuning found nothing faster on an H100 and costs seconds per process
+
+
+def bucket_sizes(max_batch: int, mode: str = "graphs") -> tuple[int, ...]:
+    """Powers of two from 4 below ``max_batch``, plus ``max_batch`` itself (``compiled``: only that)."""
+    if max_batch < 1:
+        raise ValueError(f"batch size must be positive, got {max_batch}")
+    if mode == "compiled":
+        return (max_batch,)
+    sizes = {max_batch}
+    size = SMALLEST_BUCKET
+    while size < max_batch:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
+class StageClock:
+    """Busy seconds per named stage of device work without synchronising the host.
+
+    On CUDA each stage is bracketed by events that are read once, in ``totals``; on the CPU the work is
+    synchronous and a host clock is exact."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._marks: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self._seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._marks.append((name, start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per stage so far (waits for the recorded device work to finish)."""
+        if self._marks:
+            self._marks[-1][2].synchronize()
+        for name, start, end in self._marks:
+            self._seconds[name] = self._seconds.get(name, 0.0) + start.elapsed_time(end) / 1000
+        self._marks.clear()
+        return dict(self._seconds)
+
+
+class _Bucket:
+    """Static input/output buffers of one batch shape, and its graphs once captured."""
+
+    def __init__(self, size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.size = size
+        self.latents = torch.zeros((size, 8, 32, 32), device=device, dtype=dtype)
+        self.tokens = torch.zeros((size, 50, 384), device=device, dtype=dtype)
+        self.pred: torch.Tensor | None = None
+        self.faces: torch.Tensor | None = None
+        self.graphs: tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph] | None = None
+
+
+class FaceGenerator:
+    """Generates faces for batches of (latents [n,8,32,32], audio tokens [n,50,384]) with n ≤ max_batch.
+
+    Inputs are expected in the models' device and dtype, positional encoding already added. Not
+    thread-safe: graphs replay into shared static buffers (one render at a time per generator).
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        *,
+        mode: str,
+        max_batch: int,
+        cudnn_benchmark: bool = CUDNN_BENCHMARK,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown generator mode {mode!r}: use one of {', '.join(MODES)}")
+        self.device, self.dtype = unet.device, unet.dtype
+        if mode in GRAPH_MODES and self.device.type != "cuda":
+            raise ValueError(f"mode {mode} needs a CUDA device, not {self.device}")
+        self.mode, self.max_batch, self.cudnn_benchmark = mode, max_batch, cudnn_benchmark
+        self.buckets = bucket_sizes(max_batch, mode)
+        self.build_seconds = 0.0  # graph capture, compilation and warm-up so far (one-off costs)
+        with self._grad_mode():
+            timestep = torch.zeros((1,), dtype=torch.int64, device=self.device)
+        self._unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda latents, tokens: (
+            unet(latents, timestep, encoder_hidden_states=tokens).sample
+        )
+        self._vae: Callable[[torch.Tensor], torch.Tensor] = lambda pred: decode_latents(vae, pred)
+        if mode == "compiled":
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+            self._unet = torch.compile(self._unet, dynamic=False)
+            decode = decode_latents.__wrapped__  # without its inference-mode decorator (see above)
+            self._vae = torch.compile(lambda pred: decode(vae, pred), dynamic=False)
+        self._state: dict[int, _Bucket] = {}
+        self._pool = None
+        self._lock = threading.Lock()
+
+    def bucket(self, n: int) -> int:
+        """The bucket a batch of ``n`` frames is padded to."""
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"batch of {n} frames is outside 1..{self.max_batch}")
+        return next(size for size in self.buckets if size >= n)
+
+    def _cudnn(self):
+        return torch.backends.cudnn.flags(enabled=True, benchmark=self.cudnn_benchmark)
+
+    def _grad_mode(self) -> contextlib.AbstractContextManager:
+        """Inference mode for eager and graphs; plain no_grad for compiled code (see the module doc)."""
+        if self.mode != "compiled":
+            return torch.inference_mode()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.no_grad())
+        return stack
+
+    def __call__(self, latents: torch.Tensor, tokens: torch.Tensor, clock: StageClock) -> torch.Tensor:
+        """uint8 faces [n,256,256,3] on the device. With graphs the result is a view of a static buffer:
+        it is valid until the next call (work queued on the same stream is ordered before that)."""
+        n = len(latents)
+        with self._lock, self._grad_mode():
+            state = self._state.get(self.bucket(n)) or self._prepare(self.bucket(n))
+            state.latents[:n].copy_(latents)
+            state.tokens[:n].copy_(tokens)
+            with self._cudnn():
+                if state.graphs is not None:
+                    with clock("unet"):
+                        state.graphs[0].replay()
+                    with clock("vae_decode"):
+                        state.graphs[1].replay()
+                    faces = state.faces
+                else:
+                    with clock("unet"):
+                        pred = self._unet(state.latents, state.tokens)
+                    with clock("vae_decode"):
+                        faces = self._vae(pred)
+            return faces[:n]
+
+    def _prepare(self, size: int) -> _Bucket:
+        """Allocate a bucket; warm it up (cuDNN autotune, compilation) and capture its graphs."""
+        start = time.perf_counter()
+        state = _Bucket(size, self.device, self.dtype)
+        with self._cudnn():
+            if self.mode == "eager":
+                if self.device.type == "cuda" and self.cudnn_benchmark:
+                    self._vae(self._unet(state.latents, state.tokens))  # autotune now, not in the timing
+            else:
+                self._capture(state)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.build_seconds += time.perf_counter() - start
+        self._state[size] = state
+        return state
+
+    def _capture(self, state: _Bucket) -> None:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile/autotune and let lazy initialisation happen outside the capture
+                self._vae(self._unet(state.latents, state.tokens))
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # buckets never replay at once: share memory
+        unet_graph, vae_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        # thread_local: encoder threads of a running chunk may wait on CUDA events meanwhile
+        with torch.cuda.graph(unet_graph, pool=self._pool, capture_error_mode="thread_local"):
+            state.pred = self._unet(state.latents, state.tokens)
+        with torch.cuda.graph(vae_graph, pool=self._pool, capture_error_mode="thread_local"):
+            state.faces = self._vae(state.pred)
+        state.graphs = (unet_graph, vae_graph)

@@ -1,0 +1,228 @@
+"""The fast render path on the CPU: device-side paste-back against OpenCV/Pillow/``paste_face`` (exact),
+and whole chunks against the reference path (same frames, one segment)."""
+
+import dataclasses
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from musetalk_ops.blend import crop_box_for, paste_face
+from musetalk_ops.cache import Face, Template, load_template
+from musetalk_ops.device_paste import DevicePaster, pil_blend_, resize_linear
+from musetalk_ops.errors import InputError
+from musetalk_ops.generator import bucket_sizes
+from musetalk_ops.render import (
+    RenderSettings,
+    _interleave,
+    compute_features,
+    encoder_count,
+    load_engine,
+    render_chunk,
+)
+from musetalk_ops.video import SegmentWriter, mux, probe
+
+# (width, height) targets from a 256² face: down- and upscaling, odd sizes, exact halving (which OpenCV
+# routes to INTER_AREA), exact doubling, 1-pixel edges, extreme aspect ratios.
+SIZES = [(1, 1), (2, 3), (95, 119), (128, 128), (129, 127), (200, 210), (256, 256), (300, 333)]
+SIZES += [(380, 436), (512, 512), (511, 257), (7, 900), (900, 7), (640, 700)]
+
+
+@pytest.mark.parametrize(("width", "height"), SIZES)
+def test_resize_linear_equals_opencv_exactly(width, height):
+    rng = np.random.default_rng(width * 1000 + height)
+    face = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    expected = cv2.resize(face, (width, height), interpolation=cv2.INTER_LINEAR)
+    got = resize_linear(torch.from_numpy(face), width, height).to(torch.uint8).numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_resize_linear_random_sizes_and_sources():
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        src_h, src_w, height, width = (int(v) for v in rng.integers(1, 700, 4))
+        image = rng.integers(0, 256, (src_h, src_w, 3), dtype=np.uint8)
+        expected = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+        got = resize_linear(torch.from_numpy(image), width, height).to(torch.uint8).numpy()
+        np.testing.assert_array_equal(got, expected, err_msg=f"{src_w}x{src_h} -> {width}x{height}")
+
+
+def test_torch_blend_equals_pillow_for_every_value_triple():
+    p = np.arange(1 << 24, dtype=np.uint32).reshape(4096, 4096)
+    dst_v, src_v, mask = (
+        (p >> 16).astype(np.uint8),
+        ((p >> 8) & 255).astype(np.uint8),
+        (p & 255).astype(np.uint8),
+    )
+    dst = np.stack([dst_v, src_v, dst_v ^ src_v], axis=2)
+    src = np.stack([src_v, dst_v, 255 - src_v], axis=2)
+    expected = Image.fromarray(dst)
+    expected.paste(Image.fromarray(src), (0, 0), Image.fromarray(mask, "L"))
+    expected = np.array(expected)
+    for rows in np.array_split(np.arange(4096), 8):  # bounded int32 temporaries
+        sl = slice(rows[0], rows[-1] + 1)
+        got = pil_blend_(
+            torch.from_numpy(dst[sl]), torch.from_numpy(src[sl]).to(torch.int32), torch.from_numpy(mask[sl])
+        )
+        np.testing.assert_array_equal(got.numpy(), expected[sl])
+
+
+def _template(frames, boxes, rng):
+    """An in-memory template; a ``None`` box is a frame without a face."""
+    faces, masks = [], []
+    for box in boxes:
+        if box is None:
+            faces.append(None)
+            masks.append(None)
+            continue
+        crop = crop_box_for(box)
+        faces.append(Face(face_box=box, crop_box=crop))
+        masks.append(rng.integers(0, 256, (crop[3] - crop[1], crop[2] - crop[0]), dtype=np.uint8))
+    n = len(frames)
+    return Template(
+        id="t",
+        fps=25.0,
+        frames=frames,
+        cycle="pingpong",
+        faces=faces,
+        latents=torch.zeros((n, 8, 32, 32)),
+        masks=masks,
+        version="v15",
+        weights="demo",
+        fingerprint="0" * 16,
+        manifest={},
+    )
+
+
+def test_device_paste_equals_paste_face_exactly():
+    rng = np.random.default_rng(3)
+    height, width = 240, 320
+    boxes = [
+        (100, 60, 195, 175),  # inside the frame
+        (-30, -20, 80, 90),  # face box and crop box leave the frame top-left
+        (250, 150, 330, 250),  # ... and bottom-right
+        (10, 10, 138, 138),  # exactly half of 256: OpenCV's INTER_AREA special case
+        (40, 30, 41, 31),  # a 1-pixel face
+    ]
+    frames = rng.integers(0, 256, (len(boxes), height, width, 3), dtype=np.uint8)
+    template = _template(frames, boxes, rng)
+    paster = DevicePaster(template, torch.device("cpu"))
+    ks = [0, 1, 2, 3, 4, 0, 2, 0]  # repeated frames are blended as one group
+    faces = rng.integers(0, 256, (len(ks), 256, 256, 3), dtype=np.uint8)
+    regions = paster.composite(torch.from_numpy(faces), ks)
+    for face, k, region in zip(faces, ks, regions, strict=True):
+        x1, y1, x2, y2 = paster.plan(k).region
+        out = frames[k].copy()
+        out[y1:y2, x1:x2] = region.numpy()
+        f = template.faces[k]
+        np.testing.assert_array_equal(
+            out, paste_face(frames[k], face, f.face_box, template.masks[k], f.crop_box)
+        )
+
+
+def test_bucket_sizes():
+    assert bucket_sizes(20) == (4, 8, 16, 20)
+    assert bucket_sizes(32) == (4, 8, 16, 32)
+    assert bucket_sizes(3) == (3,)
+    assert bucket_sizes(20, "compiled") == (20,)
+
+
+def test_interleave_feeds_every_encoder_in_order():
+    groups = [np.arange(0, 7), np.arange(10, 13), np.arange(20, 29)]
+    order = _interleave(groups, 2)
+    assert sorted(order.tolist()) == sorted(np.concatenate(groups).tolist())
+    for g in groups:
+        assert [v for v in order.tolist() if v in set(g.tolist())] == g.tolist()
+    assert order[:6].tolist() == [0, 1, 10, 11, 20, 21]  # the first batch reaches all three encoders
+
+
+def test_encoder_count():
+    assert encoder_count(RenderSettings(), "reference", 1000, 25) == 1
+    assert encoder_count(RenderSettings(encoders=3), "reference", 1000, 25) == 1
+    assert encoder_count(RenderSettings(encoders=3), "eager", 1000, 25) == 3
+    assert encoder_count(RenderSettings(encoders=8), "eager", 5, 25) == 5
+    assert encoder_count(RenderSettings(), "graphs", 150, 25) == 1  # < 2 × 4 s: one encoder
+
+
+def test_settings_refuse_unknown_mode_and_encoders():
+    with pytest.raises(InputError, match="unknown render mode 'fast'"):
+        RenderSettings(mode="fast")
+    with pytest.raises(InputError, match="encoders 0"):
+        RenderSettings(encoders=0)
+
+
+@pytest.fixture(scope="module")
+def engine(demo_models):
+    return load_engine(RenderSettings(device="cpu", dtype="float32", models_root=demo_models))
+
+
+@pytest.fixture(scope="module")
+def features(engine, speech_wav):
+    return compute_features(engine, speech_wav)
+
+
+def _pngs(directory):
+    return {p.name: cv2.imread(str(p))[:, :, ::-1] for p in sorted(directory.glob("*.png"))}
+
+
+def test_graphs_mode_needs_cuda(engine, features, astronaut_cache, tmp_path):
+    template = load_template(astronaut_cache)
+    with pytest.raises(InputError, match="render mode graphs needs a CUDA GPU"):
+        render_chunk(engine, template, features, 0, 2, tmp_path / "x.mp4", RenderSettings(mode="graphs"))
+
+
+def test_fast_path_renders_the_reference_frames(engine, features, astronaut_cache, tmp_path, speech_wav):
+    """Eager fast path (buckets, device paste, two parallel sub-segments) vs the reference path, with a
+    second template frame that has no face (passed through) in the ping-pong cycle."""
+    template = load_template(astronaut_cache)
+    frame0 = template.frames[0]
+    template = dataclasses.replace(
+        template,
+        frames=np.stack([frame0, frame0[:, ::-1].copy()]),
+        faces=[template.faces[0], None],
+        masks=[template.masks[0], None],
+        latents=template.latents.expand(2, -1, -1, -1).clone(),
+    )
+    total = features.num_frames(template.fps)
+    stop = min(total, 14)
+    fast = RenderSettings(batch_size=5, device="cpu", dtype="float32", mode="eager", encoders=2)
+    ref = dataclasses.replace(fast, mode="reference")
+    a = render_chunk(engine, template, features, 1, stop, tmp_path / "a.mp4", fast, frames_dir=tmp_path / "a")
+    render_chunk(engine, template, features, 1, stop, tmp_path / "b.mp4", ref, frames_dir=tmp_path / "b")
+    got, want = _pngs(tmp_path / "a"), _pngs(tmp_path / "b")
+    assert sorted(got) == sorted(want) == [f"{i:08d}.png" for i in range(1, stop)]
+    for name in want:  # model batches differ (padding to buckets): float summation order only
+        diff = np.abs(got[name].astype(int) - want[name].astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, name
+    assert a.timings.extra["encoders"] == 2 and a.timings.unet > 0 and a.timings.encode > 0
+    info = probe(a.path)
+    assert info.frames == stop - 1 and info.keyframe_at_start and info.video_codec == "h264"
+
+    # The joined sub-segments are an ordinary chunk segment: the merge step remuxes it with others.
+    head = render_chunk(engine, template, features, 0, 1, tmp_path / "head.mp4", fast)
+    mux([head.path, a.path], speech_wav, tmp_path / "joined.mp4", comment="test")
+    assert probe(tmp_path / "joined.mp4").frames == stop
+
+
+def test_a_failing_encoder_fails_the_chunk_and_leaves_no_files(
+    engine, features, astronaut_cache, tmp_path, monkeypatch
+):
+    template = load_template(astronaut_cache)
+    calls = []
+    write = SegmentWriter.write
+
+    def failing(self, frames):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError("disk full")
+        write(self, frames)
+
+    monkeypatch.setattr(SegmentWriter, "write", failing)
+    settings = RenderSettings(batch_size=4, device="cpu", dtype="float32", mode="eager", encoders=2)
+    out = tmp_path / "out" / "c.mp4"
+    out.parent.mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        render_chunk(engine, template, features, 0, 12, out, settings)
+    assert list(out.parent.iterdir()) == []  # no segment, no sub-segments, no temporary directory
