@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fps", type=float, help="output fps (default: the template's; images 25)")
     r.add_argument("--crf", type=int, default=18, help="H.264 quality (default 18)")
     r.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast)")
+    r.add_argument(
+        "--mode",
+        choices=("reference", "eager", "graphs", "compiled"),
+        help="execution path (default: graphs on CUDA, reference on the CPU)",
+    )
+    r.add_argument("--encoders", type=int, help="parallel H.264 encoders (default: one per 4 CPUs)")
     r.add_argument("--frames-dir", type=Path, help="also write every frame as lossless PNG 00000000.png…")
     r.add_argument("--stats-json", type=Path, help="write the timings as JSON")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -120,6 +126,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         version=args.version,
         models_root=args.models,
         fps=args.fps,
+        mode=args.mode,
+        encoders=args.encoders,
     )
     timings = render_file(
         args.template,
