@@ -36,7 +36,7 @@ from musetalk_ops.render import render_file
 from musetalk_ops.settings import TemplateSettings, load_settings
 from musetalk_ops.store import Store
 from musetalk_ops.timings import Timings
-from pipelines.cache_store import download_cache, local_cache, upload_cache
+from pipelines.cache_store import download_cache, local_cache, stored_manifest, upload_cache
 from pipelines.catalog import TEMPLATE_CACHE, CacheRef, latest_cache, user_errors
 from pipelines.executors import GPU_OP_TAGS
 from pipelines.partitions import render_requests, templates
@@ -193,11 +193,19 @@ def template_cache(
         stored = client.exists(ref.manifest)
         previous = latest_cache(context.instance, tid)
         if stored and not config.force and previous is not None and previous.fingerprint == fingerprint:
-            context.log.info(f"template {tid} unchanged (cache {fingerprint} exists): nothing to do")
-            manifest = json.loads(client.get_bytes(ref.manifest))
-            yield _faces_check(manifest)
-            yield _loadable_check(client, ref, manifest, load=False)
-            return
+            manifest = stored_manifest(client, ref)
+            loadable = _loadable_check(client, ref, manifest, load=True) if manifest else None
+            if loadable is not None and loadable.passed:
+                context.log.info(f"template {tid} unchanged (cache {fingerprint} loads): nothing to do")
+                yield _faces_check(manifest)
+                yield loadable
+                return
+            why = "unreadable manifest.json"
+            if loadable is not None:  # "error" (did not load) is more precise than "missing" (files)
+                why = next(loadable.metadata[k].value for k in ("error", "missing") if k in loadable.metadata)
+            context.log.warning(f"cache {client.uri(ref.prefix)} is damaged ({why}): preparing it again")
+            client.delete(ref.manifest)  # invisible until the repaired cache is complete
+            stored = False
         prepared = None
         if stored and not config.force:
             context.log.info(f"cache {fingerprint} of template {tid} is already in the store: recording it")

@@ -5,6 +5,7 @@ local copy under ``$MUSETALK_CACHE/templates/<id>/<fingerprint>/`` appears by on
 concurrent steps on one machine download it at most a few times and never read half of it.
 """
 
+import json
 import shutil
 import uuid
 from functools import lru_cache
@@ -15,6 +16,15 @@ from musetalk_ops.cache import MANIFEST, Template, read_cache
 from musetalk_ops.errors import CacheError
 from musetalk_ops.store import Store
 from pipelines.catalog import CacheRef
+
+
+def stored_manifest(store: Store, ref: CacheRef) -> dict | None:
+    """The manifest of ``ref`` in the store, or None if it is not a readable JSON object."""
+    try:
+        manifest = json.loads(store.get_bytes(ref.manifest))
+    except ValueError:
+        return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def upload_cache(store: Store, local: Path, prefix: str) -> list[str]:
@@ -32,7 +42,8 @@ def upload_cache(store: Store, local: Path, prefix: str) -> list[str]:
 
 
 def download_cache(store: Store, ref: CacheRef, dest: Path) -> Path:
-    """Copy the cache ``ref`` from the store into the new directory ``dest`` (atomically)."""
+    """Copy the cache ``ref`` from the store into the new directory ``dest`` (atomically, and only
+    if the copy loads: CacheError names the damaged store prefix otherwise)."""
     objects = store.list(ref.prefix)
     if not any(info.key == ref.manifest for info in objects):
         raise CacheError(
@@ -43,6 +54,14 @@ def download_cache(store: Store, ref: CacheRef, dest: Path) -> Path:
     try:
         for info in objects:
             store.get_file(info.key, tmp / info.key.removeprefix(ref.prefix))
+        try:  # a copy is kept only if it loads: a cache damaged in the store is never used or cached
+            read_cache(tmp)
+        except CacheError as e:
+            raise CacheError(
+                f"template cache {store.uri(ref.prefix)} is damaged "
+                f"({str(e).replace(str(tmp), 'the downloaded copy')}): "
+                f"re-materialize template_cache partition {ref.template}"
+            ) from None
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(dest)
     except OSError:

@@ -28,6 +28,8 @@ OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "preset": (str,),
     "fps": (int, float),
 }
+# A request is a few hundred bytes; the cap keeps a hostile object from exhausting a sensor's memory.
+MAX_REQUEST_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,11 @@ def check_options(options: object) -> dict:
 def parse_request(request_id: str, data: bytes) -> RenderRequest:
     """Parse and validate a request object; InputError names what is wrong."""
     validate_id(request_id, "request id")
+    if len(data) > MAX_REQUEST_BYTES:
+        raise InputError(f"request {request_id}: {len(data)} bytes, over the {MAX_REQUEST_BYTES} byte limit")
     try:
         body = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: bad UTF-8/JSON, or a 5000-digit integer
         raise InputError(f"request {request_id}: not valid JSON ({e})") from None
     if not isinstance(body, dict):
         raise InputError(f"request {request_id}: expected a JSON object")

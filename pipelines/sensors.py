@@ -14,7 +14,7 @@ from musetalk_ops.ids import ID_PATTERN
 from musetalk_ops.store import ObjectInfo, Store
 from pipelines.catalog import TEMPLATE_CACHE, latest_cache
 from pipelines.partitions import render_requests, templates
-from pipelines.request import TEMPLATE_TAG, parse_request
+from pipelines.request import MAX_REQUEST_BYTES, TEMPLATE_TAG, parse_request
 from pipelines.resources import StoreResource
 
 REJECTED = "requests/rejected/"
@@ -81,6 +81,8 @@ def _check_request(
     """``(request id, template id)`` of a runnable request; None while its audio may still arrive.
     InputError says why a request is refused."""
     rid = info.key.removeprefix("requests/").removesuffix(".json")
+    if info.size > MAX_REQUEST_BYTES:  # refused without reading it
+        raise InputError(f"request {rid}: {info.size} bytes, over the {MAX_REQUEST_BYTES} byte limit")
     request = parse_request(rid, store.get_bytes(info.key))
     tid = request.template
     if tid not in template_ok:
@@ -122,6 +124,9 @@ def render_request_sensor(context: dg.SensorEvaluationContext, store: StoreResou
             continue
         except StoreError as e:  # removed or unreadable between listing and reading: next tick
             context.log.warning(f"skipped {info.key}: {e}")
+            continue
+        except Exception as e:  # a bug must not let one object block every other request
+            context.log.error(f"skipped {info.key}: {type(e).__name__}: {e}")
             continue
         if found is not None:
             accepted[found[0]] = found[1]

@@ -1,0 +1,58 @@
+"""Fixtures of the reliability suite: the deployment environment on a local store, a persistent
+instance, short speech, and a moto server of its own."""
+
+import os
+import signal
+import sys
+import urllib.request
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import soundfile as sf
+from reliability_helpers import free_port, start_group, stop_group, wait_for
+
+
+@pytest.fixture
+def pipeline_env(tmp_path, monkeypatch, demo_models) -> Path:
+    """What a deployment sets: demo weights, a private engine cache, the local store (returned)."""
+    monkeypatch.setenv("MUSETALK_MODELS", str(demo_models))
+    monkeypatch.setenv("MUSETALK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MUSETALK_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("MUSETALK_GPUS", "2")
+    for name in ("MUSETALK_S3_BUCKET", "MUSETALK_S3_PREFIX", "DAGSTER_HOME", "MUSETALK_EXECUTOR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("MUSETALK_FAULT_MAX_BATCH", raising=False)
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def instance(tmp_path):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    with dg.instance_for_test(temp_dir=str(home)) as inst:
+        yield inst
+
+
+@pytest.fixture(scope="session")
+def short_speech(tmp_path_factory, speech_wav) -> Path:
+    """The first 0.6 s of real speech: 15 frames at 25 fps, two chunks of the test configuration."""
+    samples, rate = sf.read(speech_wav, dtype="int16")
+    path = tmp_path_factory.mktemp("short") / "speech.wav"
+    sf.write(path, samples[: int(0.6 * rate)], rate)
+    return path
+
+
+@pytest.fixture
+def moto_server(tmp_path):
+    """A moto S3 server owned by this test (so that it can be paused), yielding (process, url)."""
+    port = free_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    proc = start_group(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env, tmp_path / "moto.log"
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for("moto", lambda: urllib.request.urlopen(f"{url}/moto-api/", timeout=1), 30, tmp_path / "moto.log")
+    yield proc, url
+    os.killpg(proc.pid, signal.SIGCONT)
+    stop_group(proc, signal.SIGTERM, 10)
