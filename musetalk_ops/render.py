@@ -326,6 +326,14 @@ def _generator(unet, vae, mode: str, max_batch: int) -> FaceGenerator:
     return FaceGenerator(unet, vae, mode=mode, max_batch=max_batch)
 
 
+def release_gpu_memory() -> None:
+    """Drop every captured generator and return cached CUDA memory, e.g. after an out-of-memory
+    error, so a retry at a smaller batch size does not compete with the failed size's graphs."""
+    _generator.cache_clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _render_fast(
     models: Models, job: _Job, out_path: Path, settings: RenderSettings, mode: str, timings: Timings
 ) -> None:

@@ -167,7 +167,7 @@ def render_with_fallback(
                 raise dg.Failure(description=f"CUDA out of memory even at batch size 1: {e}") from None
             smaller = settings.batch_size // 2
             log.warning(f"CUDA out of memory at batch size {settings.batch_size}: retrying with {smaller}")
-            torch.cuda.empty_cache()
+            engine_render.release_gpu_memory()
             settings = dataclasses.replace(settings, batch_size=smaller)
 
 

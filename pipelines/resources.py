@@ -54,6 +54,8 @@ class EngineResource(dg.ConfigurableResource):
     device: str | None = None  # None: cuda when available
     dtype: str | None = None  # None: float16 on CUDA, float32 on the CPU
     batch_size: int = 20
+    mode: str | None = None  # None: graphs on CUDA, reference on the CPU (musetalk_ops.render)
+    encoders: int | None = None  # None: one H.264 encoder thread per 4 CPUs
     min_chunk_frames: int = 250
     gpus: int | None = None  # None: $MUSETALK_GPUS, else 4 on k8s, else the GPUs visible here (min 1)
 
@@ -63,6 +65,8 @@ class EngineResource(dg.ConfigurableResource):
             "batch_size": self.batch_size,
             "device": self.device,
             "dtype": self.dtype,
+            "mode": self.mode,
+            "encoders": self.encoders,
             "models_root": Path(self.models_dir) if self.models_dir else None,
         }
         return RenderSettings(**{**fields, **overrides})
