@@ -25,6 +25,12 @@ def musetalk(*args, env=None, cwd=None):
     )
 
 
+def render(template, audio, out, models, *flags):
+    """`musetalk render` on the CPU with the given inputs and extra flags."""
+    inputs = {"--template": template, "--audio": audio, "--out": out, "--models": models, "--device": "cpu"}
+    return musetalk("render", *(str(v) for pair in inputs.items() for v in pair), *flags)
+
+
 def assert_user_error(proc, fragment):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -37,22 +43,8 @@ def assert_user_error(proc, fragment):
 def test_render_end_to_end(tmp_path, astronaut_cache, speech_wav, demo_models):
     out, stats, frames_dir = tmp_path / "out.mp4", tmp_path / "stats.json", tmp_path / "frames"
     start = time.perf_counter()
-    proc = musetalk(
-        "render",
-        "--template",
-        astronaut_cache,
-        "--audio",
-        speech_wav,
-        "--out",
-        out,
-        "--models",
-        demo_models,
-        "--device",
-        "cpu",
-        "--stats-json",
-        stats,
-        "--frames-dir",
-        frames_dir,
+    proc = render(
+        astronaut_cache, speech_wav, out, demo_models, "--stats-json", stats, "--frames-dir", frames_dir
     )
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr
@@ -101,21 +93,7 @@ def test_render_end_to_end(tmp_path, astronaut_cache, speech_wav, demo_models):
 @pytest.mark.slow
 def test_render_from_a_source_image_prepares_on_the_fly(tmp_path, astronaut_png, speech_wav, demo_models):
     out = tmp_path / "out.mp4"
-    proc = musetalk(
-        "render",
-        "--template",
-        astronaut_png,
-        "--audio",
-        speech_wav,
-        "--out",
-        out,
-        "--models",
-        demo_models,
-        "--device",
-        "cpu",
-        "--fps",
-        "20",
-    )
+    proc = render(astronaut_png, speech_wav, out, demo_models, "--fps", "20")
     assert proc.returncode == 0, proc.stderr
     seconds = soundfile.info(str(speech_wav)).frames / 16000
     assert probe(out).frames == math.floor(seconds * 20)
@@ -124,17 +102,7 @@ def test_render_from_a_source_image_prepares_on_the_fly(tmp_path, astronaut_png,
 
 def test_missing_audio(tmp_path, astronaut_cache, demo_models):
     out = tmp_path / "out.mp4"
-    proc = musetalk(
-        "render",
-        "--template",
-        astronaut_cache,
-        "--audio",
-        tmp_path / "nope.wav",
-        "--out",
-        out,
-        "--models",
-        demo_models,
-    )
+    proc = render(astronaut_cache, tmp_path / "nope.wav", out, demo_models)
     assert_user_error(proc, "nope.wav")
     assert list(tmp_path.iterdir()) == []
 
@@ -151,19 +119,7 @@ def test_bad_audio(tmp_path, astronaut_cache, demo_models, name, content, fragme
     audio = tmp_path / name
     audio.write_bytes(content)
     out = tmp_path / "out.mp4"
-    proc = musetalk(
-        "render",
-        "--template",
-        astronaut_cache,
-        "--audio",
-        audio,
-        "--out",
-        out,
-        "--models",
-        demo_models,
-        "--device",
-        "cpu",
-    )
+    proc = render(astronaut_cache, audio, out, demo_models)
     assert_user_error(proc, fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
@@ -171,19 +127,7 @@ def test_bad_audio(tmp_path, astronaut_cache, demo_models, name, content, fragme
 def test_silent_audio(tmp_path, astronaut_cache, demo_models):
     audio = tmp_path / "silence.wav"
     soundfile.write(audio, [0.0] * 16000, 16000)
-    proc = musetalk(
-        "render",
-        "--template",
-        astronaut_cache,
-        "--audio",
-        audio,
-        "--out",
-        tmp_path / "o.mp4",
-        "--models",
-        demo_models,
-        "--device",
-        "cpu",
-    )
+    proc = render(astronaut_cache, audio, tmp_path / "o.mp4", demo_models)
     assert_user_error(proc, "silent")
     assert not (tmp_path / "o.mp4").exists()
 
@@ -191,72 +135,27 @@ def test_silent_audio(tmp_path, astronaut_cache, demo_models):
 def test_unknown_template_directory(tmp_path, speech_wav, demo_models):
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = musetalk(
-        "render",
-        "--template",
-        empty,
-        "--audio",
-        speech_wav,
-        "--out",
-        tmp_path / "o.mp4",
-        "--models",
-        demo_models,
-        "--device",
-        "cpu",
-    )
+    proc = render(empty, speech_wav, tmp_path / "o.mp4", demo_models)
     assert_user_error(proc, "empty")
     assert not (tmp_path / "o.mp4").exists()
 
 
 def test_missing_weights(tmp_path, astronaut_cache, speech_wav):
-    proc = musetalk(
-        "render",
-        "--template",
-        astronaut_cache,
-        "--audio",
-        speech_wav,
-        "--out",
-        tmp_path / "o.mp4",
-        "--models",
-        tmp_path / "no-models",
-        "--device",
-        "cpu",
-    )
+    proc = render(astronaut_cache, speech_wav, tmp_path / "o.mp4", tmp_path / "no-models")
     assert_user_error(proc, "no-models")
     assert not (tmp_path / "o.mp4").exists()
 
 
 def test_output_must_be_mp4_in_an_existing_directory(tmp_path, astronaut_cache, speech_wav, demo_models):
-    common = (
-        "--template",
-        astronaut_cache,
-        "--audio",
-        speech_wav,
-        "--models",
-        demo_models,
-        "--device",
-        "cpu",
-    )
-    assert_user_error(musetalk("render", *common, "--out", tmp_path / "o.avi"), ".mp4")
-    assert_user_error(musetalk("render", *common, "--out", tmp_path / "missing" / "o.mp4"), "does not exist")
+    assert_user_error(render(astronaut_cache, speech_wav, tmp_path / "o.avi", demo_models), ".mp4")
+    missing_dir = tmp_path / "missing" / "o.mp4"
+    assert_user_error(render(astronaut_cache, speech_wav, missing_dir, demo_models), "does not exist")
 
 
 def test_cuda_requested_without_cuda(tmp_path, astronaut_cache, speech_wav, demo_models):
     if __import__("torch").cuda.is_available():
         pytest.skip("this machine has CUDA")
-    proc = musetalk(
-        "render",
-        "--template",
-        astronaut_cache,
-        "--audio",
-        speech_wav,
-        "--out",
-        tmp_path / "o.mp4",
-        "--models",
-        demo_models,
-        "--device",
-        "cuda",
-    )
+    proc = render(astronaut_cache, speech_wav, tmp_path / "o.mp4", demo_models, "--device", "cuda")
     assert_user_error(proc, "CUDA is not available")
 
 
