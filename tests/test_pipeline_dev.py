@@ -2,58 +2,29 @@
 templates prepared by template_sensor, a render through GraphQL with ``musetalk submit --wait``, a bad
 request refused by render_request_sensor, and ``musetalk stats``."""
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import soundfile as sf
+from helpers import ROOT, free_port, start_group, stop_group, wait_for
 
 from musetalk_ops.store import LocalStore
 from musetalk_ops.video import probe
 from pipelines.graphql import GraphQLClient
 from pipelines.submit import TEMPLATE_QUERY
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _default_signals() -> None:
-    """A server started from a background job inherits ignored SIGINT/SIGTERM: restore them."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _wait_for(what: str, check, timeout: float, log: Path):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            found = check()
-        except OSError:
-            found = None
-        if found:
-            return found
-        time.sleep(1)
-    pytest.fail(f"timed out waiting for {what}; dagster dev log:\n{log.read_text()[-4000:]}")
 
 
 @pytest.fixture
 def dagster_dev(tmp_path, demo_models):
     """``dagster dev`` in its own process group on a free port; SIGINT to the group at the end."""
-    port = _free_port()
+    port = free_port()
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
@@ -69,18 +40,10 @@ def dagster_dev(tmp_path, demo_models):
     for name in ("MUSETALK_S3_BUCKET", "MUSETALK_EXECUTOR"):
         env.pop(name, None)
     log = tmp_path / "dagster-dev.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_default_signals,
-        )
+    argv = [str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
+    proc = start_group(argv, env, log)
     try:
-        _wait_for(
+        wait_for(
             "the webserver",
             lambda: (
                 urllib.request.urlopen(f"{env['MUSETALK_DAGSTER_URL']}/server_info", timeout=2).status == 200
@@ -90,14 +53,7 @@ def dagster_dev(tmp_path, demo_models):
         )
         yield env, LocalStore(tmp_path / "store"), log
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):  # children that outlived dagster dev's shutdown
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)  # SIGINT: dagster dev shuts its webserver, daemon and code server down
 
 
 def musetalk(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -117,7 +73,7 @@ def test_render_through_graphql_under_dagster_dev(dagster_dev, astronaut_png, sp
     store.put_file("templates/astro/source.png", astronaut_png)
     store.put_bytes("templates/astro/settings.yaml", b"face_box: [177, 66, 272, 175]\n")
     client = GraphQLClient(env["MUSETALK_DAGSTER_URL"])
-    _wait_for(
+    wait_for(
         "template_sensor to prepare the template",
         lambda: client.query(TEMPLATE_QUERY, {"template": "astro"})["assetOrError"].get(
             "assetMaterializations"
@@ -147,7 +103,7 @@ def test_render_through_graphql_under_dagster_dev(dagster_dev, astronaut_png, sp
     store.put_bytes(
         "requests/stray.json", json.dumps({"template": "nobody", "audio": "audio/x.wav"}).encode()
     )
-    reason = _wait_for(
+    reason = wait_for(
         "render_request_sensor to refuse a request",
         lambda: (
             store.exists("requests/rejected/stray.reason.txt")

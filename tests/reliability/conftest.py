@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import soundfile as sf
-from reliability_helpers import free_port, start_group, stop_group, wait_for
+from helpers import free_port, start_group, stop_group, wait_for
 
 
 @pytest.fixture

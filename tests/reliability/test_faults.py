@@ -18,7 +18,7 @@ import dagster as dg
 import pytest
 import torch
 from dagster._core.definitions.reconstruct import ReconstructableJob
-from reliability_helpers import TcpProxy, decoded_frames, wait_for
+from helpers import TcpProxy, decoded_frames, wait_for
 from test_pipeline_render import (
     CHUNK_CONFIG,
     expected_frames,

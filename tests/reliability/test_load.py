@@ -6,7 +6,7 @@ import importlib.util
 import os
 
 import pytest
-from reliability_helpers import ROOT
+from helpers import ROOT
 
 
 def load_module():

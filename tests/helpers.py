@@ -1,5 +1,5 @@
-"""Helpers of the reliability suite: servers in their own process groups, polling, a cuttable TCP
-proxy, and the frames of an MP4 for exact comparisons."""
+"""Helpers shared by the tests: servers in their own process groups, polling, a cuttable TCP proxy,
+and the frames of an MP4 for exact comparisons."""
 
 import contextlib
 import os
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def decoded_frames(path: Path) -> np.ndarray:
