@@ -127,3 +127,30 @@ def astronaut_cache(tmp_path_factory, astronaut_png, demo_models) -> Path:
         device="cpu",
         dtype="float32",
     )
+
+
+@pytest.fixture(scope="session")
+def short_speech(tmp_path_factory, speech_wav) -> Path:
+    """The first 0.6 s of real speech (15 frames at 25 fps): two chunks of the test configuration."""
+    import soundfile
+
+    samples, rate = soundfile.read(speech_wav, dtype="int16")
+    path = tmp_path_factory.mktemp("short") / "speech.wav"
+    soundfile.write(path, samples[: int(0.6 * rate)], rate)
+    return path
+
+
+@pytest.fixture(scope="session")
+def engine(demo_models):
+    """Demo models on the CPU in float32, loaded once for every test that renders in-process."""
+    from musetalk_ops.render import RenderSettings, load_engine
+
+    return load_engine(RenderSettings(device="cpu", dtype="float32", models_root=demo_models))
+
+
+@pytest.fixture(scope="session")
+def features(engine, speech_wav):
+    """Whisper features of ``speech_wav``."""
+    from musetalk_ops.render import compute_features
+
+    return compute_features(engine, speech_wav)

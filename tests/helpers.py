@@ -142,3 +142,28 @@ class TcpProxy:
         for s in (src, dst):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
+
+
+def png_frames(directory: Path) -> dict[str, np.ndarray]:
+    """``--frames-dir`` output: {file name: RGB frame}."""
+    import cv2
+
+    return {p.name: cv2.imread(str(p))[:, :, ::-1] for p in sorted(directory.glob("*.png"))}
+
+
+def every_blend_triple() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every (dst, src, mask) byte triple once (2**24 pixels as a 4096×4096 image) and Pillow's
+    ``paste(src, mask=L)`` result, the reference for the blend arithmetic."""
+    from PIL import Image
+
+    p = np.arange(1 << 24, dtype=np.uint32).reshape(4096, 4096)
+    dst_v, src_v, mask = (
+        (p >> 16).astype(np.uint8),
+        ((p >> 8) & 255).astype(np.uint8),
+        (p & 255).astype(np.uint8),
+    )
+    dst = np.stack([dst_v, src_v, dst_v ^ src_v], axis=2)
+    src = np.stack([src_v, dst_v, 255 - src_v], axis=2)
+    expected = Image.fromarray(dst)
+    expected.paste(Image.fromarray(src), (0, 0), Image.fromarray(mask, "L"))
+    return dst, src, mask, np.array(expected)

@@ -3,6 +3,7 @@
 import cv2
 import numpy as np
 import pytest
+from helpers import every_blend_triple
 from PIL import Image
 
 from musetalk_ops.blend import crop_box_for, frame_indices, paste_face, pil_blend
@@ -21,18 +22,8 @@ def official_get_image_blending(frame, face256, face_box, mask, crop_box):
 
 
 def test_pil_blend_equals_pillow_paste_for_every_value_triple():
-    # Every (dst, src, mask) byte triple once: 2**24 pixels laid out as a 4096×4096 image.
-    p = np.arange(1 << 24, dtype=np.uint32).reshape(4096, 4096)
-    dst_v, src_v, mask = (
-        (p >> 16).astype(np.uint8),
-        ((p >> 8) & 255).astype(np.uint8),
-        (p & 255).astype(np.uint8),
-    )
-    dst = np.stack([dst_v, src_v, dst_v ^ src_v], axis=2)
-    src = np.stack([src_v, dst_v, 255 - src_v], axis=2)
-    expected = Image.fromarray(dst)
-    expected.paste(Image.fromarray(src), (0, 0), Image.fromarray(mask, "L"))
-    np.testing.assert_array_equal(pil_blend(dst, src, mask), np.array(expected))
+    dst, src, mask, expected = every_blend_triple()
+    np.testing.assert_array_equal(pil_blend(dst, src, mask), expected)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 13), (64, 48), (255, 256)])

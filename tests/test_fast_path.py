@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import every_blend_triple, png_frames
 
 from musetalk_ops.blend import crop_box_for, paste_face
 from musetalk_ops.cache import Face, Template, load_template
@@ -17,9 +17,7 @@ from musetalk_ops.generator import bucket_sizes
 from musetalk_ops.render import (
     RenderSettings,
     _interleave,
-    compute_features,
     encoder_count,
-    load_engine,
     render_chunk,
 )
 from musetalk_ops.video import SegmentWriter, mux, probe
@@ -50,17 +48,7 @@ def test_resize_linear_random_sizes_and_sources():
 
 
 def test_torch_blend_equals_pillow_for_every_value_triple():
-    p = np.arange(1 << 24, dtype=np.uint32).reshape(4096, 4096)
-    dst_v, src_v, mask = (
-        (p >> 16).astype(np.uint8),
-        ((p >> 8) & 255).astype(np.uint8),
-        (p & 255).astype(np.uint8),
-    )
-    dst = np.stack([dst_v, src_v, dst_v ^ src_v], axis=2)
-    src = np.stack([src_v, dst_v, 255 - src_v], axis=2)
-    expected = Image.fromarray(dst)
-    expected.paste(Image.fromarray(src), (0, 0), Image.fromarray(mask, "L"))
-    expected = np.array(expected)
+    dst, src, mask, expected = every_blend_triple()
     for rows in np.array_split(np.arange(4096), 8):  # bounded int32 temporaries
         sl = slice(rows[0], rows[-1] + 1)
         got = pil_blend_(
@@ -153,20 +141,6 @@ def test_settings_refuse_unknown_mode_and_encoders():
         RenderSettings(encoders=0)
 
 
-@pytest.fixture(scope="module")
-def engine(demo_models):
-    return load_engine(RenderSettings(device="cpu", dtype="float32", models_root=demo_models))
-
-
-@pytest.fixture(scope="module")
-def features(engine, speech_wav):
-    return compute_features(engine, speech_wav)
-
-
-def _pngs(directory):
-    return {p.name: cv2.imread(str(p))[:, :, ::-1] for p in sorted(directory.glob("*.png"))}
-
-
 def test_graphs_mode_needs_cuda(engine, features, astronaut_cache, tmp_path):
     template = load_template(astronaut_cache)
     with pytest.raises(InputError, match="render mode graphs needs a CUDA GPU"):
@@ -191,7 +165,7 @@ def test_fast_path_renders_the_reference_frames(engine, features, astronaut_cach
     ref = dataclasses.replace(fast, mode="reference")
     a = render_chunk(engine, template, features, 1, stop, tmp_path / "a.mp4", fast, frames_dir=tmp_path / "a")
     render_chunk(engine, template, features, 1, stop, tmp_path / "b.mp4", ref, frames_dir=tmp_path / "b")
-    got, want = _pngs(tmp_path / "a"), _pngs(tmp_path / "b")
+    got, want = png_frames(tmp_path / "a"), png_frames(tmp_path / "b")
     assert sorted(got) == sorted(want) == [f"{i:08d}.png" for i in range(1, stop)]
     for name in want:  # model batches differ (padding to buckets): float summation order only
         diff = np.abs(got[name].astype(int) - want[name].astype(int))

@@ -20,15 +20,6 @@ FPS = 25
 CHUNK_CONFIG = {"resources": {"engine": {"config": {"gpus": 2, "min_chunk_frames": 5}}}}
 
 
-@pytest.fixture(scope="module")
-def short_speech(tmp_path_factory, speech_wav) -> Path:
-    """The first 0.6 s of real speech (15 frames at 25 fps): enough for two chunks, quick on a CPU."""
-    samples, rate = sf.read(speech_wav, dtype="int16")
-    path = tmp_path_factory.mktemp("short") / "speech.wav"
-    sf.write(path, samples[: int(0.6 * rate)], rate)
-    return path
-
-
 def expected_frames(wav: Path) -> int:
     info = sf.info(wav)
     assert info.samplerate == 16000

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import png_frames
 
 from musetalk_ops.audio import add_positional_encoding
 from musetalk_ops.blend import frame_indices, paste_face
@@ -15,7 +16,7 @@ from musetalk_ops.cache import load_template
 from musetalk_ops.errors import InputError
 from musetalk_ops.models.unet import unet_predict
 from musetalk_ops.models.vae import decode_latents
-from musetalk_ops.render import RenderSettings, compute_features, load_engine, plan_chunks, render_chunk
+from musetalk_ops.render import RenderSettings, plan_chunks, render_chunk
 from musetalk_ops.video import mux, probe
 
 
@@ -49,20 +50,6 @@ def test_plan_chunks_refuses_empty_clip():
         plan_chunks(0, 4)
 
 
-@pytest.fixture(scope="module")
-def engine(demo_models):
-    return load_engine(RenderSettings(device="cpu", dtype="float32", models_root=demo_models))
-
-
-@pytest.fixture(scope="module")
-def features(engine, speech_wav):
-    return compute_features(engine, speech_wav)
-
-
-def _pngs(directory):
-    return {p.name: cv2.imread(str(p))[:, :, ::-1] for p in sorted(directory.glob("*.png"))}
-
-
 def test_render_chunk_frame_matches_independent_computation(engine, features, astronaut_cache, tmp_path):
     """Output frame i = paste(template frame cycle[i], decode(unet(latent cycle[i], pe(window i))))."""
     template = load_template(astronaut_cache)
@@ -71,7 +58,7 @@ def test_render_chunk_frame_matches_independent_computation(engine, features, as
         engine, template, features, 2, 9, tmp_path / "c.mp4", settings, frames_dir=tmp_path / "frames"
     )
     assert result.frames == 7 and result.timings.frames == 7
-    written = _pngs(tmp_path / "frames")
+    written = png_frames(tmp_path / "frames")
     assert sorted(written) == [f"{i:08d}.png" for i in range(2, 9)]
 
     i = 6  # in the second batch of three
@@ -120,7 +107,7 @@ def test_chunks_join_into_the_same_frames_as_one_render(
         for n, (start, stop) in enumerate(plan_chunks(total, 2, min_chunk_frames=total // 2))
     ]
     assert len(parts) == 2
-    a, b = _pngs(tmp_path / "whole"), _pngs(tmp_path / "parts")
+    a, b = png_frames(tmp_path / "whole"), png_frames(tmp_path / "parts")
     assert sorted(a) == sorted(b) and len(a) == total
     assert max(np.abs(a[n].astype(int) - b[n].astype(int)).max() for n in a) <= 1
 
@@ -170,6 +157,6 @@ def test_official_avatar_renders_like_the_cache(engine, features, astronaut_cach
     ours.latents = ours.latents.half().float()
     render_chunk(engine, imported, features, 0, 10, tmp_path / "a.mp4", settings, frames_dir=tmp_path / "a")
     render_chunk(engine, ours, features, 0, 10, tmp_path / "b.mp4", settings, frames_dir=tmp_path / "b")
-    a, b = _pngs(tmp_path / "a"), _pngs(tmp_path / "b")
+    a, b = png_frames(tmp_path / "a"), png_frames(tmp_path / "b")
     assert sorted(a) == sorted(b) and len(a) == 10
     assert all(np.array_equal(a[n], b[n]) for n in a)

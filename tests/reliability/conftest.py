@@ -9,7 +9,6 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-import soundfile as sf
 from helpers import free_port, start_group, stop_group, wait_for
 
 
@@ -32,15 +31,6 @@ def instance(tmp_path):
     home.mkdir()
     with dg.instance_for_test(temp_dir=str(home)) as inst:
         yield inst
-
-
-@pytest.fixture(scope="session")
-def short_speech(tmp_path_factory, speech_wav) -> Path:
-    """The first 0.6 s of real speech: 15 frames at 25 fps, two chunks of the test configuration."""
-    samples, rate = sf.read(speech_wav, dtype="int16")
-    path = tmp_path_factory.mktemp("short") / "speech.wav"
-    sf.write(path, samples[: int(0.6 * rate)], rate)
-    return path
 
 
 @pytest.fixture
