@@ -21,25 +21,12 @@ from load_models import write_random_unet
 from musetalk_ops.models.convert import convert_models
 from musetalk_ops.models.demo import write_demo_models
 from musetalk_ops.models.layout import ModelLayout
+from musetalk_ops.models.vae import OFFICIAL_VAE_CONFIG
 from musetalk_ops.prepare import prepare_template
 from musetalk_ops.settings import TemplateSettings
 from musetalk_ops.timings import Timings
 from musetalk_ops.video import SegmentWriter
 
-SD_VAE_CONFIG = {  # stabilityai/sd-vae-ft-mse config.json
-    "_class_name": "AutoencoderKL",
-    "_diffusers_version": "0.4.2",
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 256,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
 ASTRONAUT_BOX = (177, 66, 272, 175)  # landmark box before extra_margin (tests/conftest.py)
 HD_SCALE = 4  # the astronaut scaled ×4 and cut to 1920×1080: a face of ~380×436 px, as in a close shot
 HD_BOX = tuple(v * HD_SCALE for v in ASTRONAUT_BOX)
@@ -64,8 +51,8 @@ def write_models(root: Path, cache: Path) -> dict[str, float]:
     t = time.perf_counter()
     layout = ModelLayout(root)
     layout.vae_dir.mkdir(parents=True)
-    layout.vae_config.write_text(json.dumps(SD_VAE_CONFIG, indent=2))
-    vae = AutoencoderKL(**{k: v for k, v in SD_VAE_CONFIG.items() if not k.startswith("_")})
+    layout.vae_config.write_text(json.dumps(OFFICIAL_VAE_CONFIG, indent=2))
+    vae = AutoencoderKL(**{k: v for k, v in OFFICIAL_VAE_CONFIG.items() if not k.startswith("_")})
     torch.save(vae.state_dict(), layout.vae_weights)
     seconds["vae"] = time.perf_counter() - t
     t = time.perf_counter()

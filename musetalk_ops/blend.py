@@ -36,6 +36,23 @@ def pil_blend(dst: np.ndarray, src: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return ((a + (a >> 8)) >> 8).astype(np.uint8)
 
 
+def paste_region(
+    face_box: Sequence[int], crop_box: Sequence[int], mask_shape: Sequence[int], frame_shape: Sequence[int]
+) -> Box:
+    """The pixels a paste can change: face box ∩ crop box ∩ frame (empty when x2 == x1 or y2 == y1),
+    after checking that the face box is not empty and the mask has the crop box's size. Shared by
+    the CPU reference (``paste_face``) and the device paste-back so both touch exactly the same pixels."""
+    x1, y1, x2, y2 = (int(v) for v in face_box)
+    cx1, cy1, cx2, cy2 = (int(v) for v in crop_box)
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"empty face box {tuple(face_box)}")
+    if tuple(mask_shape) != (cy2 - cy1, cx2 - cx1):
+        raise ValueError(f"mask {tuple(mask_shape)} does not match crop box {tuple(crop_box)}")
+    height, width = frame_shape[:2]
+    rx1, ry1 = max(x1, cx1, 0), max(y1, cy1, 0)
+    return rx1, ry1, max(min(x2, cx2, width), rx1), max(min(y2, cy2, height), ry1)
+
+
 def paste_face(
     frame: np.ndarray, face: np.ndarray, face_box: Sequence[int], mask: np.ndarray, crop_box: Sequence[int]
 ) -> np.ndarray:
@@ -45,14 +62,8 @@ def paste_face(
     PIL zero-fills a crop outside the frame and clips pastes at every edge; the pixels that can
     change are therefore face box ∩ crop box ∩ frame, and nothing else is touched."""
     x1, y1, x2, y2 = (int(v) for v in face_box)
-    cx1, cy1, cx2, cy2 = (int(v) for v in crop_box)
-    if x2 <= x1 or y2 <= y1:
-        raise ValueError(f"empty face box {tuple(face_box)}")
-    if mask.shape != (cy2 - cy1, cx2 - cx1):
-        raise ValueError(f"mask {mask.shape} does not match crop box {tuple(crop_box)}")
-    height, width = frame.shape[:2]
-    rx1, ry1 = max(x1, cx1, 0), max(y1, cy1, 0)
-    rx2, ry2 = min(x2, cx2, width), min(y2, cy2, height)
+    cx1, cy1 = int(crop_box[0]), int(crop_box[1])
+    rx1, ry1, rx2, ry2 = paste_region(face_box, crop_box, mask.shape, frame.shape)
     out = frame.copy()
     if rx1 >= rx2 or ry1 >= ry2:
         return out

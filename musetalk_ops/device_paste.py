@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from musetalk_ops.blend import Box
+from musetalk_ops.blend import Box, paste_region
 from musetalk_ops.cache import Template
 
 COEF_SCALE = 1 << 11  # OpenCV's INTER_RESIZE_COEF_SCALE
@@ -126,14 +126,8 @@ class DevicePaster:
         if face is None or mask is None:
             raise ValueError(f"template frame {k} has no face to paste into")
         x1, y1, x2, y2 = face.face_box
-        cx1, cy1, cx2, cy2 = face.crop_box
-        if x2 <= x1 or y2 <= y1:
-            raise ValueError(f"empty face box {face.face_box}")
-        if mask.shape != (cy2 - cy1, cx2 - cx1):
-            raise ValueError(f"mask {mask.shape} does not match crop box {face.crop_box}")
-        height, width = frame.shape[:2]
-        rx1, ry1 = max(x1, cx1, 0), max(y1, cy1, 0)
-        rx2, ry2 = max(min(x2, cx2, width), rx1), max(min(y2, cy2, height), ry1)
+        cx1, cy1 = face.crop_box[:2]
+        rx1, ry1, rx2, ry2 = paste_region(face.face_box, face.crop_box, mask.shape, frame.shape)
         resize = None
         if rx2 > rx1 and ry2 > ry1:
             window = (rx1 - x1, ry1 - y1, rx2 - x1, ry2 - y1)

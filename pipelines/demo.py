@@ -69,6 +69,7 @@ def main() -> int:
 
     from musetalk_ops import keys
     from musetalk_ops.store import open_store, push_templates
+    from musetalk_ops.timings import STAGES
     from pipelines.assets import speak, template_cache, welcome_video
     from pipelines.definitions import defs
     from pipelines.resources import default_resources
@@ -128,26 +129,7 @@ def main() -> int:
         f"{timings['video_seconds']:.2f} s of video in {timings['total']:.1f} s, "
         f"weights {timings['weights']})"
     )
-    print(
-        json.dumps(
-            {
-                k: timings[k]
-                for k in (
-                    "audio_features",
-                    "unet",
-                    "vae_decode",
-                    "composite",
-                    "encode",
-                    "mux",
-                    "load",
-                    "total",
-                    "fps",
-                    "rtf",
-                )
-            },
-            indent=None,
-        )
-    )
+    print(json.dumps({k: timings[k] for k in (*STAGES, "total", "fps", "rtf")}))
 
     _step("musetalk stats")
     print(format_stats(collect_stats(instance, store)))

@@ -167,3 +167,15 @@ def every_blend_triple() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     expected = Image.fromarray(dst)
     expected.paste(Image.fromarray(src), (0, 0), Image.fromarray(mask, "L"))
     return dst, src, mask, np.array(expected)
+
+
+def deployment_env(monkeypatch, tmp_path: Path, models: Path) -> Path:
+    """What a deployment sets for the pipeline: demo weights, a private engine cache, the local
+    store under ``tmp_path`` (returned), two GPUs for chunk planning, nothing inherited."""
+    monkeypatch.setenv("MUSETALK_MODELS", str(models))
+    monkeypatch.setenv("MUSETALK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MUSETALK_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("MUSETALK_GPUS", "2")
+    for name in ("MUSETALK_S3_BUCKET", "MUSETALK_S3_PREFIX", "DAGSTER_HOME", "MUSETALK_EXECUTOR"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path / "store"

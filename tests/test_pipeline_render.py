@@ -7,6 +7,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import soundfile as sf
+from helpers import deployment_env
 
 from musetalk_ops import ENGINE_VERSION
 from musetalk_ops.cache import settings_sha256, sha256_file, template_fingerprint
@@ -29,12 +30,7 @@ def expected_frames(wav: Path) -> int:
 @pytest.fixture(params=["local", "s3"])
 def backend(request, tmp_path, monkeypatch, demo_models):
     """The environment a deployment sets, with the store on the local folder or on S3 (moto)."""
-    monkeypatch.setenv("MUSETALK_MODELS", str(demo_models))
-    monkeypatch.setenv("MUSETALK_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("MUSETALK_STORE", str(tmp_path / "store"))
-    monkeypatch.setenv("MUSETALK_GPUS", "2")
-    for name in ("MUSETALK_S3_BUCKET", "MUSETALK_S3_PREFIX", "DAGSTER_HOME", "MUSETALK_EXECUTOR"):
-        monkeypatch.delenv(name, raising=False)
+    deployment_env(monkeypatch, tmp_path, demo_models)
     if request.param == "s3":
         monkeypatch.setenv("MUSETALK_S3_BUCKET", request.getfixturevalue("s3_bucket"))
         monkeypatch.setenv("MUSETALK_S3_PREFIX", "prod")

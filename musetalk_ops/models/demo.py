@@ -22,23 +22,12 @@ from musetalk_ops.files import write_atomic
 from musetalk_ops.models.bisenet import BiSeNet
 from musetalk_ops.models.layout import COMPONENTS, VERSIONS, ModelLayout, weights_kind
 from musetalk_ops.models.unet import OFFICIAL_UNET_CONFIG, build_unet
+from musetalk_ops.models.vae import OFFICIAL_VAE_CONFIG
 
 DEMO_UNET_CONFIG = {**OFFICIAL_UNET_CONFIG, "block_out_channels": [32, 64, 64, 64]}
 
-DEMO_VAE_CONFIG = {  # the official sd-vae-ft-mse config.json, narrower (official widths 128/256/512/512)
-    "_class_name": "AutoencoderKL",
-    "_diffusers_version": "0.4.2",
-    "act_fn": "silu",
-    "block_out_channels": [32, 32, 64, 64],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 256,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
+# The official sd-vae-ft-mse config, narrower (official widths 128/256/512/512, 2 layers per block).
+DEMO_VAE_CONFIG = {**OFFICIAL_VAE_CONFIG, "block_out_channels": [32, 32, 64, 64], "layers_per_block": 1}
 
 DEMO_WHISPER_CONFIG = {  # whisper-tiny's encoder; a token-sized decoder (unused by MuseTalk)
     "d_model": 384,

@@ -14,6 +14,21 @@ from diffusers.utils import logging as diffusers_logging
 from musetalk_ops.errors import ModelFilesError
 from musetalk_ops.models.layout import ModelLayout, check_models, ready, state_dict_mismatch
 
+OFFICIAL_VAE_CONFIG = {  # stabilityai/sd-vae-ft-mse config.json (the official sd-vae/)
+    "_class_name": "AutoencoderKL",
+    "_diffusers_version": "0.4.2",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 256,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
 VAE_SCALE = 0.18215
 CROP = 256
 MASK_FROM_ROW = CROP // 2  # rows 128..255 (the mouth half) are hidden from the masked latent

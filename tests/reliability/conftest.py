@@ -9,20 +9,14 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from helpers import free_port, start_group, stop_group, wait_for
+from helpers import deployment_env, free_port, start_group, stop_group, wait_for
 
 
 @pytest.fixture
 def pipeline_env(tmp_path, monkeypatch, demo_models) -> Path:
     """What a deployment sets: demo weights, a private engine cache, the local store (returned)."""
-    monkeypatch.setenv("MUSETALK_MODELS", str(demo_models))
-    monkeypatch.setenv("MUSETALK_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("MUSETALK_STORE", str(tmp_path / "store"))
-    monkeypatch.setenv("MUSETALK_GPUS", "2")
-    for name in ("MUSETALK_S3_BUCKET", "MUSETALK_S3_PREFIX", "DAGSTER_HOME", "MUSETALK_EXECUTOR"):
-        monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("MUSETALK_FAULT_MAX_BATCH", raising=False)
-    return tmp_path / "store"
+    return deployment_env(monkeypatch, tmp_path, demo_models)
 
 
 @pytest.fixture
