@@ -24,3 +24,7 @@ class CacheError(MuseTalkError):
 
 class StoreError(MuseTalkError):
     """The object store is unreachable or an object is missing."""
+
+
+class GpuMemoryError(MuseTalkError):
+    """The GPU has no room for the render even at batch size 1."""

@@ -23,6 +23,7 @@ import itertools
 import math
 import os
 import queue
+import sys
 import tempfile
 import threading
 import time
@@ -41,7 +42,7 @@ from musetalk_ops.blend import frame_indices, paste_face
 from musetalk_ops.cache import Template
 from musetalk_ops.config import DTYPES, Limits, dtype_name, models_dir, resolve_device, resolve_dtype
 from musetalk_ops.device_paste import DevicePaster
-from musetalk_ops.errors import InputError
+from musetalk_ops.errors import GpuMemoryError, InputError
 from musetalk_ops.generator import GRAPH_MODES, MODES, FaceGenerator, StageClock
 from musetalk_ops.ids import default_template_id
 from musetalk_ops.models import Models, load_models
@@ -56,6 +57,9 @@ RENDER_MODES = ("reference", *MODES)
 MAX_ENCODERS = 64
 SUBSEGMENT_SECONDS = 4  # shortest sub-segment worth its own encoder (two 2 s GOPs)
 CPUS_PER_ENCODER = 4  # one thread converting RGB → YUV plus x264's frame threads
+# Test hook: a chunk rendered with a batch larger than this raises CUDA out-of-memory before any work
+# (simulates a smaller GPU on any machine, so the fallback of ``render_chunk`` runs on the CPU too).
+FAULT_MAX_BATCH = "MUSETALK_FAULT_MAX_BATCH"
 
 
 @dataclass
@@ -208,7 +212,6 @@ def encoder_count(settings: RenderSettings, mode: str, frames: int, fps: float) 
     return max(1, min(len(os.sched_getaffinity(0)) // CPUS_PER_ENCODER, longest))
 
 
-@torch.inference_mode()
 def render_chunk(
     models: Models,
     template: Template,
@@ -220,13 +223,57 @@ def render_chunk(
     *,
     frames_dir: Path | None = None,
     on_frames: Callable[[int], None] | None = None,
+    on_retry: Callable[[str], None] | None = None,
 ) -> ChunkResult:
     """Render output frames ``[start, stop)`` into one independently decodable H.264 segment.
 
     Every output frame ``i`` shows template frame ``frame_indices(i)`` (the official cycle, latent
     delay 0) driven by the audio window of frame ``i``; frames without a face pass through untouched
     and are never sent to the model.
+
+    On CUDA out-of-memory the chunk starts again at half the batch size (``on_retry`` hears why), so a
+    GPU smaller or busier than the one the batch size was chosen for still renders it, a little slower;
+    the segment of a failed attempt is never kept (it is written atomically). The result's timings
+    name the batch size that succeeded.
     """
+    while True:
+        try:
+            _simulated_oom(settings.batch_size)
+            return _render_once(
+                models, template, features, start, stop, out_path, settings, frames_dir, on_frames
+            )
+        except torch.cuda.OutOfMemoryError as e:
+            if settings.batch_size == 1:
+                raise GpuMemoryError(f"CUDA out of memory even at batch size 1: {_first_line(e)}") from None
+            smaller = settings.batch_size // 2
+            if on_retry is not None:
+                on_retry(f"CUDA out of memory at batch size {settings.batch_size}: retrying with {smaller}")
+            release_gpu_memory()
+            settings = dataclasses.replace(settings, batch_size=smaller)
+
+
+def _simulated_oom(batch_size: int) -> None:
+    raw = os.environ.get(FAULT_MAX_BATCH)
+    if raw and batch_size > int(raw):
+        raise torch.cuda.OutOfMemoryError(f"simulated: batch {batch_size} > ${FAULT_MAX_BATCH}={raw}")
+
+
+def _first_line(error: BaseException) -> str:
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+@torch.inference_mode()
+def _render_once(
+    models: Models,
+    template: Template,
+    features: AudioFeatures,
+    start: int,
+    stop: int,
+    out_path: Path,
+    settings: RenderSettings,
+    frames_dir: Path | None,
+    on_frames: Callable[[int], None] | None,
+) -> ChunkResult:
     fps = fps_fraction(settings.fps or template.fps)  # the exact rate the video is encoded at
     total_frames = features.num_frames(fps)
     if not 0 <= start < stop <= total_frames:
@@ -570,6 +617,12 @@ def render_file(
             raise InputError(f"{audio_path}: the audio is shorter than one video frame at {float(fps):g} fps")
 
         bar = _progress_bar(total_frames, progress)
+
+        def retry(message: str) -> None:
+            print(f"warning: {message}", file=sys.stderr)
+            if bar is not None:
+                bar.reset()
+
         try:
             chunk = render_chunk(
                 models,
@@ -581,6 +634,7 @@ def render_file(
                 settings,
                 frames_dir=frames_dir,
                 on_frames=bar.update if bar else None,
+                on_retry=retry,
             )
         finally:
             if bar is not None:

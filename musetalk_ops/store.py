@@ -275,8 +275,9 @@ class S3Store(Store):
     Each object is written by one PUT (or one multipart upload, which also appears only when
     complete), so writes are atomic. ``move`` is copy + delete: for a moment both keys exist.
     The client's timeouts and retries are kept short so that an unreachable endpoint fails within
-    seconds (connect_timeout × attempts plus backoff); ``max_attempts`` defaults to boto3's own
-    setting (``AWS_MAX_ATTEMPTS``, else 3).
+    seconds (connect_timeout × attempts plus backoff) and a hung one within read_timeout × attempts;
+    the timeouts default to ``$MUSETALK_S3_CONNECT_TIMEOUT`` / ``$MUSETALK_S3_READ_TIMEOUT`` (else 5 s
+    and 60 s), ``max_attempts`` to boto3's own setting (``AWS_MAX_ATTEMPTS``, else 3).
     """
 
     def __init__(
@@ -286,8 +287,8 @@ class S3Store(Store):
         endpoint_url: str | None = None,
         client=None,
         *,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 60.0,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
         max_attempts: int | None = None,
     ):
         if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket or ""):
@@ -296,6 +297,8 @@ class S3Store(Store):
         prefix = prefix.strip("/")
         self.prefix = f"{check_key(prefix)}/" if prefix else ""
         if client is None:
+            connect_timeout = _timeout(connect_timeout, "MUSETALK_S3_CONNECT_TIMEOUT", 5.0)
+            read_timeout = _timeout(read_timeout, "MUSETALK_S3_READ_TIMEOUT", 60.0)
             session = boto3.session.Session()
             retries = {"total_max_attempts": max_attempts} if max_attempts else None
             client = session.client(
@@ -428,6 +431,19 @@ class S3Store(Store):
         with self._errors(src):
             self._client.copy({"Bucket": self.bucket, "Key": source}, self.bucket, dest)
             self._client.delete_object(Bucket=self.bucket, Key=source)
+
+
+def _timeout(value: float | None, variable: str, default: float) -> float:
+    """``value``, else ``$variable``, else ``default``; seconds, positive and finite."""
+    if value is None:
+        raw = os.environ.get(variable, "").strip()
+        try:
+            value = float(raw) if raw else default
+        except ValueError:
+            raise InputError(f"${variable} must be a number of seconds, got {_shown(raw)}") from None
+    if not 0 < value <= 3600:
+        raise InputError(f"S3 timeout must be in (0, 3600] seconds, got {value} ({variable})")
+    return value
 
 
 def open_store(root: str | os.PathLike | None = None) -> Store:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import dagster as dg
 
 from musetalk_ops import keys
-from musetalk_ops.errors import MuseTalkError, StoreError
+from musetalk_ops.errors import GpuMemoryError, MuseTalkError, StoreError
 
 TEMPLATE_CACHE = dg.AssetKey("template_cache")
 RENDERED_VIDEO = dg.AssetKey("rendered_video")
@@ -45,10 +45,11 @@ def latest_cache(instance: dg.DagsterInstance, template_id: str) -> CacheRef | N
 @contextmanager
 def user_errors() -> Iterator[None]:
     """A MuseTalkError fails the step with its one-line message. Only store errors (network,
-    throttling) may be retried by a RetryPolicy; bad input or a damaged cache fails the same way twice."""
+    throttling) and a full GPU (another pod may hold its memory) may be retried by a RetryPolicy;
+    bad input or a damaged cache fails the same way twice."""
     try:
         yield
-    except StoreError as e:
+    except (StoreError, GpuMemoryError) as e:
         raise dg.Failure(description=str(e)) from None
     except MuseTalkError as e:
         raise dg.Failure(description=str(e), allow_retries=False) from None

@@ -7,15 +7,12 @@ Steps pass small dicts (keys, frame ranges, timings); frames and features travel
 store (``work/<id>/``), so each step can run in its own process or pod.
 """
 
-import dataclasses
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import dagster as dg
-import torch
 
 from musetalk_ops import keys
 from musetalk_ops import render as engine_render
@@ -31,10 +28,6 @@ from pipelines.executors import GPU_OP_TAGS, WEIGHTS_OP_TAGS
 from pipelines.partitions import render_requests
 from pipelines.request import parse_request
 from pipelines.resources import EngineResource, GpuSlots, StoreResource
-
-# Test hook: a chunk rendered with a batch larger than this raises CUDA out-of-memory (simulates a
-# smaller GPU on any machine, so the fallback below is exercised on the CPU too).
-FAULT_MAX_BATCH = "MUSETALK_FAULT_MAX_BATCH"
 
 
 def _ref(request: dict) -> CacheRef:
@@ -143,34 +136,6 @@ def _chunk_done(client: Store, key: str, request: dict, chunk: dict) -> dict | N
     return done if same else None
 
 
-def _simulated_oom(batch_size: int) -> None:
-    raw = os.environ.get(FAULT_MAX_BATCH)
-    if raw and batch_size > int(raw):
-        raise torch.cuda.OutOfMemoryError(f"simulated: batch {batch_size} > ${FAULT_MAX_BATCH}={raw}")
-
-
-def render_with_fallback(
-    log: dg.DagsterLogManager, *args: object, settings: engine_render.RenderSettings
-) -> engine_render.ChunkResult:
-    """``engine_render.render_chunk(*args, settings)``, halving the batch on CUDA out-of-memory.
-
-    A GPU that is smaller or busier than the one the batch size was chosen for still renders the
-    chunk (a little slower) instead of failing it; the segment of a failed attempt is never kept
-    (the engine writes it atomically). Batch size 1 that still does not fit fails the step.
-    """
-    while True:
-        try:
-            _simulated_oom(settings.batch_size)
-            return engine_render.render_chunk(*args, settings)
-        except torch.cuda.OutOfMemoryError as e:
-            if settings.batch_size == 1:
-                raise dg.Failure(description=f"CUDA out of memory even at batch size 1: {e}") from None
-            smaller = settings.batch_size // 2
-            log.warning(f"CUDA out of memory at batch size {settings.batch_size}: retrying with {smaller}")
-            engine_render.release_gpu_memory()
-            settings = dataclasses.replace(settings, batch_size=smaller)
-
-
 @dg.op(
     tags=GPU_OP_TAGS,
     pool="gpu",
@@ -206,15 +171,15 @@ def render_chunk(
             client.get_file(features["key"], Path(tmp) / "features.safetensors")
             audio = AudioFeatures.load(Path(tmp) / "features.safetensors")
             loaded = time.perf_counter() - start
-            result = render_with_fallback(
-                context.log,
+            result = engine_render.render_chunk(
                 models,
                 template,
                 audio,
                 chunk["start"],
                 chunk["stop"],
                 Path(tmp) / "chunk.mp4",
-                settings=settings,
+                settings,
+                on_retry=context.log.warning,
             )
             result.timings.load += loaded
             client.put_file(key, result.path)

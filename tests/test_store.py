@@ -415,6 +415,36 @@ def test_s3_unreachable_endpoint_fails_fast_with_one_line(monkeypatch, tmp_path)
     assert os.listdir(tmp_path) == ["f.bin"]
 
 
+@pytest.mark.parametrize(
+    ("variable", "raw", "error"),
+    [
+        (
+            "MUSETALK_S3_READ_TIMEOUT",
+            "soon",
+            "$MUSETALK_S3_READ_TIMEOUT must be a number of seconds, got 'soon'",
+        ),
+        ("MUSETALK_S3_READ_TIMEOUT", "0", "S3 timeout must be in (0, 3600] seconds, got 0.0"),
+        ("MUSETALK_S3_CONNECT_TIMEOUT", "nan", "S3 timeout must be in (0, 3600] seconds, got nan"),
+        ("MUSETALK_S3_CONNECT_TIMEOUT", "1e9", "S3 timeout must be in (0, 3600] seconds, got 1000000000.0"),
+    ],
+)
+def test_s3_timeouts_from_the_environment(monkeypatch, variable, raw, error):
+    monkeypatch.setenv(variable, raw)
+    with pytest.raises(InputError) as bad:
+        S3Store("bucket", endpoint_url="http://127.0.0.1:9")
+    assert str(bad.value).startswith(error)
+    monkeypatch.setenv(variable, " 2.5 ")
+    config = S3Store("bucket", endpoint_url="http://127.0.0.1:9")._client.meta.config
+    timeouts = {
+        "MUSETALK_S3_READ_TIMEOUT": config.read_timeout,
+        "MUSETALK_S3_CONNECT_TIMEOUT": config.connect_timeout,
+    }
+    assert timeouts[variable] == 2.5
+    monkeypatch.delenv(variable)
+    config = S3Store("bucket", endpoint_url="http://127.0.0.1:9", read_timeout=7)._client.meta.config
+    assert (config.connect_timeout, config.read_timeout) == (5.0, 7)
+
+
 # ---------------------------------------------------------------------------------------------
 # open_store
 

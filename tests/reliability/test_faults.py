@@ -5,7 +5,6 @@ server of the test's own (paused with SIGSTOP, or cut by a loopback TCP proxy).
 """
 
 import json
-import logging
 import os
 import signal
 import threading
@@ -29,8 +28,9 @@ from test_pipeline_render import (
     submit_request,
 )
 
+from musetalk_ops.errors import GpuMemoryError, StoreError
 from musetalk_ops.render import RenderSettings
-from musetalk_ops.store import open_store
+from musetalk_ops.store import S3Store, open_store
 from musetalk_ops.video import probe
 
 TAGS = {"musetalk/template": "astro"}
@@ -136,32 +136,41 @@ def test_damaged_cache_is_refused_then_repaired(pipeline_env, instance, astronau
 
 
 def test_out_of_memory_halves_the_batch_until_it_fits(monkeypatch):
-    from pipelines import render as ops
+    from musetalk_ops import render as engine
 
     tried: list[int] = []
 
-    def engine(*args):
-        tried.append(args[-1].batch_size)
-        if args[-1].batch_size > limit:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return args[-1].batch_size
+    def once(*args):
+        tried.append(args[6].batch_size)
+        if args[6].batch_size > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore text")
+        return args[6].batch_size
 
-    monkeypatch.setattr(ops.engine_render, "render_chunk", engine)
-    log = logging.getLogger("test")
+    def render(batch_size: int) -> int:
+        return engine.render_chunk(
+            *"mtfab", "out.mp4", RenderSettings(batch_size=batch_size), on_retry=told.append
+        )
+
+    monkeypatch.setattr(engine, "_render_once", once)
+    told: list[str] = []
     limit = 3
-    assert ops.render_with_fallback(log, "models", settings=RenderSettings(batch_size=20)) == 2
+    assert render(20) == 2
     assert tried == [20, 10, 5, 2]
+    assert told[0] == "CUDA out of memory at batch size 20: retrying with 10" and len(told) == 3
 
     tried.clear()
     limit = 0
-    with pytest.raises(dg.Failure, match="CUDA out of memory even at batch size 1: CUDA out of memory"):
-        ops.render_with_fallback(log, "models", settings=RenderSettings(batch_size=4))
+    with pytest.raises(GpuMemoryError) as failed:
+        render(4)
+    assert str(failed.value) == (  # one line: the first of torch's message
+        "CUDA out of memory even at batch size 1: CUDA out of memory. Tried to allocate 2.00 GiB"
+    )
     assert tried == [4, 2, 1]
 
     tried.clear()
     limit = 100
-    monkeypatch.setenv(ops.FAULT_MAX_BATCH, "6")  # the hook refuses before the engine runs
-    assert ops.render_with_fallback(log, "models", settings=RenderSettings(batch_size=32)) == 4
+    monkeypatch.setenv(engine.FAULT_MAX_BATCH, "6")  # the hook refuses before the engine runs
+    assert render(32) == 4
     assert tried == [4]
 
 
@@ -352,6 +361,35 @@ def test_s3_paused_briefly_only_delays_the_run(
     assert run.status == dg.DagsterRunStatus.SUCCESS and retries(events_of(instance, run)) == []
     assert time.monotonic() - paused[0] >= 3
     assert sorted(listing("renders/")) == ["renders/pause.json", "renders/pause.mp4"]
+
+
+def test_s3_hung_past_the_read_timeout_fails_with_one_line_then_recovers(moto_server, monkeypatch):
+    """SIGSTOP moto for longer than ``$MUSETALK_S3_READ_TIMEOUT``: the read gives up after
+    read timeout × attempts with a one-line StoreError (what a step shows); once the endpoint is
+    back the same store works."""
+    proc, url = moto_server
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_MAX_ATTEMPTS": "2",
+        "MUSETALK_S3_READ_TIMEOUT": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="hang")
+    store = S3Store("hang", endpoint_url=url)
+    store.put_bytes("requests/r1.json", b"{}")
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(StoreError) as failed:
+            store.get_bytes("requests/r1.json")
+        waited = time.monotonic() - start
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert 2 <= waited < 10  # two attempts of 1 s plus backoff, not boto3's default 60 s each
+    message = str(failed.value)
+    assert message.startswith(f"object store unreachable at {url}: Read timeout") and "\n" not in message
+    assert store.get_bytes("requests/r1.json") == b"{}"
 
 
 # --- a render_chunk step process killed mid-chunk -----------------------------------------------
