@@ -13,12 +13,15 @@ runs out):
   real-time factor, peak GPU memory (allocated and reserved), CPU cores busy;
 * ``baseline_<template>``: bench/baseline.py (eager fp16, batch 20, per-frame PIL paste-back, PNGs,
   then a separate encode);
-* ``equality``: device paste vs ``paste_face`` on the GPU's own faces; fast path vs reference path;
+* ``equality``: device paste vs ``paste_face`` on the GPU's own faces, their YUV (block converted on the
+  GPU vs the whole frame, and vs swscale); fast path vs reference path;
+* ``oom``: GPU memory capped below what the batch needs: the real out-of-memory fallback, its frames
+  vs an undisturbed render at the batch size it settled on;
 * ``compiled``: the torch.compile path in its own process (cold compile cost, warm chunks, the
   generator alone), then its cold start with the on-disk compile cache warm;
 * ``cold_start``: a fresh process per path, process start → first frame (3 s clip);
-* ``encoding``: x264 alone on the templates' frames (segments at once, presets, YUV input) and 1080p
-  chunks with 8 encoders;
+* ``encoding``: x264 alone on the templates' frames (segments at once, presets, RGB vs YUV input) and
+  chunks with 8 and 12 encoders and two presets;
 * ``generator``: UNet + VAE decode alone per path and batch size;
 * ``cpu_reference``: the GPU fp16 fast path vs the CPU fp32 reference path on the same frames.
 
@@ -208,30 +211,70 @@ def png_dir_stats(a: Path, b: Path) -> dict:
 
 
 def paste_equality(models, template, batch: int) -> dict:
-    """Faces generated on the GPU, pasted on the GPU (device_paste) and on the CPU (paste_face)."""
+    """Faces generated on the GPU, pasted on the GPU (device_paste) and on the CPU (paste_face); the
+    frame's YUV from the block converted on the GPU vs the whole pasted frame converted on the GPU
+    (exact) and by swscale (what the reference path encodes)."""
     from musetalk_ops.audio import add_positional_encoding
     from musetalk_ops.blend import frame_indices, paste_face
     from musetalk_ops.device_paste import DevicePaster
     from musetalk_ops.generator import FaceGenerator, StageClock
+    from musetalk_ops.yuv import i420, i420_planes, rgb_to_yuv420
 
     gen = FaceGenerator(models.unet, models.vae, mode="eager", max_batch=batch)
     ks = frame_indices(0, batch, len(template.frames), template.cycle)
     lat = template.latents[torch.from_numpy(ks)].to(models.device, models.dtype)
     tok = add_positional_encoding(torch.randn(batch, 50, 384, device=models.device, dtype=models.dtype))
     faces = gen(lat, tok, StageClock(models.device))
-    regions = DevicePaster(template, models.device).composite(faces, ks.tolist())
-    worst = {"max": 0, "pixels_differing": 0, "pixels": 0}
-    for face, k, region in zip(faces.cpu().numpy(), ks, regions, strict=True):
-        f = template.faces[k]
-        expected = paste_face(template.frames[k], face, f.face_box, template.masks[k], f.crop_box)
-        got = template.frames[k].copy()
-        x1, y1, x2, y2 = DevicePaster(template, models.device).plan(int(k)).region
-        got[y1:y2, x1:x2] = region.cpu().numpy()
-        d = np.abs(got.astype(np.int16) - expected.astype(np.int16))
-        worst["max"] = max(worst["max"], int(d.max()))
-        worst["pixels_differing"] += int((d > 0).any(axis=2).sum())
-        worst["pixels"] += d.shape[0] * d.shape[1]
-    return worst
+    paster = DevicePaster(template, models.device)
+    host_faces = faces.cpu().numpy()
+    rgb = {"max": 0, "pixels_differing": 0, "pixels": 0}
+    yuv_block = {"max": 0, "values_differing": 0, "values": 0}
+    yuv_swscale = {"max": 0, "values_differing": 0, "values": 0}
+    for blended in paster.composite(faces, ks.tolist()):
+        plan, f = paster.plan(blended.k), template.faces[blended.k]
+        (x1, y1, x2, y2), (bx1, by1, bx2, by2) = plan.region, plan.block
+        planes = [p.cpu().numpy() for p in rgb_to_yuv420(blended.canvas, context=True)]
+        for j, position in enumerate(blended.positions):
+            frame = template.frames[blended.k]
+            expected = paste_face(
+                frame, host_faces[position], f.face_box, template.masks[blended.k], f.crop_box
+            )
+            got = frame.copy()
+            got[y1:y2, x1:x2] = (
+                blended.canvas[j, 1 + y1 - by1 : 1 + y2 - by1, x1 - bx1 : x2 - bx1].cpu().numpy()
+            )
+            d = np.abs(got.astype(np.int16) - expected.astype(np.int16))
+            rgb["max"] = max(rgb["max"], int(d.max()))
+            rgb["pixels_differing"] += int((d > 0).any(axis=2).sum())
+            rgb["pixels"] += d.shape[0] * d.shape[1]
+            yuv = paster.background(blended.k)
+            luma, u, v = i420_planes(yuv)
+            luma[by1:by2, bx1:bx2] = planes[0][j]
+            u[by1 // 2 : by2 // 2, bx1 // 2 : bx2 // 2] = planes[1][j]
+            v[by1 // 2 : by2 // 2, bx1 // 2 : bx2 // 2] = planes[2][j]
+            whole = i420(
+                *(p.cpu().numpy() for p in rgb_to_yuv420(torch.from_numpy(expected).to(models.device)))
+            )
+            for stats, reference in ((yuv_block, whole), (yuv_swscale, swscale_yuv(expected))):
+                d = np.abs(yuv.astype(np.int16) - reference.astype(np.int16))
+                stats["max"] = max(stats["max"], int(d.max()))
+                stats["values_differing"] += int((d > 0).sum())
+                stats["values"] += d.size
+    return {"rgb_vs_paste_face": rgb, "yuv_block_vs_whole_frame": yuv_block, "yuv_vs_swscale": yuv_swscale}
+
+
+def swscale_yuv(rgb: np.ndarray) -> np.ndarray:
+    """What ``SegmentWriter.write`` (the reference path) hands x264 for an RGB frame."""
+    from av.video.frame import VideoFrame
+    from av.video.reformatter import Interpolation
+
+    frame = VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
+        format="yuv420p",
+        dst_colorspace="itu709",
+        dst_color_range="MPEG",
+        interpolation=Interpolation.BILINEAR | Interpolation.ACCURATE_RND,
+    )
+    return frame.to_ndarray()
 
 
 def run_child(kind: str, *args) -> tuple[dict, float]:
@@ -331,34 +374,27 @@ def cpu_seconds() -> float:
 def encode_alone(
     frames: np.ndarray, count: int, writers: int, directory: Path, preset: str, yuv: bool
 ) -> dict:
-    """x264 alone on the template's own 1080p frames (ping-pong), ``writers`` segments at once; ``yuv``:
-    frames handed over already converted (what a GPU-side RGB → YUV conversion would leave to the CPU;
-    uses SegmentWriter's stream directly, a measurement only)."""
-    from av.video.frame import VideoFrame
-
+    """x264 alone on the template's own frames (ping-pong), ``writers`` segments at once; ``yuv``: frames
+    handed over already converted (``write_yuv``, as the fast path does), else RGB converted by
+    swscale on the encoder threads (``write``, the reference path)."""
     from musetalk_ops.blend import frame_indices
     from musetalk_ops.video import SegmentWriter
+    from musetalk_ops.yuv import i420, rgb_to_yuv420
 
     per = count // writers
     order = frame_indices(0, per, len(frames), "pingpong")
     height, width = frames.shape[1:3]
     t = time.perf_counter()
-    converted = [
-        VideoFrame.from_ndarray(f, format="rgb24")
-        .reformat(format="yuv420p", dst_colorspace="itu709")
-        .to_ndarray()
-        for f in frames
-    ]
+    converted = [swscale_yuv(f) for f in frames]
     convert_ms = (time.perf_counter() - t) / len(frames) * 1000
+    if yuv:
+        converted = [i420(*(p.numpy() for p in rgb_to_yuv420(torch.from_numpy(f)))) for f in frames]
 
     def run(n: int) -> None:
         with SegmentWriter(directory / f"enc{n}.mp4", 25, width, height, preset=preset) as writer:
-            for i, k in enumerate(order):
+            for k in order:
                 if yuv:
-                    vf = VideoFrame.from_ndarray(converted[k], format="yuv420p")
-                    vf.pts = i
-                    writer._container.mux(writer._stream.encode(vf))
-                    writer.frames += 1
+                    writer.write_yuv(converted[k])
                 else:
                     writer.write(frames[k])
 
@@ -372,7 +408,7 @@ def encode_alone(
     return {
         "fps": round(per * writers / seconds, 1),
         "cpu_cores_busy": round(cpu / seconds, 1),
-        "rgb_to_yuv_ms_one_thread": round(convert_ms, 2),
+        "swscale_rgb_to_yuv_ms_one_thread": round(convert_ms, 2),
     }
 
 
@@ -431,6 +467,8 @@ class Bench:
         for name in self.templates:
             run(f"baseline_{name}", lambda s, n=name: self.baseline(s, n), needs=50)
         run("equality", self.equality, needs=30)
+        if cuda():
+            run("oom", self.oom, needs=30)
         if cuda():
             run("compiled", self.compiled, needs=200)
         run("cold_start", self.cold_starts, needs=45)
@@ -542,19 +580,64 @@ class Bench:
 
     def encoding(self, s: dict) -> None:
         frames = self.templates["1080p"].frames
-        runs = [("veryfast", 1, False), ("veryfast", 4, False), ("veryfast", 8, False), ("veryfast", 8, True)]
-        runs += [("superfast", 8, False), ("ultrafast", 8, False)]
+        runs = [("veryfast", 4, False), ("veryfast", 8, False)]
+        runs += [("veryfast", n, True) for n in (2, 4, 8, 12, 16)]
+        runs += [("superfast", 8, True), ("ultrafast", 8, True)]
         for preset, writers, yuv in runs:
             key = f"encoder_alone_1080p/{preset}/x{writers}" + ("/yuv_input" if yuv else "")
-            s[key] = encode_alone(frames, 400, writers, self.work, preset, yuv)
-        for writers in (4, 8):  # the single-image 512² template: a static frame but for the mouth
-            s[f"encoder_alone_512/veryfast/x{writers}"] = encode_alone(
-                self.templates["512"].frames, 1000, writers, self.work, "veryfast", False
+            s[key] = encode_alone(frames, 480, writers, self.work, preset, yuv)
+        for writers in (4, 8, 16):  # the single-image 512² template: a static frame but for the mouth
+            s[f"encoder_alone_512/veryfast/x{writers}/yuv_input"] = encode_alone(
+                self.templates["512"].frames, 1200, writers, self.work, "veryfast", True
             )
-        for preset in ("veryfast", "superfast"):
-            s[f"render_1080p/{preset}/encoders8"] = self.render(
-                "1080p", mode=self.modes[0], encoders=8, preset=preset
+        for name in self.templates:
+            for encoders in (8, 12):
+                for preset in ("veryfast", "superfast"):
+                    s[f"render_{name}/{preset}/encoders{encoders}"] = self.render(
+                        name, mode=self.modes[0], encoders=encoders, preset=preset
+                    )
+
+    def oom(self, s: dict) -> None:
+        """The real CUDA out-of-memory path: cap this process's GPU memory so that the batch does not fit,
+        render, and compare with an undisturbed render at the batch size the fallback settled on."""
+        from musetalk_ops.render import RenderSettings, release_gpu_memory, render_chunk
+
+        template, n = self.templates["512"], min(120, self.frames)
+        release_gpu_memory()
+        total = torch.cuda.get_device_properties(0).total_memory
+        cap = torch.cuda.memory_allocated() + int(1.2 * 2**30)
+        s["cap_gb"] = round(cap / 2**30, 2)
+        torch.cuda.set_per_process_memory_fraction(cap / total)
+        told: list[str] = []
+        try:
+            squeezed = render_chunk(
+                self.models,
+                template,
+                self.features,
+                0,
+                n,
+                self.work / "oom.mp4",
+                RenderSettings(batch_size=self.batch),
+                frames_dir=self.work / "oom-squeezed",
+                on_retry=told.append,
             )
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+            release_gpu_memory()
+        s["retries"] = told
+        s["final_batch"] = squeezed.timings.batch_size
+        s["frames"] = squeezed.frames
+        render_chunk(
+            self.models,
+            template,
+            self.features,
+            0,
+            n,
+            self.work / "calm.mp4",
+            RenderSettings(batch_size=squeezed.timings.batch_size),
+            frames_dir=self.work / "oom-calm",
+        )
+        s["squeezed_vs_undisturbed"] = png_dir_stats(self.work / "oom-squeezed", self.work / "oom-calm")
 
     def compiled(self, s: dict) -> None:
         result, _ = run_child(

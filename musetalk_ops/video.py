@@ -6,8 +6,9 @@ segment starts on an IDR frame (x264 opens with one; GOPs are closed), carries S
 packets into one file with continuous timestamps and never re-encodes video. Audio is encoded to AAC
 from the original request file, trimmed to the video length.
 
-Colour: frames are RGB uint8; the RGB → yuv420p conversion is swscale's (PyAV ``reformat``) with the
-BT.709 matrix and limited ("tv") range requested explicitly: PyAV's default would be BT.601. The
+Colour: frames are RGB uint8, converted to yuv420p by swscale (PyAV ``reformat``) with the BT.709
+matrix and limited ("tv") range requested explicitly (PyAV's default would be BT.601), or arrive
+already converted the same way (``write_yuv``, from ``yuv.py`` on the GPU). The
 stream is tagged bt709/bt709/bt709/tv to match, in the H.264 VUI and the MP4 ``colr`` box.
 """
 
@@ -121,8 +122,6 @@ class SegmentWriter:
 
     def write(self, frames: np.ndarray) -> None:
         """Encode ``frames`` (uint8 RGB ``[n,H,W,3]`` or ``[H,W,3]``) now, in order."""
-        if self._container is None:
-            raise RuntimeError("SegmentWriter.write outside its `with` block")
         frames = np.asarray(frames)
         if frames.ndim == 3:
             frames = frames[None]
@@ -139,12 +138,32 @@ class SegmentWriter:
             )
         frames = np.ascontiguousarray(frames)
         for rgb in frames:
-            frame = VideoFrame.from_numpy_buffer(rgb, format="rgb24").reformat(
-                format="yuv420p", dst_colorspace="itu709", dst_color_range="MPEG", interpolation=_SWS_FLAGS
+            self._encode(
+                VideoFrame.from_numpy_buffer(rgb, format="rgb24").reformat(
+                    format="yuv420p",
+                    dst_colorspace="itu709",
+                    dst_color_range="MPEG",
+                    interpolation=_SWS_FLAGS,
+                )
             )
-            frame.pts = self.frames
-            self._container.mux(self._stream.encode(frame))
-            self.frames += 1
+
+    def write_yuv(self, frame: np.ndarray) -> None:
+        """Encode one frame already in YUV 4:2:0, BT.709 limited range (``yuv.py``), packed as
+        ``[H·3/2, W]`` at the even ``coded_size``: no conversion on the encoder's thread."""
+        width, height = self.coded_size
+        if frame.dtype != np.uint8 or frame.shape != (height * 3 // 2, width):
+            raise ValueError(
+                f"expected uint8 [{height * 3 // 2},{width}] packed YUV 4:2:0, "
+                f"got {frame.dtype} {list(frame.shape)}"
+            )
+        self._encode(VideoFrame.from_ndarray(frame, format="yuv420p"))
+
+    def _encode(self, frame: VideoFrame) -> None:
+        if self._container is None:
+            raise RuntimeError("SegmentWriter used outside its `with` block")
+        frame.pts = self.frames
+        self._container.mux(self._stream.encode(frame))
+        self.frames += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
         container, tmp = self._container, self._tmp

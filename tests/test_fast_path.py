@@ -21,6 +21,7 @@ from musetalk_ops.render import (
     render_chunk,
 )
 from musetalk_ops.video import SegmentWriter, mux, probe
+from musetalk_ops.yuv import i420, i420_planes, rgb_to_yuv420
 
 # (width, height) targets from a 256² face: down- and upscaling, odd sizes, exact halving (which OpenCV
 # routes to INTER_AREA), exact doubling, 1-pixel edges, extreme aspect ratios.
@@ -84,30 +85,53 @@ def _template(frames, boxes, rng):
     )
 
 
-def test_device_paste_equals_paste_face_exactly():
+def _yuv(frame: np.ndarray) -> np.ndarray:
+    """A whole RGB frame as the encoder gets it: padded to even size, then packed YUV 4:2:0."""
+    height, width = frame.shape[:2]
+    frame = np.pad(frame, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+    return i420(*(p.numpy() for p in rgb_to_yuv420(torch.from_numpy(frame))))
+
+
+@pytest.mark.parametrize(("height", "width"), [(240, 320), (239, 319)])
+def test_device_paste_equals_paste_face_exactly_in_rgb_and_yuv(height, width):
+    """The blended region equals ``paste_face``; the template frame's YUV with the block's planes written
+    in equals the YUV of the whole ``paste_face`` frame (odd sizes: the encoder's padding included)."""
     rng = np.random.default_rng(3)
-    height, width = 240, 320
     boxes = [
         (100, 60, 195, 175),  # inside the frame
         (-30, -20, 80, 90),  # face box and crop box leave the frame top-left
         (250, 150, 330, 250),  # ... and bottom-right
         (10, 10, 138, 138),  # exactly half of 256: OpenCV's INTER_AREA special case
         (40, 30, 41, 31),  # a 1-pixel face
+        (101, 61, 196, 176),  # odd edges everywhere
     ]
     frames = rng.integers(0, 256, (len(boxes), height, width, 3), dtype=np.uint8)
     template = _template(frames, boxes, rng)
     paster = DevicePaster(template, torch.device("cpu"))
-    ks = [0, 1, 2, 3, 4, 0, 2, 0]  # repeated frames are blended as one group
+    ks = [0, 1, 2, 3, 4, 5, 0, 2, 0]  # repeated frames are blended as one group
     faces = rng.integers(0, 256, (len(ks), 256, 256, 3), dtype=np.uint8)
-    regions = paster.composite(torch.from_numpy(faces), ks)
-    for face, k, region in zip(faces, ks, regions, strict=True):
-        x1, y1, x2, y2 = paster.plan(k).region
-        out = frames[k].copy()
-        out[y1:y2, x1:x2] = region.numpy()
-        f = template.faces[k]
-        np.testing.assert_array_equal(
-            out, paste_face(frames[k], face, f.face_box, template.masks[k], f.crop_box)
-        )
+    blended = paster.composite(torch.from_numpy(faces), ks)
+    assert [b.k for b in blended] == [0, 1, 2, 3, 4, 5] and blended[0].positions == [0, 6, 8]
+    for b in blended:
+        plan, f = paster.plan(b.k), template.faces[b.k]
+        (x1, y1, x2, y2), (bx1, by1, bx2, by2) = plan.region, plan.block
+        if b.canvas is None:  # the 1-pixel face's crop box is empty: nothing to paste
+            want = paste_face(frames[b.k], faces[b.positions[0]], f.face_box, template.masks[b.k], f.crop_box)
+            assert (want == frames[b.k]).all() and (paster.background(b.k) == _yuv(want)).all()
+            continue
+        planes = rgb_to_yuv420(b.canvas, context=True)
+        for j, position in enumerate(b.positions):
+            want = paste_face(frames[b.k], faces[position], f.face_box, template.masks[b.k], f.crop_box)
+            rgb = frames[b.k].copy()
+            rgb[y1:y2, x1:x2] = b.canvas[j, 1 + y1 - by1 : 1 + y2 - by1, x1 - bx1 : x2 - bx1].numpy()
+            np.testing.assert_array_equal(rgb, want)
+
+            yuv = paster.background(b.k)
+            luma, u, v = i420_planes(yuv)
+            luma[by1:by2, bx1:bx2] = planes[0][j].numpy()
+            u[by1 // 2 : by2 // 2, bx1 // 2 : bx2 // 2] = planes[1][j].numpy()
+            v[by1 // 2 : by2 // 2, bx1 // 2 : bx2 // 2] = planes[2][j].numpy()
+            np.testing.assert_array_equal(yuv, _yuv(want), err_msg=f"frame {b.k}")
 
 
 def test_bucket_sizes():
@@ -185,15 +209,15 @@ def test_a_failing_encoder_fails_the_chunk_and_leaves_no_files(
 ):
     template = load_template(astronaut_cache)
     calls = []
-    write = SegmentWriter.write
+    write = SegmentWriter.write_yuv
 
-    def failing(self, frames):
+    def failing(self, frame):
         calls.append(1)
         if len(calls) == 5:
             raise OSError("disk full")
-        write(self, frames)
+        write(self, frame)
 
-    monkeypatch.setattr(SegmentWriter, "write", failing)
+    monkeypatch.setattr(SegmentWriter, "write_yuv", failing)
     settings = RenderSettings(batch_size=4, device="cpu", dtype="float32", mode="eager", encoders=2)
     out = tmp_path / "out" / "c.mp4"
     out.parent.mkdir()
