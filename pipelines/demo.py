@@ -18,7 +18,8 @@ from pathlib import Path
 DEMO_MODELS = Path(".musetalk") / "demo-models"
 DEMO_TEXT = "Thanks for trying the MuseTalk pipeline. Every reply becomes a short lip-synced video."
 INSTANCE_YAML = """\
-# Local Dagster instance written by `make demo` (SQLite storage under this directory).
+# Local Dagster instance written by `make demo` (SQLite storage under this directory); `dagster dev`
+# with this DAGSTER_HOME uses it too.
 run_coordinator:
   module: dagster.core.run_coordinator
   class: QueuedRunCoordinator
@@ -26,12 +27,36 @@ run_coordinator:
     dequeue_interval_seconds: 1
 concurrency:
   runs:
-    max_concurrent_runs: 4
+    max_concurrent_runs: {max_concurrent_runs}
   pools:
     default_limit: {gpus}
+# A run worker that dies (killed, out of memory) is reported failed by the code server that started
+# it: the DefaultRunLauncher cannot health-check or resume a worker, but the code server notices the
+# exit within a second. The monitoring daemon then gives the `gpu` pool slots the dead run still
+# holds back; without that the retry below would wait for them forever.
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 180  # a worker that never came up: the run fails (and is retried)
+  max_resume_run_attempts: 0  # resuming needs a launcher that supports it (K8sRunLauncher)
+  poll_interval_seconds: 5  # one small SQLite query per tick on one machine
+  # A dead in-process worker holds no GPU any more; a step process it leaves behind (multiprocess
+  # executor) still holds its GPU file lock (GpuSlots), so early release cannot double-book a GPU.
+  free_slots_after_run_end_seconds: 5
+# Re-execute a run whose worker died, from failure: chunks already rendered are reused, only the
+# interrupted step and what follows run again. A run that failed in a step (a bad request, the
+# step's own RetryPolicy spent) would fail the same way again: not retried.
+run_retries:
+  enabled: true
+  max_retries: 2
+  retry_on_asset_or_op_failure: false
 telemetry:
   enabled: false
 """
+
+
+def instance_yaml(gpus: int = 1, max_concurrent_runs: int = 4) -> str:
+    """The local instance's dagster.yaml: `make demo`, `dagster dev` and the tests that run them."""
+    return INSTANCE_YAML.format(gpus=gpus, max_concurrent_runs=max_concurrent_runs)
 
 
 def _prepare_environment() -> str:
@@ -45,7 +70,7 @@ def _prepare_environment() -> str:
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
         gpus = os.environ.get("MUSETALK_GPUS") or "1"
-        (home / "dagster.yaml").write_text(INSTANCE_YAML.format(gpus=int(gpus)))
+        (home / "dagster.yaml").write_text(instance_yaml(gpus=int(gpus)))
     try:
         check_models(models_dir())
         return "official"

@@ -216,15 +216,24 @@ def request_timings(features: dict, chunks: list[dict], mux_seconds: float, tota
     return timings
 
 
-@dg.op(description="Join the segments without re-encoding, add AAC, publish renders/<id>.mp4 + .json.")
-def merge_video(
-    context: dg.OpExecutionContext, store: StoreResource, request: dict, features: dict, chunks: list[dict]
+def _merged_before(client: Store, request: dict) -> dict | None:
+    """The timings summary of an earlier attempt that already wrote this request's video from the same
+    cache, else None. The video is uploaded before the summary, so a summary means both are complete."""
+    timings_key = keys.render_timings(request["id"])
+    if not (client.exists(timings_key) and client.exists(keys.render_video(request["id"]))):
+        return None
+    summary = json.loads(client.get_bytes(timings_key))
+    return summary if summary.get("fingerprint") == request["fingerprint"] else None
+
+
+def _merge(
+    context: dg.OpExecutionContext, client: Store, request: dict, features: dict, chunks: list[dict]
 ) -> dict:
-    client = store.get()
+    """Join the chunk segments with the request's audio into renders/<id>.mp4, then write its timings
+    summary (last: it marks the request done), then drop the request's work objects."""
     rid, tid = request["id"], request["template"]
-    chunks = sorted(chunks, key=lambda c: c["index"])
     video_key, timings_key = keys.render_video(rid), keys.render_timings(rid)
-    with user_errors(), tempfile.TemporaryDirectory(prefix="musetalk-merge-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="musetalk-merge-") as tmp:
         segments = []
         for chunk in chunks:
             segments.append(Path(tmp) / f"{chunk['index']:04d}.mp4")
@@ -248,6 +257,24 @@ def merge_video(
         }
         client.put_bytes(timings_key, json.dumps(summary, indent=1).encode())
         client.delete_prefix(keys.work_prefix(rid))
+    return summary
+
+
+@dg.op(description="Join the segments without re-encoding, add AAC, publish renders/<id>.mp4 + .json.")
+def merge_video(
+    context: dg.OpExecutionContext, store: StoreResource, request: dict, features: dict, chunks: list[dict]
+) -> dict:
+    client = store.get()
+    rid, tid = request["id"], request["template"]
+    video_key, timings_key = keys.render_video(rid), keys.render_timings(rid)
+    with user_errors():
+        summary = _merged_before(client, request)
+        if summary is not None:  # an attempt died after writing the video: report it, never merge twice
+            context.log.info(f"{client.uri(video_key)} was written by run {summary['run_id']}: reusing it")
+            client.delete_prefix(keys.work_prefix(rid))
+        else:
+            summary = _merge(context, client, request, features, sorted(chunks, key=lambda c: c["index"]))
+    timings = Timings.from_dict(summary)
     context.log_event(
         dg.AssetMaterialization(
             asset_key=RENDERED_VIDEO,

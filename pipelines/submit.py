@@ -16,7 +16,10 @@ The same sequence works from any client (POST ``{"query": ..., "variables": ...}
    "executionMetadata": {"tags": [{"key": "dagster/partition", "value": "<request id>"},
    {"key": "musetalk/template", "value": "<id>"}]}}}`` → ``LaunchRunSuccess.run.runId``.
 5. Poll ``RUN_QUERY`` with ``{"runId": ...}`` until ``status`` is SUCCESS, FAILURE or CANCELED;
-   the video is ``renders/<request id>.mp4`` and its timings ``renders/<request id>.json``.
+   the video is ``renders/<request id>.mp4`` and its timings ``renders/<request id>.json``. A FAILURE
+   tagged ``dagster/will_retry=true`` is not the end: the daemon re-executes the run from failure
+   (run_retries, e.g. after its worker died) and tags it ``dagster/auto_retry_run_id=<new run>``;
+   poll that run instead.
 
 Without the API, uploading the audio and then the request object is enough: the sensor picks it up.
 """
@@ -39,6 +42,8 @@ from pipelines.request import TEMPLATE_TAG, RenderRequest, check_options
 
 JOB = "render_video"
 TERMINAL = ("SUCCESS", "FAILURE", "CANCELED")
+WILL_RETRY_TAG = "dagster/will_retry"  # set on a failed run when run_retries will re-execute it
+RETRY_RUN_TAG = "dagster/auto_retry_run_id"  # then set to the id of the re-execution
 
 TEMPLATE_QUERY = """
 query TemplateCache($template: String!) {
@@ -75,6 +80,7 @@ query Run($runId: ID!) {
     __typename
     ... on Run {
       status
+      tags { key value }
       stats { ... on RunStatsSnapshot { enqueuedTime launchTime startTime endTime } }
       stepStats { stepKey status startTime endTime }
     }
@@ -123,8 +129,10 @@ def submit(
     request_id: str | None = None,
     options: dict | None = None,
     client: GraphQLClient | None = None,
+    run_config: dict | None = None,
 ) -> Submission:
-    """Validate locally, reserve the id, upload audio + request, launch ``render_video``."""
+    """Validate locally, reserve the id, upload audio + request, launch ``render_video`` (with
+    ``run_config``, e.g. engine resource settings, when given)."""
     started = time.time()
     template = validate_id(template, "template id")
     request_id = validate_id(request_id or new_request_id(), "request id")
@@ -156,7 +164,7 @@ def submit(
 
     params = {
         "selector": {**_selector(), "jobName": JOB},
-        "runConfigData": {},
+        "runConfigData": run_config or {},
         "executionMetadata": {
             "tags": [
                 {"key": "dagster/partition", "value": request_id},
@@ -172,18 +180,43 @@ def submit(
     return Submission(request_id, run_id, f"{client.url}/runs/{run_id}", started)
 
 
+def _retry_of(client: GraphQLClient, run_id: str, run: dict) -> str | None:
+    """The run that automatically re-executes failed run ``run_id``, once the daemon created it;
+    ``run_id`` itself while that is still to come; None when the failure is final."""
+    tags = {t["key"]: t["value"] for t in run.get("tags") or []}
+    if WILL_RETRY_TAG not in tags:  # Dagster tags the run just after the failure event: look again
+        time.sleep(1.0)
+        again = client.query(RUN_QUERY, {"runId": run_id})["runOrError"]
+        tags = {t["key"]: t["value"] for t in again.get("tags") or []}
+    if tags.get(WILL_RETRY_TAG) != "true":
+        return None
+    return tags.get(RETRY_RUN_TAG) or run_id
+
+
 def wait(
     submission: Submission, store: Store, client: GraphQLClient | None = None, timeout: float = 1800.0
 ) -> Submission:
-    """Poll the run until it ends; on success ``result`` holds the timings and a latency breakdown."""
+    """Poll the run until it ends; on success ``result`` holds the timings and a latency breakdown.
+
+    A run that failed and will be retried automatically (run_retries: its worker died) is followed
+    to its retry: ``run_id`` and ``url`` then name the run that produced the video, ``result``
+    lists the failed runs, and the latency is only the total (the stages spread over several runs).
+    """
     client = client or GraphQLClient()
     deadline = time.monotonic() + timeout
+    failed_runs: list[str] = []
     while True:
         run = client.query(RUN_QUERY, {"runId": submission.run_id})["runOrError"]
         if run["__typename"] != "Run":
             raise DagsterApiError(f"run {submission.run_id}: {run.get('message', run['__typename'])}")
         if run["status"] in TERMINAL:
-            break
+            retry = _retry_of(client, submission.run_id, run) if run["status"] == "FAILURE" else None
+            if retry is None:
+                break
+            if retry != submission.run_id:
+                failed_runs.append(submission.run_id)
+                submission.url = submission.url.replace(submission.run_id, retry)
+                submission.run_id = retry
         if time.monotonic() > deadline:
             raise DagsterApiError(
                 f"run {submission.run_id} still {run['status']} after {timeout:.0f} s: {submission.url}"
@@ -193,8 +226,14 @@ def wait(
     submission.status = run["status"]
     if submission.status != "SUCCESS":
         submission.result = {"errors": _step_errors(client, submission.run_id)}
+        if failed_runs:
+            submission.result["failed_runs"] = failed_runs
         return submission
     timings = json.loads(store.get_bytes(keys.render_timings(submission.request_id)))
+    if failed_runs:
+        total = round(finished - submission.submitted_at, 3)
+        submission.result = {"timings": timings, "latency": {"total": total}, "failed_runs": failed_runs}
+        return submission
     submission.result = {
         "timings": timings,
         "latency": latency(submission.submitted_at, finished, run, timings),

@@ -7,14 +7,18 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
 def decoded_frames(path: Path) -> np.ndarray:
@@ -76,6 +80,25 @@ def wait_for(what: str, check, timeout: float, log: Path | None = None, every: f
         time.sleep(every)
     tail = log.read_text(errors="replace")[-4000:] if log and log.exists() else ""
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
+
+
+@contextlib.contextmanager
+def dagster_dev_server(env: dict, port: int, log: Path, timeout: float = 120) -> Iterator[str]:
+    """``dagster dev -w workspace.yaml`` (webserver + daemon + code server) in its own process group
+    on ``port``; yields its URL once ``/server_info`` answers, SIGINTs the group at the end."""
+    url = f"http://127.0.0.1:{port}"
+    argv = [str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
+    proc = start_group(argv, env, log)
+    try:
+        wait_for(
+            "the webserver",
+            lambda: urllib.request.urlopen(f"{url}/server_info", timeout=2).status == 200,
+            timeout,
+            log,
+        )
+        yield url
+    finally:
+        stop_group(proc)  # SIGINT: dagster dev shuts its webserver, daemon and code server down
 
 
 class TcpProxy:

@@ -193,10 +193,25 @@ def launcher_config(vals: dict) -> dict:
 
 
 def instance_settings(vals: dict) -> dict:
-    """The dagster.yaml sections the chart renders from ``concurrency`` and ``computeLogManager``."""
+    """The dagster.yaml sections the chart renders from ``concurrency``, ``computeLogManager`` and
+    ``dagsterDaemon.{runMonitoring, runRetries}`` (templates/configmap-instance.yaml; the chart
+    writes retry_on_asset_or_op_failure since dagster-io/dagster#24028)."""
     pools, runs = vals["concurrency"]["pools"], vals["concurrency"]["runs"]
     logs = vals["computeLogManager"]["config"]["s3ComputeLogManager"]
+    monitoring, retries = vals["dagsterDaemon"]["runMonitoring"], vals["dagsterDaemon"]["runRetries"]
     return {
+        "run_monitoring": {
+            "enabled": monitoring["enabled"],
+            "start_timeout_seconds": monitoring["startTimeoutSeconds"],
+            "max_resume_run_attempts": monitoring["maxResumeRunAttempts"],
+            "poll_interval_seconds": monitoring["pollIntervalSeconds"],
+            "free_slots_after_run_end_seconds": monitoring["freeSlotsAfterRunEndSeconds"],
+        },
+        "run_retries": {
+            "enabled": retries["enabled"],
+            "max_retries": retries["maxRetries"],
+            "retry_on_asset_or_op_failure": retries["retryOnAssetOrOpFailure"],
+        },
         "concurrency": {
             "pools": {"default_limit": pools["defaultLimit"], "granularity": pools["granularity"]},
             "runs": {"max_concurrent_runs": runs["maxConcurrentRuns"]},
@@ -490,6 +505,38 @@ def test_values_configure_the_deployment_the_design_needs():
     logs = instance_settings(vals)["compute_logs"]["config"]
     assert logs["bucket"] == {"env": "MUSETALK_S3_BUCKET"}
     assert not vals["ingress"]["enabled"]  # k8s/ingress.yaml puts authentication in front instead
+
+
+def test_a_dead_run_worker_is_resumed_then_retried_from_failure(tmp_path, kubeconfig):
+    """The rendered run monitoring and run retry settings load on the K8sRunLauncher (which can
+    health-check and resume run workers: the instance refuses resume attempts otherwise) and start
+    the daemons that act on them."""
+    import dagster as dg
+
+    vals = values()
+    settings = instance_settings(vals)
+    overrides = {
+        "run_launcher": {
+            "module": "dagster_k8s",
+            "class": "K8sRunLauncher",
+            "config": {
+                **launcher_config(vals),
+                "load_incluster_config": False,
+                "kubeconfig_file": str(kubeconfig),
+            },
+        },
+        **{key: settings[key] for key in ("run_monitoring", "run_retries")},
+    }
+    with dg.instance_for_test(temp_dir=str(tmp_path), overrides=overrides) as instance:
+        launcher = instance.run_launcher
+        assert launcher.supports_check_run_worker_health and launcher.supports_resume_run
+        assert instance.run_monitoring_max_resume_run_attempts == 1
+        assert (
+            0 < instance.run_monitoring_poll_interval_seconds < instance.run_monitoring_start_timeout_seconds
+        )
+        assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] > 0
+        assert instance.run_retries_max_retries > 0 and not instance.run_retries_retry_on_asset_or_op_failure
+        assert {"MONITORING", "EVENT_LOG_CONSUMER"} <= set(instance.get_required_daemon_types())
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:

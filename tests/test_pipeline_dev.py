@@ -6,28 +6,26 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
-from pathlib import Path
 
 import pytest
 import soundfile as sf
-from helpers import ROOT, free_port, start_group, stop_group, wait_for
+from helpers import ROOT, dagster_dev_server, free_port, wait_for
 
 from musetalk_ops.store import LocalStore
 from musetalk_ops.video import probe
+from pipelines.demo import instance_yaml
 from pipelines.graphql import GraphQLClient
 from pipelines.submit import TEMPLATE_QUERY
-
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
 def dagster_dev(tmp_path, demo_models):
-    """``dagster dev`` in its own process group on a free port; SIGINT to the group at the end."""
+    """``dagster dev`` on the local instance config (the one ``make demo`` writes), in its own process
+    group on a free port; yields (env, store, log)."""
     port = free_port()
     home = tmp_path / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    (home / "dagster.yaml").write_text(instance_yaml(gpus=1))
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),
@@ -40,20 +38,8 @@ def dagster_dev(tmp_path, demo_models):
     for name in ("MUSETALK_S3_BUCKET", "MUSETALK_EXECUTOR"):
         env.pop(name, None)
     log = tmp_path / "dagster-dev.log"
-    argv = [str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
-    proc = start_group(argv, env, log)
-    try:
-        wait_for(
-            "the webserver",
-            lambda: (
-                urllib.request.urlopen(f"{env['MUSETALK_DAGSTER_URL']}/server_info", timeout=2).status == 200
-            ),
-            120,
-            log,
-        )
+    with dagster_dev_server(env, port, log):
         yield env, LocalStore(tmp_path / "store"), log
-    finally:
-        stop_group(proc)  # SIGINT: dagster dev shuts its webserver, daemon and code server down
 
 
 def musetalk(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -57,3 +57,58 @@ def test_latency_breakdown_adds_up():
         "total": 31.0,
         "overhead": 5.0,
     }
+
+
+class ScriptedRuns:
+    """A GraphQL client whose runs go through scripted states: {run id: [RUN_QUERY answers...]}
+    (the last one repeats), and which finds no step failures."""
+
+    def __init__(self, script: dict[str, list[tuple[str, dict]]]):
+        self.script = script
+        self.asked: list[str] = []
+
+    def query(self, document: str, variables: dict | None = None) -> dict:
+        if "logsForRun" in document:
+            return {"logsForRun": {"events": []}}
+        run_id = variables["runId"]
+        self.asked.append(run_id)
+        states = self.script[run_id]
+        status, tags = states.pop(0) if len(states) > 1 else states[0]
+        run = {
+            "__typename": "Run",
+            "status": status,
+            "tags": [{"key": k, "value": v} for k, v in tags.items()],
+        }
+        return {"runOrError": {**run, "stats": {}, "stepStats": []}}
+
+
+def test_wait_follows_an_automatic_retry_and_stops_at_a_final_failure(tmp_path, monkeypatch):
+    import json
+
+    from pipelines.submit import Submission, wait
+
+    monkeypatch.setattr("pipelines.submit.time.sleep", lambda _s: None)
+    store = LocalStore(tmp_path / "store")
+    store.put_bytes("renders/r1.json", json.dumps({"frames": 15}).encode())
+    will_retry = {"dagster/will_retry": "true"}
+    client = ScriptedRuns(
+        {
+            "a": [
+                ("STARTED", {}),
+                ("FAILURE", will_retry),
+                ("FAILURE", {**will_retry, "dagster/auto_retry_run_id": "b"}),
+            ],
+            "b": [("QUEUED", {}), ("SUCCESS", {})],
+        }
+    )
+    done = wait(Submission("r1", "a", "http://x/runs/a", 0.0), store, client)
+    assert (done.status, done.run_id, done.url) == ("SUCCESS", "b", "http://x/runs/b")
+    assert done.result["failed_runs"] == ["a"] and done.result["timings"] == {"frames": 15}
+    assert set(done.result["latency"]) == {"total"}
+
+    final = ScriptedRuns({"c": [("FAILURE", {"dagster/will_retry": "false"})]})
+    failed = wait(Submission("r2", "c", "http://x/runs/c", 0.0), store, final)
+    assert (failed.status, failed.run_id, failed.result) == ("FAILURE", "c", {"errors": []})
+    untagged = ScriptedRuns({"d": [("FAILURE", {})]})  # no run retries on the instance
+    assert wait(Submission("r3", "d", "http://x/runs/d", 0.0), store, untagged).status == "FAILURE"
+    assert untagged.asked == ["d", "d"]  # looked once more for the tag, then stopped

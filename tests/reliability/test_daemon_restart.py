@@ -17,6 +17,7 @@ from test_pipeline_render import materialize, push_template, submit_request
 
 from musetalk_ops.store import open_store
 from musetalk_ops.video import probe
+from pipelines.demo import instance_yaml
 
 BIN = Path(sys.executable).parent
 
@@ -43,9 +44,8 @@ def test_daemon_restart_loses_no_request_and_renders_none_twice(
 ):
     home = tmp_path / "home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(
-        "telemetry:\n  enabled: false\nconcurrency:\n  runs:\n    max_concurrent_runs: 1\n"
-    )
+    # the local instance config (run monitoring and retries included), one run at a time
+    (home / "dagster.yaml").write_text(instance_yaml(gpus=1, max_concurrent_runs=1))
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv("MUSETALK_GPUS", "1")
     port = free_port()

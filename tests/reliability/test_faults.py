@@ -469,3 +469,49 @@ def test_chunk_process_killed_mid_chunk_is_retried_and_matches_an_undisturbed_re
     assert sorted(i.key for i in store.list("renders/")) == [
         f"renders/{r}.{e}" for r in ("calm", "killed") for e in ("json", "mp4")
     ]
+
+
+# --- a merge_video attempt that died after publishing ------------------------------------------
+
+
+def test_merge_that_died_after_publishing_is_reported_not_merged_again(
+    pipeline_env, instance, astronaut_png, short_speech, monkeypatch
+):
+    """The worker dies between writing renders/<id>.json and finishing the step (the chunks are already
+    deleted): the re-executed merge finds the published video of the same cache, reports it and
+    succeeds instead of failing on the missing chunks or writing the video again."""
+    from pipelines import render as ops
+
+    push_template(astronaut_png)
+    materialize(instance)
+    submit_request("late", short_speech)
+    real_merge = ops._merge
+
+    def merge_then_die(*args):
+        real_merge(*args)
+        raise RuntimeError("run worker killed after publishing")
+
+    monkeypatch.setattr(ops, "_merge", merge_then_die)
+    first = execute(instance, "late")
+    assert first.status == dg.DagsterRunStatus.FAILURE
+    store = open_store()
+    published = {key: store.get_bytes(key) for key in ("renders/late.mp4", "renders/late.json")}
+    assert not store.list("work/late/")
+
+    def never(*args):
+        raise AssertionError("merged twice")
+
+    monkeypatch.setattr(ops, "_merge", never)
+    again = execute(
+        instance, "late", reexecution_options=dg.ReexecutionOptions.from_failure(first.run_id, instance)
+    )
+    assert again.status == dg.DagsterRunStatus.SUCCESS
+    assert {key: store.get_bytes(key) for key in published} == published
+    materialized = [
+        e.event_specific_data.materialization
+        for e in events_of(instance, again)
+        if e.event_type_value == "ASSET_MATERIALIZATION"
+    ]
+    assert [(m.partition, m.metadata["frames"].value) for m in materialized] == [
+        ("late", expected_frames(short_speech))
+    ]
