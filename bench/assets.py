@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-from diffusers import AutoencoderKL
 from load_models import write_random_unet
 
 from musetalk_ops.models.convert import convert_models
 from musetalk_ops.models.demo import write_demo_models
 from musetalk_ops.models.layout import ModelLayout
-from musetalk_ops.models.vae import OFFICIAL_VAE_CONFIG
+from musetalk_ops.models.vae import OFFICIAL_VAE_CONFIG, build_vae
 from musetalk_ops.prepare import prepare_template
 from musetalk_ops.settings import TemplateSettings
 from musetalk_ops.timings import Timings
@@ -52,8 +51,7 @@ def write_models(root: Path, cache: Path) -> dict[str, float]:
     layout = ModelLayout(root)
     layout.vae_dir.mkdir(parents=True)
     layout.vae_config.write_text(json.dumps(OFFICIAL_VAE_CONFIG, indent=2))
-    vae = AutoencoderKL(**{k: v for k, v in OFFICIAL_VAE_CONFIG.items() if not k.startswith("_")})
-    torch.save(vae.state_dict(), layout.vae_weights)
+    torch.save(build_vae(OFFICIAL_VAE_CONFIG, "official").state_dict(), layout.vae_weights)
     seconds["vae"] = time.perf_counter() - t
     t = time.perf_counter()
     convert_models(root, cache, versions=("v15",))

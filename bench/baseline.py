@@ -2,14 +2,16 @@
 its time, for side-by-side ratios in bench_render.py. Written from the reference's description, not copied.
 
 Main thread: batches of 20 (``datagen``) → positional encoding → eager fp16 UNet at t = 0 → VAE decode →
-``.cpu()`` numpy BGR faces → an unbounded queue. One consumer thread per frame: ``cv2.resize`` to the face
-box, ``copy.deepcopy`` of the full frame, ``get_image_blending`` with PIL (two full-frame ``fromarray``,
-crop, paste, masked paste, ``np.array``), ``cv2.imwrite`` of a PNG. The timer spans the loop and the join,
+``.cpu()`` numpy BGR faces → an unbounded queue; UNet and VAE are diffusers' models, as in the official
+script, holding the weights ours loaded. One consumer thread per frame: ``cv2.resize`` to the face box,
+``copy.deepcopy`` of the full frame, ``get_image_blending`` with PIL (two full-frame ``fromarray``, crop,
+paste, masked paste, ``np.array``), ``cv2.imwrite`` of a PNG. The timer spans the loop and the join,
 as the official one does. Then a separate pass encodes the PNGs (the official runs ffmpeg; here the same
 x264 settings as ours through ``SegmentWriter``, so the ratio is not inflated by a slower preset).
 """
 
 import copy
+import dataclasses
 import queue
 import threading
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 
 from musetalk_ops.audio import AudioFeatures, add_positional_encoding
@@ -58,7 +61,20 @@ class OfficialAvatar:
         self.latents = [template.latents[k : k + 1].to(models.device, models.dtype) for k in cycle]
 
 
-def _decode_official(vae, latents: torch.Tensor) -> np.ndarray:
+def official_models(models: Models) -> tuple[UNet2DConditionModel, AutoencoderKL]:
+    """diffusers' UNet and VAE (what the official script runs) adopting the weight tensors of ours: no copy.
+
+    Our configs carry diffusers' argument names, so they build the same architectures."""
+    twins = []
+    for ours, cls in ((models.unet, UNet2DConditionModel), (models.vae, AutoencoderKL)):
+        with torch.device("meta"):
+            model = cls(**dataclasses.asdict(ours.config))
+        model.load_state_dict(ours.state_dict(), strict=True, assign=True)
+        twins.append(model.eval())
+    return twins[0], twins[1]
+
+
+def _decode_official(vae: AutoencoderKL, latents: torch.Tensor) -> np.ndarray:
     image = vae.decode((latents / VAE_SCALE).to(vae.dtype)).sample
     image = (image / 2 + 0.5).clamp(0, 1)
     image = image.detach().cpu().permute(0, 2, 3, 1).float().numpy()
@@ -74,9 +90,11 @@ def run_baseline(
     frames: int,
     png_dir: Path | None,
 ) -> float:
-    """Seconds for ``frames`` frames, GPU work + paste-back (+ PNG writes when ``png_dir`` is given)."""
+    """Seconds for ``frames`` frames, GPU work + paste-back (+ PNG writes when ``png_dir`` is given); the
+    diffusers twins of ``models`` are built before the clock starts."""
     device = models.device
-    whisper = features.windows(fps, 0, frames).to(device, models.unet.dtype)  # up front, as official (fp16)
+    unet, vae = official_models(models)
+    whisper = features.windows(fps, 0, frames).to(device, unet.dtype)  # up front, as official (fp16)
     timestep = torch.tensor([0], device=device)
     results: queue.Queue = queue.Queue()
     n = len(avatar.frames)
@@ -99,9 +117,9 @@ def run_baseline(
     for lo in range(0, frames, BATCH):
         hi = min(frames, lo + BATCH)
         tokens = add_positional_encoding(whisper[lo:hi])
-        latents = torch.cat([avatar.latents[i % n] for i in range(lo, hi)]).to(models.unet.dtype)
-        pred = models.unet(latents, timestep, encoder_hidden_states=tokens).sample
-        for face in _decode_official(models.vae, pred.to(models.vae.dtype)):
+        latents = torch.cat([avatar.latents[i % n] for i in range(lo, hi)]).to(unet.dtype)
+        pred = unet(latents, timestep, encoder_hidden_states=tokens).sample
+        for face in _decode_official(vae, pred.to(vae.dtype)):
             results.put(face)
     consumer.join()
     return time.perf_counter() - start

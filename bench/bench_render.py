@@ -19,7 +19,8 @@ runs out):
   vs an undisturbed render at the batch size it settled on;
 * ``compiled``: the torch.compile path in its own process (cold compile cost, warm chunks, the
   generator alone), then its cold start with the on-disk compile cache warm;
-* ``cold_start``: a fresh process per path, process start → first frame (3 s clip);
+* ``cold_start``: a fresh process per path, process start → first frame (3 s clip), as a render step
+  (features from the audio step: no whisper) and as the CLI (whisper in the process);
 * ``encoding``: x264 alone on the templates' frames (segments at once, presets, RGB vs YUV input) and
   chunks with 8 and 12 encoders and two presets;
 * ``generator``: UNet + VAE decode alone per path and batch size;
@@ -293,9 +294,9 @@ def run_child(kind: str, *args) -> tuple[dict, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), started
 
 
-def cold_start(mode: str, models_root: Path, cache: Path, wav: Path, out: Path) -> dict:
+def cold_start(mode: str, models_root: Path, cache: Path, wav: Path, out: Path, *features: Path) -> dict:
     """A fresh interpreter renders a short clip; process start → first frame handed to the encoder."""
-    result, started = run_child("cold", mode, models_root, cache, wav, out)
+    result, started = run_child("cold", mode, models_root, cache, wav, out, *features)
     marks = {k: round(v - started, 3) for k, v in result.pop("marks").items()}
     return {"first_frame_s": marks["first_frame"], "marks_since_process_start": marks, **result}
 
@@ -343,8 +344,11 @@ def compiled_child(models_root: str, cache_512: str, cache_hd: str, wav: str, wo
     print(json.dumps(r))
 
 
-def cold_child(mode: str, models_root: str, cache: str, wav: str, out: str) -> None:
+def cold_child(mode: str, models_root: str, cache: str, wav: str, out: str, features_file: str = "") -> None:
+    """Process start → first frame. With ``features_file`` the process is a render step (features come
+    from the audio step: UNet and VAE only, no whisper); without, the CLI (whisper in the process)."""
     marks = {"interpreter": START, "torch_cv2_numpy": time.time()}
+    from musetalk_ops.audio import AudioFeatures
     from musetalk_ops.cache import load_template
     from musetalk_ops.render import RenderSettings, compute_features, load_engine, render_chunk
 
@@ -352,9 +356,12 @@ def cold_child(mode: str, models_root: str, cache: str, wav: str, out: str) -> N
     settings = RenderSettings(models_root=Path(models_root), mode=mode)
     template = load_template(cache)
     marks["template"] = time.time()
-    models = load_engine(settings, version=template.version)
+    components = ("unet", "vae") if features_file else ("unet", "vae", "whisper")
+    models = load_engine(settings, version=template.version, components=components)
     marks["models"] = time.time()
-    features = compute_features(models, Path(wav))
+    features = (
+        AudioFeatures.load(Path(features_file)) if features_file else compute_features(models, Path(wav))
+    )
     marks["features"] = time.time()
 
     def first(_n: int) -> None:
@@ -363,7 +370,12 @@ def cold_child(mode: str, models_root: str, cache: str, wav: str, out: str) -> N
     frames = features.num_frames(template.fps)
     result = render_chunk(models, template, features, 0, frames, Path(out), settings, on_frames=first)
     marks["segment_done"] = time.time()
-    print(json.dumps({"marks": marks, "frames": frames, "timings": result.timings.to_dict()}))
+    heavy = [m for m in ("diffusers", "transformers", "torch._dynamo") if m in sys.modules]
+    print(
+        json.dumps(
+            {"marks": marks, "frames": frames, "heavy_modules": heavy, "timings": result.timings.to_dict()}
+        )
+    )
 
 
 def cpu_seconds() -> float:
@@ -567,10 +579,15 @@ class Bench:
             s[f"fast_vs_reference_{name}"] = png_dir_stats(*dirs)
 
     def cold_starts(self, s: dict) -> None:
+        from musetalk_ops.render import compute_features
+
+        step_features = self.work / "short-features.safetensors"
+        compute_features(self.models, self.short_wav).save(step_features)
         for mode in self.modes:
-            s[mode] = cold_start(
-                mode, self.models_root, self.prepared["512"], self.short_wav, self.work / "c.mp4"
-            )
+            for path, extra in (("render_step", (step_features,)), ("cli", ())):
+                s[f"{mode}/{path}"] = cold_start(
+                    mode, self.models_root, self.prepared["512"], self.short_wav, self.work / "c.mp4", *extra
+                )
 
     def generator(self, s: dict) -> None:
         sizes = {"graphs": (8, 20, 48), "eager": (20, 48)} if cuda() else {"eager": (4,)}
@@ -715,9 +732,9 @@ def print_table(r: dict) -> None:
                 f"| {name} | baseline | {b['fps_end_to_end']} (loop+PNG {b['fps_with_png']}, "
                 f"no PNG {b['fps_skip_save']}) | | | | | | | | 1.0 |"
             )
-    for mode, c in r.get("cold_start", {}).items():
+    for path, c in r.get("cold_start", {}).items():
         if isinstance(c, dict):
-            print(f"cold start {mode}: first frame {c['first_frame_s']} s after process start")
+            print(f"cold start {path}: first frame {c['first_frame_s']} s after process start")
     if r.get("errors"):
         print("errors:", json.dumps(r["errors"], indent=1))
 

@@ -4,7 +4,7 @@ Why fixed shapes: every new batch shape costs cuDNN algorithm selection, and a C
 kernel exists per shape. Batches are therefore padded up to a small set of bucket sizes (the largest is
 the render batch size), so a chunk never meets a new shape after its first batches. Modes:
 
-* ``eager``: the diffusers modules as they are (launch-bound at small batches);
+* ``eager``: the models as they are (launch-bound at small batches);
 * ``graphs``: each bucket's UNet and VAE decode captured once into CUDA graphs (0.1–0.3 s per bucket,
   captured lazily, when a bucket is first needed) and replayed; removes the launch overhead;
 * ``compiled``: ``torch.compile`` of both models (Inductor; artifacts cached on disk under
@@ -30,10 +30,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from musetalk_ops.config import cache_dir
+from musetalk_ops.models.unet_model import UNet
 from musetalk_ops.models.vae import decode_latents
+from musetalk_ops.models.vae_model import VAE
 
 MODES = ("eager", "graphs", "compiled")
 GRAPH_MODES = ("graphs", "compiled")
@@ -110,8 +111,8 @@ class FaceGenerator:
 
     def __init__(
         self,
-        unet: UNet2DConditionModel,
-        vae: AutoencoderKL,
+        unet: UNet,
+        vae: VAE,
         *,
         mode: str,
         max_batch: int,
@@ -127,8 +128,8 @@ class FaceGenerator:
         self.build_seconds = 0.0  # graph capture, compilation and warm-up so far (one-off costs)
         with self._grad_mode():
             timestep = torch.zeros((1,), dtype=torch.int64, device=self.device)
-        self._unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda latents, tokens: (
-            unet(latents, timestep, encoder_hidden_states=tokens).sample
+        self._unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda latents, tokens: unet(
+            latents, timestep, tokens
         )
         self._vae: Callable[[torch.Tensor], torch.Tensor] = lambda pred: decode_latents(vae, pred)
         if mode == "compiled":

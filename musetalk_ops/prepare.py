@@ -14,7 +14,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 
 from musetalk_ops import ENGINE_VERSION
 from musetalk_ops.blend import Box, crop_box_for
@@ -35,6 +34,7 @@ from musetalk_ops.masks import blending_mask, landmark_mask, parse_mask
 from musetalk_ops.models.bisenet import BiSeNet, load_bisenet, parse_faces
 from musetalk_ops.models.layout import ModelLayout, check_models, weights_fingerprint
 from musetalk_ops.models.vae import CROP, encode_crops, load_vae
+from musetalk_ops.models.vae_model import VAE
 from musetalk_ops.settings import TemplateSettings
 from musetalk_ops.sources import IMAGE_SUFFIXES, read_source
 from musetalk_ops.timings import Timings
@@ -194,7 +194,7 @@ def _process(
     frames: np.ndarray,
     track: FaceTrack,
     settings: TemplateSettings,
-    vae: AutoencoderKL,
+    vae: VAE,
     bisenet: BiSeNet | None,
     device: torch.device,
     timings: Timings,

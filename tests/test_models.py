@@ -15,8 +15,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import Attention
 from PIL import Image
 
 from musetalk_ops.errors import InputError, ModelFilesError
@@ -26,6 +24,7 @@ from musetalk_ops.models import load_models
 from musetalk_ops.models.bisenet import BiSeNet, load_bisenet, parse_faces
 from musetalk_ops.models.convert import convert_models
 from musetalk_ops.models.demo import write_demo_models
+from musetalk_ops.models.layers import Attention
 from musetalk_ops.models.layout import (
     DEMO_MARKER,
     ModelLayout,
@@ -182,13 +181,13 @@ def test_fp16_file_loaded_as_float32_computes_in_float32(demo_models, tmp_path):
     unet = load_unet(root, "v15", "cpu", torch.float32)
     assert {p.dtype for p in unet.parameters()} == {torch.float32}
 
-    reference = UNet2DConditionModel(**{k: v for k, v in read_config(root).items() if not k.startswith("_")})
+    reference = build_unet(read_config(root), "reference")  # fp32 from the start, given the upcast weights
     reference.load_state_dict({k: v.float() for k, v in half.items()})
     reference.eval()
     g = torch.Generator().manual_seed(1)
     latents, tokens = torch.randn(1, 8, 32, 32, generator=g), torch.randn(1, 50, 384, generator=g)
     with torch.no_grad():
-        want = reference(latents, torch.tensor([0]), encoder_hidden_states=tokens).sample
+        want = reference(latents, torch.tensor([0]), tokens)
     got = unet_predict(unet, latents, tokens)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -208,7 +207,7 @@ def test_unet_predict_shape_dtype_and_timestep_zero(demo_models):
     assert out.shape == (2, 4, 32, 32) and out.dtype == torch.float32
     assert seen[0].dtype == torch.int64 and seen[0].tolist() == [0, 0]  # timestep 0, broadcast to the batch
     with torch.no_grad():
-        want = unet(latents, torch.tensor([0]), encoder_hidden_states=tokens.half().float()).sample
+        want = unet(latents, torch.tensor([0]), tokens.half().float())
     torch.testing.assert_close(out, want)
 
 
@@ -269,10 +268,13 @@ def test_vae_encode_uses_posterior_mean_and_masks_the_lower_half(demo_models):
     np.testing.assert_allclose(x[1:].permute(0, 2, 3, 1).numpy(), full, atol=1e-6)
 
     with torch.no_grad():  # the same batch (CPU conv numerics depend on the batch) from the numpy input
-        want = vae.encode(torch.from_numpy(np.concatenate([masked, full])).permute(0, 3, 1, 2)).latent_dist
-    torch.testing.assert_close(latents[:, :4], want.mean[:1] * VAE_SCALE, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(latents[:, 4:], want.mean[1:] * VAE_SCALE, rtol=1e-5, atol=1e-6)
-    assert (want.std > 1e-3).all()  # a sample would differ from the mean
+        moments = vae.quant_conv(
+            vae.encoder(torch.from_numpy(np.concatenate([masked, full])).permute(0, 3, 1, 2))
+        )
+    mean, logvar = moments.chunk(2, dim=1)
+    torch.testing.assert_close(latents[:, :4], mean[:1] * VAE_SCALE, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(latents[:, 4:], mean[1:] * VAE_SCALE, rtol=1e-5, atol=1e-6)
+    assert (torch.exp(logvar / 2) > 1e-3).all()  # a sample would differ from the mean
 
 
 def test_vae_decode_arithmetic(demo_models):
@@ -281,7 +283,7 @@ def test_vae_decode_arithmetic(demo_models):
     faces = decode_latents(vae, latents)
     assert faces.shape == (1, 256, 256, 3) and faces.dtype == torch.uint8
     with torch.no_grad():
-        raw = vae.decode(latents / VAE_SCALE).sample.numpy()
+        raw = vae.decode(latents / VAE_SCALE).numpy()
     clipped = np.clip(raw / np.float32(2) + np.float32(0.5), 0, 1).transpose(0, 2, 3, 1)
     want = np.round(clipped * np.float32(255)).astype(np.uint8)
     assert (raw < -1).any() and (raw > 1).any()  # the clamp is exercised

@@ -7,9 +7,9 @@ loads each component and casts it once, after loading, to the requested device a
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from musetalk_ops.models.bisenet import BiSeNet, load_bisenet
 from musetalk_ops.models.layout import (
@@ -20,8 +20,12 @@ from musetalk_ops.models.layout import (
     weights_kind,
 )
 from musetalk_ops.models.unet import load_unet
+from musetalk_ops.models.unet_model import UNet
 from musetalk_ops.models.vae import load_vae
-from musetalk_ops.models.whisper import WhisperEncoder, load_whisper
+from musetalk_ops.models.vae_model import VAE
+
+if TYPE_CHECKING:  # transformers costs seconds to import; a render step that gets features never needs it
+    from musetalk_ops.models.whisper import WhisperEncoder
 
 
 @dataclass
@@ -32,9 +36,9 @@ class Models:
     with other weights can be recognised; it is ``"demo"`` for demo sets.
     """
 
-    unet: UNet2DConditionModel | None
-    vae: AutoencoderKL | None
-    whisper: WhisperEncoder | None
+    unet: UNet | None
+    vae: VAE | None
+    whisper: "WhisperEncoder | None"
     bisenet: BiSeNet | None
     device: torch.device
     dtype: torch.dtype
@@ -61,7 +65,7 @@ def load_models(
     loaders = {
         "unet": lambda: load_unet(root, version, device, dtype, cache=cache),
         "vae": lambda: load_vae(root, device, dtype),
-        "whisper": lambda: load_whisper(root, device, dtype),
+        "whisper": lambda: _load_whisper(root, device, dtype),
         "bisenet": lambda: load_bisenet(root, device, dtype),
     }
     loaded = {name: loaders[name]() if name in components else None for name in COMPONENTS}
@@ -73,3 +77,9 @@ def load_models(
         weights=weights_kind(root),
         fingerprint=fingerprint,
     )
+
+
+def _load_whisper(root: str | os.PathLike, device: torch.device, dtype: torch.dtype) -> "WhisperEncoder":
+    from musetalk_ops.models.whisper import load_whisper
+
+    return load_whisper(root, device, dtype)

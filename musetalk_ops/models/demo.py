@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 from musetalk_ops.errors import InputError
@@ -22,7 +21,7 @@ from musetalk_ops.files import write_atomic
 from musetalk_ops.models.bisenet import BiSeNet
 from musetalk_ops.models.layout import COMPONENTS, VERSIONS, ModelLayout, weights_kind
 from musetalk_ops.models.unet import OFFICIAL_UNET_CONFIG, build_unet
-from musetalk_ops.models.vae import OFFICIAL_VAE_CONFIG
+from musetalk_ops.models.vae import OFFICIAL_VAE_CONFIG, build_vae
 
 DEMO_UNET_CONFIG = {**OFFICIAL_UNET_CONFIG, "block_out_channels": [32, 64, 64, 64]}
 
@@ -115,8 +114,7 @@ def write_demo_models(root: str | os.PathLike, seed: int = 0) -> None:
             _save_tensors(build_unet(DEMO_UNET_CONFIG, "demo").state_dict(), layout.unet_weights(version))
 
         _save_json(DEMO_VAE_CONFIG, layout.vae_config)
-        vae = AutoencoderKL(**{k: v for k, v in DEMO_VAE_CONFIG.items() if not k.startswith("_")})
-        _save_tensors(vae.state_dict(), layout.vae_weights)
+        _save_tensors(build_vae(DEMO_VAE_CONFIG, "demo").state_dict(), layout.vae_weights)
 
         config_file, weights_file, preprocessor_file = layout.whisper_files
         whisper_config = WhisperConfig(

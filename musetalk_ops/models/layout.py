@@ -228,8 +228,8 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -
 def ready(module: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
     """Cast after loading (so fp32 computes in fp32 whatever the file stores), eval mode, no gradients.
 
-    ``nn.Module.to`` directly: diffusers' override warns about fp32-pinned modules on every dtype cast,
-    even when a model has none.
+    ``nn.Module.to`` directly: library models (transformers' whisper) override ``to`` with checks and
+    warnings that do not apply here.
     """
     return nn.Module.to(module, device=device, dtype=dtype).eval().requires_grad_(False)
 

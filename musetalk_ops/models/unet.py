@@ -1,4 +1,4 @@
-"""MuseTalk UNet: a diffusers ``UNet2DConditionModel`` run once at timestep 0 (reference §1.2, P10).
+"""MuseTalk UNet (``unet_model.UNet``) run once at timestep 0 (reference §1.2, P10).
 
 The model is built on the meta device and adopts the loaded tensors (``assign``), so loading costs one
 read of the weights and no random initialisation; the cast to the requested dtype comes after loading,
@@ -8,7 +8,6 @@ so ``float32`` computes in fp32 whatever precision the file stores.
 import os
 
 import torch
-from diffusers import UNet2DConditionModel
 
 from musetalk_ops.errors import ModelFilesError
 from musetalk_ops.models.convert import load_converted
@@ -20,6 +19,7 @@ from musetalk_ops.models.layout import (
     read_state_dict,
     ready,
 )
+from musetalk_ops.models.unet_model import UNet, UNetConfig
 
 # ``musetalk.json`` of the official release (reference §1.2); ``attention_head_dim`` 8 is diffusers' legacy
 # name for 8 heads per attention layer.
@@ -51,12 +51,12 @@ OFFICIAL_UNET_CONFIG = {
 }
 
 
-def build_unet(config: dict, path: os.PathLike | str) -> UNet2DConditionModel:
-    """``UNet2DConditionModel(**config)`` minus the bookkeeping keys starting with ``_``."""
+def build_unet(config: dict, path: os.PathLike | str) -> UNet:
+    """The UNet of a ``musetalk.json`` dict (random weights; build on the meta device to load into)."""
     try:
-        return UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+        return UNet(UNetConfig.from_json(config))
     except (TypeError, ValueError) as e:
-        raise ModelFilesError(f"{path} is not a valid UNet2DConditionModel config: {e}") from None
+        raise ModelFilesError(f"{path} is not a supported UNet config: {e}") from None
 
 
 def load_unet(
@@ -66,7 +66,7 @@ def load_unet(
     dtype: torch.dtype,
     *,
     cache: str | os.PathLike | None = None,
-) -> UNet2DConditionModel:
+) -> UNet:
     """Strictly load the official UNet; fp16/bf16 use a ``musetalk models convert`` copy when one is valid."""
     check_models(root, version, components=("unet",))
     layout = ModelLayout(root)
@@ -81,14 +81,8 @@ def load_unet(
 
 
 @torch.inference_mode()
-def unet_predict(
-    unet: UNet2DConditionModel, latents: torch.Tensor, audio_tokens: torch.Tensor
-) -> torch.Tensor:
+def unet_predict(unet: UNet, latents: torch.Tensor, audio_tokens: torch.Tensor) -> torch.Tensor:
     """[B,8,32,32] latents, [B,50,384] tokens → [B,4,32,32] in the UNet's dtype; timestep 0 (int64)."""
     device, dtype = unet.device, unet.dtype
     timestep = torch.tensor([0], dtype=torch.int64, device=device)
-    return unet(
-        latents.to(device=device, dtype=dtype),
-        timestep,
-        encoder_hidden_states=audio_tokens.to(device=device, dtype=dtype),
-    ).sample
+    return unet(latents.to(device=device, dtype=dtype), timestep, audio_tokens.to(device=device, dtype=dtype))

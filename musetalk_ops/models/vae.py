@@ -8,11 +8,17 @@ import os
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
-from diffusers.utils import logging as diffusers_logging
 
 from musetalk_ops.errors import ModelFilesError
-from musetalk_ops.models.layout import ModelLayout, check_models, ready, state_dict_mismatch
+from musetalk_ops.models.layout import (
+    ModelLayout,
+    check_models,
+    load_strict,
+    read_json,
+    read_state_dict,
+    ready,
+)
+from musetalk_ops.models.vae_model import VAE, VAEConfig, rename_deprecated_attention
 
 OFFICIAL_VAE_CONFIG = {  # stabilityai/sd-vae-ft-mse config.json (the official sd-vae/)
     "_class_name": "AutoencoderKL",
@@ -29,32 +35,28 @@ OFFICIAL_VAE_CONFIG = {  # stabilityai/sd-vae-ft-mse config.json (the official s
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 
-VAE_SCALE = 0.18215
+VAE_SCALE = 0.18215  # SD 1.x's scaling_factor; VAEConfig rejects a config.json with another
 CROP = 256
 MASK_FROM_ROW = CROP // 2  # rows 128..255 (the mouth half) are hidden from the masked latent
 
 
-def load_vae(root: str | os.PathLike, device: torch.device | str, dtype: torch.dtype) -> AutoencoderKL:
-    """``AutoencoderKL.from_pretrained`` on ``sd-vae/``, local files only; any key difference fails."""
+def build_vae(config: dict, path: os.PathLike | str) -> VAE:
+    """The VAE of a ``config.json`` dict (random weights; build on the meta device to load into)."""
+    try:
+        return VAE(VAEConfig.from_json(config))
+    except (TypeError, ValueError) as e:
+        raise ModelFilesError(f"{path} is not a supported VAE config: {e}") from None
+
+
+def load_vae(root: str | os.PathLike, device: torch.device | str, dtype: torch.dtype) -> VAE:
+    """Strictly load ``sd-vae/`` (config.json and its weights), as the UNet: meta-device model, the tensors
+    adopted, then cast. Old attention names (sd-vae-ft-mse's) are renamed first, as diffusers does."""
     check_models(root, components=("vae",))
     layout = ModelLayout(root)
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # we report key problems ourselves, in one line
-    try:
-        vae, info = AutoencoderKL.from_pretrained(
-            str(layout.vae_dir), local_files_only=True, use_safetensors=False, output_loading_info=True
-        )
-    except (OSError, ValueError, RuntimeError) as e:
-        lines = [s.strip() for s in str(e).splitlines() if s.strip() and "You may consider" not in s]
-        raise ModelFilesError(f"cannot load the VAE from {layout.vae_dir}: {' '.join(lines[-2:])}") from None
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    missing, unexpected = dict.fromkeys(info["missing_keys"], ()), dict.fromkeys(info["unexpected_keys"], ())
-    problem = state_dict_mismatch(missing, unexpected)  # (shape mismatches raise inside from_pretrained)
-    if problem:
-        raise ModelFilesError(
-            f"{layout.vae_weights} does not fit {layout.vae_config}: {problem} (replace the files)"
-        )
+    with torch.device("meta"):
+        vae = build_vae(read_json(layout.vae_config), layout.vae_config)
+    state = rename_deprecated_attention(vae, read_state_dict(layout.vae_weights))
+    load_strict(vae, state, layout.vae_weights)
     return ready(vae, device, dtype)
 
 
@@ -67,19 +69,19 @@ def _vae_input(crops: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def encode_crops(vae: AutoencoderKL, crops: np.ndarray) -> torch.Tensor:
+def encode_crops(vae: VAE, crops: np.ndarray) -> torch.Tensor:
     """RGB uint8 [B,256,256,3] → float32 [B,8,32,32]: masked latents (0–3) ‖ reference latents (4–7)."""
     if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != (CROP, CROP, 3):
         raise ValueError(f"encode_crops wants uint8 [B,{CROP},{CROP},3], got {crops.dtype} {crops.shape}")
     x = _vae_input(crops, vae.device).to(vae.dtype)
-    latents = vae.encode(x).latent_dist.mean * VAE_SCALE
+    latents = vae.encode_mean(x) * VAE_SCALE
     masked, full = latents.float().chunk(2)
     return torch.cat([masked, full], dim=1)
 
 
 @torch.inference_mode()
-def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+def decode_latents(vae: VAE, latents: torch.Tensor) -> torch.Tensor:
     """[B,4,32,32] → RGB uint8 [B,256,256,3] on the VAE's device (÷0.18215, decode, clamp, ×255, round)."""
-    images = vae.decode((latents / VAE_SCALE).to(device=vae.device, dtype=vae.dtype)).sample
+    images = vae.decode((latents / VAE_SCALE).to(device=vae.device, dtype=vae.dtype))
     images = (images / 2 + 0.5).clamp(0, 1)
     return (images.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8)

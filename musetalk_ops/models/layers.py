@@ -1,0 +1,186 @@
+"""Blocks shared by our UNet and VAE, written after the diffusers modules of the same names.
+
+Only what the MuseTalk models use is implemented, in inference form (no dropout, no gradient
+checkpointing). Parameter names are diffusers', so the official checkpoints load strictly. Forward
+passes hold no data-dependent Python control flow and no host syncs, so they compile with
+``torch.compile`` and capture into CUDA graphs.
+"""
+
+import dataclasses
+import math
+from typing import Any, ClassVar, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ConfigT = TypeVar("ConfigT", bound="NetConfig")
+
+
+@dataclasses.dataclass(frozen=True)
+class NetConfig:
+    """A model config whose fields carry diffusers' names and defaults.
+
+    ``DIFFUSERS_DEFAULTS`` lists the other arguments of the diffusers class, each with the one value this
+    implementation supports (its diffusers default), so a ``config.json`` written by diffusers is accepted
+    exactly when we compute what diffusers would.
+    """
+
+    DIFFUSERS_DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def from_json(cls: type[ConfigT], config: dict[str, Any]) -> ConfigT:
+        """Build from a diffusers ``config.json`` dict; ``_``-prefixed bookkeeping keys are ignored.
+
+        Raises ``ValueError`` naming the first key we do not implement.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key, value in config.items():
+            if key.startswith("_") or key in names:
+                continue
+            if key not in cls.DIFFUSERS_DEFAULTS:
+                raise ValueError(f"unknown key {key!r}")
+            default = cls.DIFFUSERS_DEFAULTS[key]
+            if _freeze(value) != _freeze(default):
+                raise ValueError(f"{key} = {value!r} is not supported (only {default!r} is implemented)")
+        return cls(**{k: _freeze(v) for k, v in config.items() if k in names})
+
+
+def _freeze(value: Any) -> Any:
+    """Lists as tuples, so JSON values compare equal to (and hash like) the tuple defaults."""
+    return tuple(_freeze(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+class Net(nn.Module):
+    """A model that reports where its weights are, so callers can place inputs (as diffusers' ModelMixin)."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm → SiLU → 3×3 conv, twice, plus a shortcut (a 1×1 conv where the width changes).
+
+    With ``temb_channels`` a projection of the SiLU'd time embedding is added to every channel between
+    the two convolutions (diffusers' ``time_embedding_norm="default"``).
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, *, groups: int, eps: float, temb_channels: int | None
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return shortcut + h
+
+
+class Downsample2D(nn.Module):
+    """Halve the resolution with a stride-2 3×3 conv.
+
+    ``padding=1`` pads every side (the UNet's ``downsample_padding``); ``padding=0`` pads only the right
+    and bottom by one (the VAE encoder's asymmetric padding, from the original LDM code).
+    """
+
+    def __init__(self, channels: int, padding: int) -> None:
+        super().__init__()
+        self.asymmetric = padding == 0
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.asymmetric:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Double the resolution: nearest-neighbour ×2, then a 3×3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Attention(nn.Module):
+    """Multi-head attention of ``[B, N, query_dim]`` queries over ``context`` (itself when None).
+
+    diffusers' ``Attention`` with its default ``AttnProcessor2_0``: linear q/k/v, PyTorch's
+    ``scaled_dot_product_attention`` (scale 1/√dim_head), an output projection.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        *,
+        heads: int,
+        dim_head: int,
+        cross_attention_dim: int | None = None,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        inner_dim = heads * dim_head
+        context_dim = cross_attention_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=bias)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim)])  # a list for diffusers' "to_out.0"
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        q, k, v = (
+            proj(t).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [B, heads, N, dim_head]
+            for proj, t in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
+        )
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out[0](out.transpose(1, 2).flatten(2))
+
+
+class Timesteps(nn.Module):
+    """Sinusoidal embedding ``[cos | sin]`` of timesteps ``[B]`` → ``[B, dim]`` (``dim`` even).
+
+    diffusers' ``get_timestep_embedding`` with ``flip_sin_to_cos=True, downscale_freq_shift=0``, in the
+    same float32 operations, so the result is bit-identical.
+    """
+
+    def __init__(self, dim: int, max_period: int = 10000) -> None:
+        super().__init__()
+        self.dim, self.max_period = dim, max_period
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        exponent = -math.log(self.max_period) * torch.arange(
+            half, dtype=torch.float32, device=timesteps.device
+        )
+        angles = timesteps[:, None].float() * torch.exp(exponent / half)[None, :]
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """Linear → SiLU → linear: the MLP that turns the sinusoidal embedding into the ResNet time input."""
+
+    def __init__(self, in_channels: int, time_embed_dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))

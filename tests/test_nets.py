@@ -1,0 +1,259 @@
+"""Our UNet and VAE against diffusers, the independent reference: names, shapes, numbers, configs."""
+
+import dataclasses
+import inspect
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.embeddings import get_timestep_embedding
+
+from musetalk_ops.errors import ModelFilesError
+from musetalk_ops.models.layers import Timesteps
+from musetalk_ops.models.unet import OFFICIAL_UNET_CONFIG, build_unet
+from musetalk_ops.models.unet_model import UNetConfig
+from musetalk_ops.models.vae import OFFICIAL_VAE_CONFIG, build_vae
+from musetalk_ops.models.vae_model import VAEConfig, rename_deprecated_attention
+
+TOLERANCE = 1e-4  # max abs difference in fp32 on CPU (measured: 0, the same operations in the same order)
+
+SMALL_UNET = {**OFFICIAL_UNET_CONFIG, "block_out_channels": [32, 64, 64, 64]}
+# Every other implemented option off its MuseTalk value: 3 blocks, mixed block types, 4 heads, ...
+ODD_UNET = {
+    "in_channels": 5,
+    "out_channels": 3,
+    "block_out_channels": [32, 48, 64],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
+    "norm_eps": 1e-6,
+    "cross_attention_dim": 24,
+    "attention_head_dim": 4,
+}
+SMALL_VAE = {**OFFICIAL_VAE_CONFIG, "block_out_channels": [32, 32, 64, 64], "layers_per_block": 1}
+ODD_VAE = {
+    **OFFICIAL_VAE_CONFIG,
+    "in_channels": 4,
+    "out_channels": 2,
+    "latent_channels": 3,
+    "block_out_channels": [16, 32],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "norm_num_groups": 8,
+}
+
+
+def diffusers_kwargs(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def twins(config: dict, reference_cls, build) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The diffusers model with seeded random weights, and ours holding a copy of them."""
+    torch.manual_seed(0)
+    reference = reference_cls(**diffusers_kwargs(config)).eval()
+    ours = build(config, "test")
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    return reference, ours.eval()
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape and a.dtype == b.dtype
+    return (a - b).abs().max().item()
+
+
+# --- names and shapes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "reference_cls", "build"),
+    [
+        (OFFICIAL_UNET_CONFIG, UNet2DConditionModel, build_unet),
+        (OFFICIAL_VAE_CONFIG, AutoencoderKL, build_vae),
+    ],
+)
+def test_official_configs_have_diffusers_state_dict_keys_and_shapes(config, reference_cls, build):
+    with torch.device("meta"):
+        want = {k: v.shape for k, v in reference_cls(**diffusers_kwargs(config)).state_dict().items()}
+        got = {k: v.shape for k, v in build(config, "official").state_dict().items()}
+    assert sorted(set(want) ^ set(got)) == []
+    assert got == want
+
+
+@pytest.mark.parametrize(
+    ("config", "reference_cls", "build"),
+    [(SMALL_UNET, UNet2DConditionModel, build_unet), (SMALL_VAE, AutoencoderKL, build_vae)],
+)
+def test_seeded_initialisation_equals_diffusers(config, reference_cls, build):
+    """Modules are built in diffusers' order, so demo weights are what diffusers would have drawn."""
+    torch.manual_seed(5)
+    want = reference_cls(**diffusers_kwargs(config)).state_dict()
+    torch.manual_seed(5)
+    got = build(config, "demo").state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+# --- numbers -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("config", "size", "batch"), [(SMALL_UNET, (32, 32), 3), (ODD_UNET, (24, 16), 2)])
+def test_unet_output_equals_diffusers(config, size, batch):
+    reference, ours = twins(config, UNet2DConditionModel, build_unet)
+    cfg = ours.config
+    g = torch.Generator().manual_seed(batch)
+    sample = torch.randn(batch, cfg.in_channels, *size, generator=g)
+    tokens = torch.randn(batch, 50, cfg.cross_attention_dim, generator=g)
+    timesteps = [torch.tensor([0]), torch.tensor(7), torch.arange(batch) * 400 + 3]  # [1], scalar, per sample
+    with torch.no_grad():
+        for t in timesteps:
+            want = reference(sample, t, encoder_hidden_states=tokens).sample
+            assert max_diff(ours(sample, t, tokens), want) <= TOLERANCE
+    assert want.abs().max() > 0.1  # not a vacuous comparison
+
+
+def test_unet_rejects_sizes_it_cannot_upsample_back():
+    with torch.device("meta"):
+        unet = build_unet(SMALL_UNET, "small")
+        with pytest.raises(ValueError, match="multiples of 8"):
+            unet(torch.zeros(1, 8, 36, 32), torch.zeros(1), torch.zeros(1, 50, 384))
+
+
+@pytest.mark.parametrize(("config", "size", "batch"), [(SMALL_VAE, (64, 64), 2), (ODD_VAE, (24, 40), 3)])
+def test_vae_encode_mean_and_decode_equal_diffusers(config, size, batch):
+    reference, ours = twins(config, AutoencoderKL, build_vae)
+    cfg = ours.config
+    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    g = torch.Generator().manual_seed(batch)
+    images = torch.rand(batch, cfg.in_channels, *size, generator=g) * 2 - 1
+    latents = torch.randn(batch, cfg.latent_channels, size[0] // factor, size[1] // factor, generator=g)
+    with torch.no_grad():
+        assert max_diff(ours.encode_mean(images), reference.encode(images).latent_dist.mean) <= TOLERANCE
+        assert max_diff(ours.decode(latents), reference.decode(latents).sample) <= TOLERANCE
+
+
+def test_timestep_embedding_is_bit_identical_to_diffusers():
+    t = torch.tensor([0, 1, 17, 999, 1000])
+    for dim in (32, 320, 1280):
+        want = get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        assert torch.equal(Timesteps(dim)(t), want)
+
+
+def test_device_and_dtype_follow_the_weights():
+    unet, vae = build_unet(SMALL_UNET, "small"), build_vae(SMALL_VAE, "small")
+    assert (unet.device, unet.dtype, vae.device, vae.dtype) == (torch.device("cpu"), torch.float32) * 2
+    assert vae.to(torch.float64).dtype == torch.float64
+
+
+# --- deprecated VAE attention names --------------------------------------------------------------------
+
+
+def test_deprecated_vae_attention_names_are_renamed_as_diffusers_does():
+    reference, ours = twins(SMALL_VAE, AutoencoderKL, build_vae)
+    new_names = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    legacy = {}
+    for key, value in reference.state_dict().items():
+        for new, old in new_names.items():
+            key = key.replace(new, old) if ".mid_block.attentions." in key else key
+        legacy[key] = value
+    legacy["decoder.conv_in.query.weight"] = torch.zeros(1)  # not an attention: left alone
+    assert sum(".query." in k for k in legacy) == 5  # weight and bias of 2 attentions, and the decoy
+
+    want = reference._fix_state_dict_keys_on_load(dict(legacy))  # diffusers' own conversion
+    got = rename_deprecated_attention(ours, legacy)
+    assert got.keys() == want.keys()
+    assert all(got[k] is want[k] for k in want)
+    del got["decoder.conv_in.query.weight"]
+    ours.load_state_dict(got, strict=True)
+
+
+# --- configs -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config_cls", "reference_cls"), [(UNetConfig, UNet2DConditionModel), (VAEConfig, AutoencoderKL)]
+)
+def test_configs_cover_the_diffusers_arguments_with_their_defaults(config_cls, reference_cls):
+    signature = {
+        name: param.default
+        for name, param in inspect.signature(reference_cls.__init__).parameters.items()
+        if name != "self"
+    }
+    fields = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    assert sorted(signature) == sorted([*fields, *config_cls.DIFFUSERS_DEFAULTS])
+    assert {**fields, **config_cls.DIFFUSERS_DEFAULTS} == signature
+
+
+@pytest.mark.parametrize(
+    ("config", "config_cls", "reference_cls"),
+    [
+        (OFFICIAL_UNET_CONFIG, UNetConfig, UNet2DConditionModel),
+        (OFFICIAL_VAE_CONFIG, VAEConfig, AutoencoderKL),
+    ],
+)
+def test_a_config_saved_by_diffusers_is_accepted(config, config_cls, reference_cls):
+    """diffusers writes every argument; those at their defaults are what we implement."""
+    with torch.device("meta"):
+        saved = dict(reference_cls(**diffusers_kwargs(config)).config)
+    assert len(saved) > len(config)
+    assert config_cls.from_json(saved) == config_cls.from_json(config)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"use_linear_projection": True}, r"use_linear_projection = True is not supported \(only False"),
+        (
+            {"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"},
+            "mid_block_type = 'UNetMidBlock2DSimpleCrossAttn'",
+        ),
+        ({"transformer_layers_per_block": 2}, "transformer_layers_per_block = 2"),
+        ({"attention_head_dim": [5, 10, 20, 20]}, r"attention_head_dim = \(5, 10, 20, 20\) is not supported"),
+        ({"down_block_types": ["AttnDownBlock2D"] * 4}, "down_block_types = .*AttnDownBlock2D"),
+        ({"up_block_types": ["UpBlock2D"] * 3}, "up_block_types has 3 entries for 4 block_out_channels"),
+        ({"colour": "blue"}, "unknown key 'colour'"),
+    ],
+)
+def test_unet_config_outside_what_we_implement_is_rejected(change, message):
+    with pytest.raises(ValueError, match=message):
+        UNetConfig.from_json({**OFFICIAL_UNET_CONFIG, **change})
+    with pytest.raises(ModelFilesError, match=r"musetalk\.json is not a supported UNet config: " + message):
+        build_unet({**OFFICIAL_UNET_CONFIG, **change}, "musetalk.json")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"scaling_factor": 0.13025}, "scaling_factor = 0.13025 is not supported"),
+        ({"mid_block_add_attention": False}, "mid_block_add_attention = False"),
+        ({"up_block_types": ["UpDecoderBlock2D"] * 3}, "up_block_types has 3 entries"),
+        ({"down_block_types": ["DownBlock2D"] * 4}, "down_block_types = .* is not supported"),
+    ],
+)
+def test_vae_config_outside_what_we_implement_is_rejected(change, message):
+    with pytest.raises(ModelFilesError, match=r"config\.json is not a supported VAE config: " + message):
+        build_vae({**OFFICIAL_VAE_CONFIG, **change}, "config.json")
+
+
+def test_defaults_and_bookkeeping_keys_are_ignored():
+    config = {**OFFICIAL_UNET_CONFIG, "_name_or_path": "x", "dropout": 0.0, "num_attention_heads": None}
+    assert UNetConfig.from_json(config) == UNetConfig.from_json(OFFICIAL_UNET_CONFIG)
+    assert UNetConfig.from_json(config).attention_head_dim == 8
+
+
+# --- cold start ----------------------------------------------------------------------------------------
+
+
+def test_the_render_path_imports_neither_diffusers_nor_transformers():
+    """Cold start: a render step (features come from the audio step) needs torch, OpenCV and PyAV only;
+    diffusers and transformers each pull in torch._dynamo (seconds on a GPU node)."""
+    heavy = ("diffusers", "transformers", "torch._dynamo")
+    code = (
+        "import sys, musetalk_ops.render, musetalk_ops.models, musetalk_ops.cache; "
+        f"print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, timeout=120, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == ""
