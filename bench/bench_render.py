@@ -21,8 +21,8 @@ runs out):
   generator alone), then its cold start with the on-disk compile cache warm;
 * ``cold_start``: a fresh process per path, process start → first frame (3 s clip), as a render step
   (features from the audio step: no whisper) and as the CLI (whisper in the process);
-* ``encoding``: x264 alone on the templates' frames (segments at once, presets, RGB vs YUV input) and
-  chunks with 8 and 12 encoders and two presets;
+* ``encoding``: chunks with 2 and 8 encoders and two presets;
+* ``encoder_alone``: x264 alone on the templates' frames (segments at once, presets, RGB vs YUV input);
 * ``generator``: UNet + VAE decode alone per path and batch size;
 * ``cpu_reference``: the GPU fp16 fast path vs the CPU fp32 reference path on the same frames.
 
@@ -485,6 +485,7 @@ class Bench:
             run("compiled", self.compiled, needs=200)
         run("cold_start", self.cold_starts, needs=45)
         run("encoding", self.encoding, needs=40)
+        run("encoder_alone", self.encoder_alone, needs=60)
         run("generator", self.generator, needs=20)
         if cuda():
             run("cpu_reference", self.cpu_reference, needs=15)
@@ -595,22 +596,25 @@ class Bench:
             for b in batches:
                 s[f"{mode}/b{b}"] = generator_fps(self.models, mode, b, False)
 
-    def encoding(self, s: dict) -> None:
+    def encoder_alone(self, s: dict) -> None:
         frames = self.templates["1080p"].frames
         runs = [("veryfast", 4, False), ("veryfast", 8, False)]
         runs += [("veryfast", n, True) for n in (2, 4, 8, 12, 16)]
         runs += [("superfast", 8, True), ("ultrafast", 8, True)]
         for preset, writers, yuv in runs:
-            key = f"encoder_alone_1080p/{preset}/x{writers}" + ("/yuv_input" if yuv else "")
+            key = f"1080p/{preset}/x{writers}" + ("/yuv_input" if yuv else "")
             s[key] = encode_alone(frames, 480, writers, self.work, preset, yuv)
         for writers in (4, 8, 16):  # the single-image 512² template: a static frame but for the mouth
-            s[f"encoder_alone_512/veryfast/x{writers}/yuv_input"] = encode_alone(
+            s[f"512/veryfast/x{writers}/yuv_input"] = encode_alone(
                 self.templates["512"].frames, 1200, writers, self.work, "veryfast", True
             )
+
+    def encoding(self, s: dict) -> None:
+        """Whole chunks with other encoder counts and presets than the default."""
         for name in self.templates:
-            for encoders in (8, 12):
+            for encoders in (2, 8):
                 for preset in ("veryfast", "superfast"):
-                    s[f"render_{name}/{preset}/encoders{encoders}"] = self.render(
+                    s[f"{name}/{preset}/encoders{encoders}"] = self.render(
                         name, mode=self.modes[0], encoders=encoders, preset=preset
                     )
 

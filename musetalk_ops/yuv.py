@@ -15,6 +15,8 @@ A region converted on its own needs the rows just above and below it for its chr
 them as ``context`` rows (the frame's edge rows again where the region touches a border).
 """
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
@@ -23,6 +25,13 @@ KG = 1 - KR - KB
 _Y = (219 / 255) * torch.tensor([KR, KG, KB])
 _CB = (224 / 255) * torch.tensor([-KR, -KG, 1 - KB]) / (2 * (1 - KB))
 _CR = (224 / 255) * torch.tensor([1 - KR, -KG, -KB]) / (2 * (1 - KR))
+
+
+@lru_cache(maxsize=8)
+def _weights(device: torch.device) -> torch.Tensor:
+    """[3 (R, G, B), 3 (Y, Cb, Cr)] on ``device``, uploaded once: an upload from pageable memory makes
+    the host wait for all queued GPU work, which per batch would stall the fast path."""
+    return torch.stack([_Y, _CB, _CR], dim=1).to(device)
 
 
 def _quantise(x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +52,7 @@ def rgb_to_yuv420(rgb: torch.Tensor, *, context: bool = False) -> tuple[torch.Te
     x = rgb.to(torch.float32)
     if not context:  # a whole frame: its edge rows stand in for the missing neighbours
         x = torch.cat([x[..., :1, :, :], x, x[..., -1:, :, :]], dim=-3)
-    weights = torch.stack([_Y, _CB, _CR], dim=1).to(x.device)  # [3 (R, G, B), 3 (Y, Cb, Cr)]
+    weights = _weights(x.device)
     y = _quantise(x[..., 1:-1, :, :] @ weights[:, 0] + 16)
     c = (x @ weights[:, 1:]).unflatten(-2, (width // 2, 2)).mean(dim=-2)  # [..., H + 2, W/2, 2]
     c = (c[..., 0:height:2, :, :] + c[..., 3 : height + 2 : 2, :, :]) + 3 * (
