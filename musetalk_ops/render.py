@@ -391,7 +391,11 @@ def _render_fast(
     generator = _generator(models.unet, models.vae, mode, settings.batch_size)
     built = generator.build_seconds
     paster = DevicePaster(job.template, device)
-    latents = job.template.latents.to(dtype=dtype)  # gathered per batch on the host, sent pinned
+    # Model inputs live on the device for the whole chunk (a few KB per frame) and are gathered there
+    # per batch: no per-batch tensor work on the host, whose thread pool would spin on the cores that
+    # x264 needs.
+    latents = job.template.latents.to(device=device, dtype=dtype)
+    tokens = add_positional_encoding(job.windows.to(device=device, dtype=dtype))
     clock = StageClock(device)
     count = encoder_count(settings, mode, job.stop - job.start, float(job.fps))
     bounds = [i * (job.stop - job.start) // count for i in range(count + 1)]
@@ -415,9 +419,8 @@ def _render_fast(
                 rows = order[batch]
                 rows = rows[np.argsort(job.indices[rows], kind="stable")]  # one template frame: contiguous
                 ks = job.indices[rows]
-                tokens = add_positional_encoding(job.windows[torch.from_numpy(rows)].to(dtype))
-                lat, tokens = _to_device((latents[torch.from_numpy(ks)], tokens), device)
-                faces = generator(lat, tokens, clock)
+                index = _to_device(torch.from_numpy(np.stack([rows, ks])), device)
+                faces = generator(latents[index[1]], tokens[index[0]], clock)
                 with clock("composite"):
                     patches = _patches(
                         paster, paster.composite(faces, ks.tolist()), job.frames_dir is not None
@@ -446,6 +449,7 @@ def _render_fast(
                 mux(parts, None, out_path, comment=GENERATED_COMMENT)
     timings.extra["build"] = generator.build_seconds - built
     timings.extra["encoders"] = float(count)
+    timings.extra["waited_for_encoders"] = sum(e.waited_seconds for e in encoders)
 
 
 def _interleave(groups: list[np.ndarray], block: int) -> np.ndarray:
@@ -457,11 +461,11 @@ def _interleave(groups: list[np.ndarray], block: int) -> np.ndarray:
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
 
 
-def _to_device(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Host tensors onto ``device`` without making the host wait for the GPU (pinned, asynchronous)."""
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto ``device`` without making the host wait for the GPU (pinned, asynchronous)."""
     if device.type != "cuda":
-        return tensors
-    return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -527,7 +531,7 @@ def _to_host(tensors: list[torch.Tensor]) -> tuple[np.ndarray, torch.cuda.Event 
         return flat.numpy(), None
     host = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=True)
     host.copy_(flat, non_blocking=True)
-    ready = torch.cuda.Event()
+    ready = torch.cuda.Event(blocking=True)  # encoder threads sleep on it instead of spinning a core
     ready.record()
     return host.numpy(), ready
 
@@ -559,17 +563,22 @@ class _SubSegmentEncoder(threading.Thread):
         self.job, self.lo, self.hi, self.path, self.settings, self.abort = job, lo, hi, path, settings, abort
         self.backgrounds = backgrounds
         self.items: queue.Queue = queue.Queue(maxsize=2 * settings.batch_size)
-        self.composite_seconds = self.encode_seconds = 0.0
+        self.composite_seconds = self.encode_seconds = self.waited_seconds = 0.0
         self.error: BaseException | None = None
 
     def put(self, item: tuple[int, _Patch]) -> None:
-        while True:
-            try:
-                self.items.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                if self.abort.is_set():
-                    raise _Aborted from None
+        """Queue a patch; the model thread's time blocked here (the encoder is behind) is counted."""
+        start = time.perf_counter()
+        try:
+            while True:
+                try:
+                    self.items.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    if self.abort.is_set():
+                        raise _Aborted from None
+        finally:
+            self.waited_seconds += time.perf_counter() - start
 
     def _next(self) -> tuple[int, _Patch]:
         while True:
