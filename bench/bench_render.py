@@ -17,6 +17,8 @@ runs out):
   GPU vs the whole frame, and vs swscale); fast path vs reference path;
 * ``oom``: GPU memory capped below what the batch needs: the real out-of-memory fallback, its frames
   vs an undisturbed render at the batch size it settled on;
+* ``kill_retry``: a render step process SIGKILLed mid-chunk, run again in a fresh process, its decoded
+  frames vs an undisturbed render;
 * ``compiled``: the torch.compile path in its own process (cold compile cost, warm chunks, the
   generator alone), then its cold start with the on-disk compile cache warm;
 * ``cold_start``: a fresh process per path, process start → first frame (3 s clip), as a render step
@@ -378,6 +380,33 @@ def cold_child(mode: str, models_root: str, cache: str, wav: str, out: str, feat
     )
 
 
+def chunk_child(models_root: str, cache: str, features_file: str, frames: str, out: str) -> None:
+    """A render step in its own process: features from a file, frames [0, frames) into ``out``; touches
+    ``out``.started once its first frame is encoded (the parent kills it after that)."""
+    from musetalk_ops.audio import AudioFeatures
+    from musetalk_ops.cache import load_template
+    from musetalk_ops.render import RenderSettings, load_engine, render_chunk
+
+    template = load_template(cache)
+    settings = RenderSettings(models_root=Path(models_root))
+    models = load_engine(settings, version=template.version, components=("unet", "vae"))
+    started = Path(out + ".started")
+
+    def progress(_n: int) -> None:
+        started.touch()
+
+    features = AudioFeatures.load(Path(features_file))
+    render_chunk(models, template, features, 0, int(frames), Path(out), settings, on_frames=progress)
+    print(json.dumps({"done": True}))
+
+
+def decoded(path: Path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
     return usage.ru_utime + usage.ru_stime
@@ -438,7 +467,8 @@ def main() -> None:
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        {"cold": cold_child, "compiled": compiled_child}[args.child[0]](*args.child[1:])
+        children = {"cold": cold_child, "compiled": compiled_child, "chunk": chunk_child}
+        children[args.child[0]](*args.child[1:])
         return
     work = Path(tempfile.mkdtemp(prefix="musetalk-bench-"))
     os.environ["MUSETALK_CACHE"] = str(work / "cache")
@@ -481,6 +511,7 @@ class Bench:
         run("equality", self.equality, needs=30)
         if cuda():
             run("oom", self.oom, needs=30)
+            run("kill_retry", self.kill_retry, needs=40)
         if cuda():
             run("compiled", self.compiled, needs=200)
         run("cold_start", self.cold_starts, needs=45)
@@ -659,6 +690,37 @@ class Bench:
             frames_dir=self.work / "oom-calm",
         )
         s["squeezed_vs_undisturbed"] = png_dir_stats(self.work / "oom-squeezed", self.work / "oom-calm")
+
+    def kill_retry(self, s: dict) -> None:
+        """Issue 8 on the GPU: a render step process SIGKILLed mid-chunk, then run again in a fresh process
+        (what the RetryPolicy does); its segment's decoded frames vs an undisturbed render of this process."""
+        from musetalk_ops.audio import AudioFeatures
+        from musetalk_ops.render import RenderSettings, compute_features, render_chunk
+
+        n, cache = min(200, self.frames), self.prepared["1080p"]
+        features = self.work / "kill-features.safetensors"
+        compute_features(self.models, self.wav).save(features)
+        out = self.work / "killed.mp4"
+        args = [sys.executable, __file__, "--child", "chunk", self.models_root, cache, features, n, out]
+        victim = subprocess.Popen(
+            [str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        started = Path(f"{out}.started")
+        t = time.time()
+        while not started.exists() and victim.poll() is None and time.time() - t < 120:
+            time.sleep(0.05)
+        victim.kill()
+        victim.wait()
+        s["killed_after_first_frame"] = started.exists()
+        s["segment_left_by_killed_process"] = out.exists()
+        started.unlink(missing_ok=True)
+        run_child("chunk", self.models_root, cache, features, n, out)
+        calm = self.work / "calm-1080p.mp4"
+        settings = RenderSettings(batch_size=self.batch)
+        render_chunk(self.models, self.templates["1080p"], AudioFeatures.load(features), 0, n, calm, settings)
+        a, b = decoded(out), decoded(calm)
+        s["frames"] = [len(a), len(b)]
+        s["retry_vs_undisturbed_decoded"] = diff_stats(a, b)
 
     def compiled(self, s: dict) -> None:
         result, _ = run_child(
