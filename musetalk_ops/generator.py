@@ -13,9 +13,10 @@ the render batch size), so a chunk never meets a new shape after its first batch
   Compiled code is traced and run under ``no_grad`` rather than inference mode, whose tensors
   Inductor mishandles (pytorch/pytorch#180823: "weakref to UntypedStorage" on a transpose).
 
-Measured on an H100 at batch 20 (bench/RESULTS.md): eager 158–168 frames/s, graphs 221–225,
-compiled 438–448 (compile 94–102 s cold, 17–18 s with the disk cache warm), against a limit of ~920.
-So ``graphs`` is the default: short clips cannot repay a compile; long renders and warm workers can.
+Measured on an H100 at batch 20 with our models (bench/RESULTS.md, runs 6–8): eager 205 frames/s,
+graphs 225, compiled 438–453 (cold compile 76–80 s), against a limit of ~930; the diffusers models
+ran eager at 158–168. So ``graphs`` is the default: short clips cannot repay a compile; long renders
+and warm workers can (a 1000-frame 512² chunk: 217 frames/s graphs, 404 compiled).
 Channels-last copies of the models were slower (VAE 3.9 vs 3.5 ms/frame) and are not used.
 
 The constant t = 0 time embedding is not precomputed: it is two tiny matmuls per batch, which the

@@ -31,7 +31,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from musetalk_ops import config, keys
 from musetalk_ops.errors import InputError, StoreError
-from musetalk_ops.files import write_atomic
+from musetalk_ops.files import TEMP_SUFFIX, write_atomic
 from musetalk_ops.ids import validate_id
 from musetalk_ops.settings import load_settings
 
@@ -240,14 +240,20 @@ class LocalStore(Store):
                 path.unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix``; returns how many. Temporaries that a killed writer left
+        in directories under the prefix (``*~tmp``, never objects) go too: deleting a prefix means
+        nothing under it is still being written (the merge deletes ``work/<id>/`` after every chunk)."""
         objects = self.list(prefix)
         for info in objects:
             self.delete(info.key)
         start = self._start(prefix)
         if start is not None:  # prune emptied directories under the prefix, never above it
-            for dirpath, _dirs, _files in os.walk(start, topdown=False):
+            for dirpath, _dirs, files in os.walk(start, topdown=False):
                 rel = Path(dirpath).relative_to(self.root).as_posix()
                 if rel != "." and f"{rel}/".startswith(prefix):
+                    for name in files:
+                        if name.endswith(TEMP_SUFFIX):
+                            Path(dirpath, name).unlink(missing_ok=True)
                     with contextlib.suppress(OSError):
                         os.rmdir(dirpath)
         return len(objects)

@@ -123,6 +123,20 @@ def test_delete_prefix_removes_exactly_the_prefix(store):
     assert _keys(store) == []
 
 
+def test_delete_prefix_takes_a_killed_writers_temporaries_along(tmp_path):
+    """A writer SIGKILLed mid-upload leaves a hidden temporary beside the key it was writing: never an
+    object, and gone with the prefix, so a request's work/ directory leaves nothing behind."""
+    store = LocalStore(tmp_path)
+    store.put_bytes("work/r1/chunks/0000.mp4", b"segment")
+    (tmp_path / "work/r1/chunks/.0001.mp4.0123456789ab~tmp").write_bytes(b"half a segm")
+    (tmp_path / "work/r2").mkdir()
+    (tmp_path / "work/r2/.x.0123456789ab~tmp").write_bytes(b"another request's upload")
+    assert _keys(store) == ["work/r1/chunks/0000.mp4"]
+    assert store.delete_prefix("work/r1/") == 1
+    assert not (tmp_path / "work/r1").exists()
+    assert (tmp_path / "work/r2/.x.0123456789ab~tmp").exists()  # outside the prefix: untouched
+
+
 def test_move(store):
     store.put_bytes("work/r1/chunks/0000.mp4", b"segment")
     store.move("work/r1/chunks/0000.mp4", "renders/r1.mp4")
