@@ -20,6 +20,17 @@ os.environ["MUSETALK_CACHE"] = tempfile.mkdtemp(prefix="musetalk-test-cache-")
 os.environ["MUSETALK_STORE"] = tempfile.mkdtemp(prefix="musetalk-test-store-")
 
 
+@pytest.fixture
+def instance(tmp_path):
+    """A temporary Dagster instance (SQLite under the test's tmp_path) for in-process runs."""
+    import dagster as dg
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    with dg.instance_for_test(temp_dir=str(home)) as inst:
+        yield inst
+
+
 @pytest.fixture(scope="session")
 def astronaut_rgb() -> np.ndarray:
     """512×512 RGB public-domain photo; the face lies around x 177–272, y 66–175."""

@@ -101,6 +101,20 @@ def dagster_dev_server(env: dict, port: int, log: Path, timeout: float = 120) ->
         stop_group(proc)  # SIGINT: dagster dev shuts its webserver, daemon and code server down
 
 
+def wait_for_template(client, template: str, log: Path) -> None:
+    """Wait until ``template_sensor`` has materialized ``template``'s cache (seen through GraphQL)."""
+    from pipelines.submit import TEMPLATE_QUERY
+
+    wait_for(
+        "template_sensor to prepare the template",
+        lambda: client.query(TEMPLATE_QUERY, {"template": template})["assetOrError"].get(
+            "assetMaterializations"
+        ),
+        240,
+        log,
+    )
+
+
 class TcpProxy:
     """A loopback TCP proxy in front of a server; ``cut()`` resets every connection and refuses new
     ones (an endpoint that went away), ``restore()`` listens again on the same port."""

@@ -192,6 +192,12 @@ def launcher_config(vals: dict) -> dict:
     }
 
 
+def k8s_run_launcher(vals: dict, kubeconfig: Path) -> dict:
+    """The chart's ``run_launcher`` section, pointed at a kubeconfig instead of the in-cluster config."""
+    config = {**launcher_config(vals), "load_incluster_config": False, "kubeconfig_file": str(kubeconfig)}
+    return {"module": "dagster_k8s", "class": "K8sRunLauncher", "config": config}
+
+
 def instance_settings(vals: dict) -> dict:
     """The dagster.yaml sections the chart renders from ``concurrency``, ``computeLogManager`` and
     ``dagsterDaemon.{runMonitoring, runRetries}`` (templates/configmap-instance.yaml; the chart
@@ -516,15 +522,7 @@ def test_a_dead_run_worker_is_resumed_then_retried_from_failure(tmp_path, kubeco
     vals = values()
     settings = instance_settings(vals)
     overrides = {
-        "run_launcher": {
-            "module": "dagster_k8s",
-            "class": "K8sRunLauncher",
-            "config": {
-                **launcher_config(vals),
-                "load_incluster_config": False,
-                "kubeconfig_file": str(kubeconfig),
-            },
-        },
+        "run_launcher": k8s_run_launcher(vals, kubeconfig),
         **{key: settings[key] for key in ("run_monitoring", "run_retries")},
     }
     with dg.instance_for_test(temp_dir=str(tmp_path), overrides=overrides) as instance:
@@ -884,15 +882,7 @@ def test_k8s_job_executor_renders_against_a_fake_cluster(
 
     settings = instance_settings(vals)
     overrides = {
-        "run_launcher": {
-            "module": "dagster_k8s",
-            "class": "K8sRunLauncher",
-            "config": {
-                **launcher_config(vals),
-                "load_incluster_config": False,
-                "kubeconfig_file": str(kubeconfig),
-            },
-        },
+        "run_launcher": k8s_run_launcher(vals, kubeconfig),
         "compute_logs": settings["compute_logs"],
         "concurrency": {"pools": settings["concurrency"]["pools"]},
     }

@@ -9,13 +9,12 @@ import sys
 
 import pytest
 import soundfile as sf
-from helpers import ROOT, dagster_dev_server, free_port, wait_for
+from helpers import ROOT, dagster_dev_server, free_port, wait_for, wait_for_template
 
 from musetalk_ops.store import LocalStore
 from musetalk_ops.video import probe
 from pipelines.demo import instance_yaml
 from pipelines.graphql import GraphQLClient
-from pipelines.submit import TEMPLATE_QUERY
 
 
 @pytest.fixture
@@ -59,14 +58,7 @@ def test_render_through_graphql_under_dagster_dev(dagster_dev, astronaut_png, sp
     store.put_file("templates/astro/source.png", astronaut_png)
     store.put_bytes("templates/astro/settings.yaml", b"face_box: [177, 66, 272, 175]\n")
     client = GraphQLClient(env["MUSETALK_DAGSTER_URL"])
-    wait_for(
-        "template_sensor to prepare the template",
-        lambda: client.query(TEMPLATE_QUERY, {"template": "astro"})["assetOrError"].get(
-            "assetMaterializations"
-        ),
-        240,
-        log,
-    )
+    wait_for_template(client, "astro", log)
 
     done = musetalk(
         env, "submit", "--template", "astro", "--audio", str(speech_wav), "--id", "e2e", "--wait", "--json"

@@ -40,14 +40,6 @@ def backend(request, tmp_path, monkeypatch, demo_models):
 local = pytest.mark.parametrize("backend", ["local"], indirect=True)
 
 
-@pytest.fixture
-def instance(tmp_path):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    with dg.instance_for_test(temp_dir=str(home)) as inst:
-        yield inst
-
-
 def push_template(astronaut_png: Path, tid: str = "astro") -> None:
     store = open_store()
     store.put_file(f"templates/{tid}/source.png", astronaut_png)

@@ -13,12 +13,6 @@ from pipelines.sensors import AUDIO_GRACE_SECONDS, render_request_sensor, templa
 
 
 @pytest.fixture
-def instance():
-    with dg.instance_for_test() as inst:
-        yield inst
-
-
-@pytest.fixture
 def store(tmp_path):
     return LocalStore(tmp_path / "store")
 

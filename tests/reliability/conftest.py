@@ -7,7 +7,6 @@ import sys
 import urllib.request
 from pathlib import Path
 
-import dagster as dg
 import pytest
 from helpers import deployment_env, free_port, start_group, stop_group, wait_for
 
@@ -17,14 +16,6 @@ def pipeline_env(tmp_path, monkeypatch, demo_models) -> Path:
     """What a deployment sets: demo weights, a private engine cache, the local store (returned)."""
     monkeypatch.delenv("MUSETALK_FAULT_MAX_BATCH", raising=False)
     return deployment_env(monkeypatch, tmp_path, demo_models)
-
-
-@pytest.fixture
-def instance(tmp_path):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    with dg.instance_for_test(temp_dir=str(home)) as inst:
-        yield inst
 
 
 @pytest.fixture

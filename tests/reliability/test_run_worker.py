@@ -17,7 +17,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from helpers import dagster_dev_server, decoded_frames, free_port, wait_for
+from helpers import dagster_dev_server, decoded_frames, free_port, wait_for, wait_for_template
 from test_faults import TAGS, fetch, put_request
 from test_pipeline_render import CHUNK_CONFIG, expected_frames, push_template, run_render
 
@@ -26,7 +26,7 @@ from musetalk_ops.store import Store, open_store
 from pipelines.demo import instance_yaml
 from pipelines.graphql import GraphQLClient
 from pipelines.stats import collect_stats
-from pipelines.submit import TEMPLATE_QUERY, submit, wait
+from pipelines.submit import submit, wait
 
 RUN_WORKER = re.compile(r"Started process for run \(pid: (\d+)\)")
 
@@ -121,14 +121,7 @@ def test_run_worker_killed_mid_chunk_is_retried_from_failure(
         dg.DagsterInstance.from_config(str(home)) as instance,
     ):
         client = GraphQLClient(url)
-        wait_for(
-            "template_sensor to prepare the template",
-            lambda: client.query(TEMPLATE_QUERY, {"template": "astro"})["assetOrError"].get(
-                "assetMaterializations"
-            ),
-            240,
-            log,
-        )
+        wait_for_template(client, "astro", log)
         submission = submit(
             store,
             "astro",
