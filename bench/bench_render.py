@@ -84,8 +84,15 @@ def peak_gb() -> float:
 class Report:
     """Sections of results, saved to JSON after each one; failures are recorded, not fatal."""
 
-    def __init__(self, out: Path, budget: float, argv: list[str], sections: list[str] | None = None) -> None:
-        self.out, self.deadline, self.sections = out, START + budget, sections
+    def __init__(
+        self,
+        out: Path,
+        budget: float,
+        argv: list[str],
+        sections: list[str] | None = None,
+        filename: str = "bench.json",
+    ) -> None:
+        self.out, self.deadline, self.sections, self.filename = out, START + budget, sections, filename
         self.data: dict = {"command": " ".join(["python", *argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.data["errors"] = {}
 
@@ -113,7 +120,7 @@ class Report:
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "bench.json").write_text(json.dumps(self.data, indent=1, default=str))
+        (self.out / self.filename).write_text(json.dumps(self.data, indent=1, default=str))
 
 
 def matmul_tflops() -> float:
@@ -229,40 +236,36 @@ def paste_equality(models, template, batch: int) -> dict:
     tok = add_positional_encoding(torch.randn(batch, 50, 384, device=models.device, dtype=models.dtype))
     faces = gen(lat, tok, StageClock(models.device))
     paster = DevicePaster(template, models.device)
+    paster.load(ks)
     host_faces = faces.cpu().numpy()
     rgb = {"max": 0, "pixels_differing": 0, "pixels": 0}
     yuv_block = {"max": 0, "values_differing": 0, "values": 0}
     yuv_swscale = {"max": 0, "values_differing": 0, "values": 0}
-    for blended in paster.composite(faces, ks.tolist()):
-        plan, f = paster.plan(blended.k), template.faces[blended.k]
+    composited = paster.composite(faces, ks)
+    canvas = composited.canvas.cpu().numpy()
+    planes = [p.cpu().numpy() for p in rgb_to_yuv420(composited.canvas, context=True)]
+    for j, (k, plan) in enumerate(zip(ks.tolist(), composited.plans, strict=True)):
+        f, frame = template.faces[k], template.frames[k]
         (x1, y1, x2, y2), (bx1, by1, bx2, by2) = plan.region, plan.block
-        planes = [p.cpu().numpy() for p in rgb_to_yuv420(blended.canvas, context=True)]
-        for j, position in enumerate(blended.positions):
-            frame = template.frames[blended.k]
-            expected = paste_face(
-                frame, host_faces[position], f.face_box, template.masks[blended.k], f.crop_box
-            )
-            got = frame.copy()
-            got[y1:y2, x1:x2] = (
-                blended.canvas[j, 1 + y1 - by1 : 1 + y2 - by1, x1 - bx1 : x2 - bx1].cpu().numpy()
-            )
-            d = np.abs(got.astype(np.int16) - expected.astype(np.int16))
-            rgb["max"] = max(rgb["max"], int(d.max()))
-            rgb["pixels_differing"] += int((d > 0).any(axis=2).sum())
-            rgb["pixels"] += d.shape[0] * d.shape[1]
-            yuv = paster.background(blended.k)
-            luma, u, v = i420_planes(yuv)
-            luma[by1:by2, bx1:bx2] = planes[0][j]
-            u[by1 // 2 : by2 // 2, bx1 // 2 : bx2 // 2] = planes[1][j]
-            v[by1 // 2 : by2 // 2, bx1 // 2 : bx2 // 2] = planes[2][j]
-            whole = i420(
-                *(p.cpu().numpy() for p in rgb_to_yuv420(torch.from_numpy(expected).to(models.device)))
-            )
-            for stats, reference in ((yuv_block, whole), (yuv_swscale, swscale_yuv(expected))):
-                d = np.abs(yuv.astype(np.int16) - reference.astype(np.int16))
-                stats["max"] = max(stats["max"], int(d.max()))
-                stats["values_differing"] += int((d > 0).sum())
-                stats["values"] += d.size
+        expected = paste_face(frame, host_faces[j], f.face_box, template.masks[k], f.crop_box)
+        got = frame.copy()
+        got[y1:y2, x1:x2] = canvas[j, 1 + y1 - by1 : 1 + y2 - by1, x1 - bx1 : x2 - bx1]
+        d = np.abs(got.astype(np.int16) - expected.astype(np.int16))
+        rgb["max"] = max(rgb["max"], int(d.max()))
+        rgb["pixels_differing"] += int((d > 0).any(axis=2).sum())
+        rgb["pixels"] += d.shape[0] * d.shape[1]
+        height, width = by2 - by1, bx2 - bx1
+        yuv = paster.background(k)
+        luma, u, v = i420_planes(yuv)
+        luma[by1:by2, bx1:bx2] = planes[0][j, :height, :width]
+        u[by1 // 2 : by2 // 2, bx1 // 2 : bx2 // 2] = planes[1][j, : height // 2, : width // 2]
+        v[by1 // 2 : by2 // 2, bx1 // 2 : bx2 // 2] = planes[2][j, : height // 2, : width // 2]
+        whole = i420(*(p.cpu().numpy() for p in rgb_to_yuv420(torch.from_numpy(expected).to(models.device))))
+        for stats, reference in ((yuv_block, whole), (yuv_swscale, swscale_yuv(expected))):
+            d = np.abs(yuv.astype(np.int16) - reference.astype(np.int16))
+            stats["max"] = max(stats["max"], int(d.max()))
+            stats["values_differing"] += int((d > 0).sum())
+            stats["values"] += d.size
     return {"rgb_vs_paste_face": rgb, "yuv_block_vs_whole_frame": yuv_block, "yuv_vs_swscale": yuv_swscale}
 
 
@@ -297,8 +300,23 @@ def run_child(kind: str, *args) -> tuple[dict, float]:
 
 
 def cold_start(mode: str, models_root: Path, cache: Path, wav: Path, out: Path, *features: Path) -> dict:
-    """A fresh interpreter renders a short clip; process start → first frame handed to the encoder."""
-    result, started = run_child("cold", mode, models_root, cache, wav, out, *features)
+    """A fresh interpreter renders a short clip (bench/cold_start.py, which imports only what a render
+    needs); process start → first frame handed to the encoder."""
+    started = time.time()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "cold_start.py"),
+            mode,
+            *map(str, (models_root, cache, wav, out, *features)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(" | ".join(proc.stderr.strip().splitlines()[-3:]) or "cold start child failed")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
     marks = {k: round(v - started, 3) for k, v in result.pop("marks").items()}
     return {"first_frame_s": marks["first_frame"], "marks_since_process_start": marks, **result}
 
@@ -344,40 +362,6 @@ def compiled_child(models_root: str, cache_512: str, cache_hd: str, wav: str, wo
                 encoders=encoders,
             )
     print(json.dumps(r))
-
-
-def cold_child(mode: str, models_root: str, cache: str, wav: str, out: str, features_file: str = "") -> None:
-    """Process start → first frame. With ``features_file`` the process is a render step (features come
-    from the audio step: UNet and VAE only, no whisper); without, the CLI (whisper in the process)."""
-    marks = {"interpreter": START, "torch_cv2_numpy": time.time()}
-    from musetalk_ops.audio import AudioFeatures
-    from musetalk_ops.cache import load_template
-    from musetalk_ops.render import RenderSettings, compute_features, load_engine, render_chunk
-
-    marks["imports"] = time.time()
-    settings = RenderSettings(models_root=Path(models_root), mode=mode)
-    template = load_template(cache)
-    marks["template"] = time.time()
-    components = ("unet", "vae") if features_file else ("unet", "vae", "whisper")
-    models = load_engine(settings, version=template.version, components=components)
-    marks["models"] = time.time()
-    features = (
-        AudioFeatures.load(Path(features_file)) if features_file else compute_features(models, Path(wav))
-    )
-    marks["features"] = time.time()
-
-    def first(_n: int) -> None:
-        marks.setdefault("first_frame", time.time())
-
-    frames = features.num_frames(template.fps)
-    result = render_chunk(models, template, features, 0, frames, Path(out), settings, on_frames=first)
-    marks["segment_done"] = time.time()
-    heavy = [m for m in ("diffusers", "transformers", "torch._dynamo") if m in sys.modules]
-    print(
-        json.dumps(
-            {"marks": marks, "frames": frames, "heavy_modules": heavy, "timings": result.timings.to_dict()}
-        )
-    )
 
 
 def chunk_child(models_root: str, cache: str, features_file: str, frames: str, out: str) -> None:
@@ -467,7 +451,7 @@ def main() -> None:
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        children = {"cold": cold_child, "compiled": compiled_child, "chunk": chunk_child}
+        children = {"compiled": compiled_child, "chunk": chunk_child}
         children[args.child[0]](*args.child[1:])
         return
     work = Path(tempfile.mkdtemp(prefix="musetalk-bench-"))

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -398,10 +397,13 @@ def _numbered_images(folder: Path) -> dict[int, Path]:
     }
 
 
-def _decode_image(file: Path, digest: Any, flags: int) -> np.ndarray:
+def _decode_image(file: Path, digest: Any) -> np.ndarray:
+    """3-channel BGR, as the official code's ``cv2.imread``."""
+    import cv2  # 0.3 s to import: only official avatar imports need it, not a render
+
     data = file.read_bytes()
     digest.update(data)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise CacheError(f"official avatar: {file} is not a readable image")
     return image
@@ -456,7 +458,7 @@ def import_official_avatar(path: str | Path) -> Template:
             "(full_imgs/00000000.png …) do not match"
         )
     digest = hashlib.sha256()
-    frames = [_decode_image(frame_files[i], digest, cv2.IMREAD_COLOR)[..., ::-1] for i in range(n)]
+    frames = [_decode_image(frame_files[i], digest)[..., ::-1] for i in range(n)]
     if any(f.shape != frames[0].shape for f in frames):
         raise CacheError(f"official avatar {path}: full_imgs frames differ in size")
     latents = _read_official_latents(path / "latents.pt", n, digest)
@@ -471,7 +473,7 @@ def import_official_avatar(path: str | Path) -> Template:
         if i not in mask_files:
             raise CacheError(f"official avatar {path}: mask/{i:08d}.png is missing")
         # Official: cv2.imread (3-channel BGR) then PIL convert("L") at blend time; do the same.
-        bgr = _decode_image(mask_files[i], digest, cv2.IMREAD_COLOR)
+        bgr = _decode_image(mask_files[i], digest)
         mask = np.asarray(Image.fromarray(bgr).convert("L"))
         if mask.shape != _box_shape(crop):
             raise CacheError(f"official avatar {path}: mask {i} is {mask.shape}, crop box {crop}")

@@ -26,6 +26,13 @@ from musetalk_ops.yuv import i420, rgb_to_yuv420
 COEF_SCALE = 1 << 11  # OpenCV's INTER_RESIZE_COEF_SCALE
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto ``device`` without making the host wait for the GPU (pinned, asynchronous)."""
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def linear_taps(src: int, dst: int, *, clamp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """OpenCV's INTER_LINEAR source indices and fixed-point weights along one axis of ``src → dst``.
 
@@ -54,165 +61,180 @@ def _vertical(s0: torch.Tensor, s1: torch.Tensor, b0: torch.Tensor, b1: torch.Te
     return ((v + 2) >> 2).clamp_(0, 255)
 
 
+def _resize(x: torch.Tensor, cols: tuple[torch.Tensor, ...], rows: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """INTER_LINEAR of int32 images ``x`` [n, H, W, C] with per-image taps: ``cols`` = (x0, x1, a0, a1)
+    each [n, w], ``rows`` = (y0, y1, b0, b1) each [n, h] (see ``linear_taps``) → int32 [n, h, w, C]."""
+    n, height, _, channels = x.shape
+    (x0, x1, a0, a1), (y0, y1, b0, b1) = cols, rows
+
+    def column(i: torch.Tensor) -> torch.Tensor:
+        return x.gather(2, i[:, None, :, None].expand(n, height, i.shape[1], channels))
+
+    horizontal = column(x0) * a0[:, None, :, None] + column(x1) * a1[:, None, :, None]  # [n, H, w, C]
+
+    def row(i: torch.Tensor) -> torch.Tensor:
+        return horizontal.gather(1, i[:, :, None, None].expand(n, i.shape[1], *horizontal.shape[2:]))
+
+    return _vertical(row(y0), row(y1), b0[:, :, None, None], b1[:, :, None, None])
+
+
 def resize_linear(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """``cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)`` for uint8 [..., H, W, C]."""
-    src_h, src_w = image.shape[-3:-1]
-    return _Resize(src_w, src_h, width, height, (0, 0, width, height), image.device)(image)
+    src_h, src_w, channels = image.shape[-3:]
+    x = image.reshape(-1, src_h, src_w, channels).to(torch.int32)
 
+    def taps(src: int, dst: int, clamp: bool) -> tuple[torch.Tensor, ...]:
+        arrays = linear_taps(src, dst, clamp=clamp)
+        return tuple(torch.from_numpy(a).to(image.device).expand(len(x), dst) for a in arrays)
 
-class _Resize:
-    """INTER_LINEAR of ``src → (width, height)``, evaluated only on ``window`` (x1, y1, x2, y2 in the
-    output): the region that the blend keeps."""
-
-    def __init__(self, src_w: int, src_h: int, width: int, height: int, window: Box, device: torch.device):
-        x1, y1, x2, y2 = window
-        xs0, xs1, a0, a1 = (t[x1:x2] for t in linear_taps(src_w, width, clamp=True))
-        ys0, ys1, b0, b1 = (t[y1:y2] for t in linear_taps(src_h, height, clamp=False))
-
-        def put(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).to(device)
-
-        self.xs0, self.xs1, self.ys0, self.ys1 = put(xs0), put(xs1), put(ys0), put(ys1)
-        self.a0, self.a1 = put(a0)[:, None], put(a1)[:, None]
-        self.b0, self.b1 = put(b0)[:, None, None], put(b1)[:, None, None]
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 [..., H, W, C] → int32 [..., y2−y1, x2−x1, C] (values 0–255)."""
-        x = image.to(torch.int32)
-        rows = x[..., self.xs0, :] * self.a0 + x[..., self.xs1, :] * self.a1  # [..., H, w, C]
-        return _vertical(rows[..., self.ys0, :, :], rows[..., self.ys1, :, :], self.b0, self.b1)
+    out = _resize(x, taps(src_w, width, True), taps(src_h, height, False))
+    return out.reshape(*image.shape[:-3], height, width, channels)
 
 
 def pil_blend_(dst: torch.Tensor, src: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Pillow's "L"-matte paste in int32, written back into ``src`` (int32, 0–255) and returned as uint8.
 
-    ``dst`` uint8 [..., H, W, C], ``mask`` [H, W] (any integer dtype)."""
+    ``dst`` uint8 [..., H, W, C], ``mask`` [..., H, W] (any integer dtype)."""
     m = mask.to(torch.int32)[..., None]
     a = src.mul_(m).add_(dst.to(torch.int32) * (255 - m)).add_(128)
     return a.add_(a >> 8).bitwise_right_shift_(8).to(torch.uint8)
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """Everything the blend of one template frame needs, resident on the device.
+class Plan:
+    """Where the blend of one template frame lands.
 
-    ``block`` is the region grown to even coordinates of the encoded (even-sized) frame and by one
-    chroma row above and below (the vertical chroma filter there reads the region's edge rows): the
-    frame's YUV 4:2:0 changes only inside it, so it converts on its own. Its canvas carries one more
-    row above and below as that filter's context. Canvas pixels come from ``local`` (the real frame
-    pixels they need, face blended in) through ``rows``/``cols``, which repeat the last real
-    row/column where the encoder pads an odd frame and the first/last row beyond the frame's
-    borders, as the conversion of a whole frame does.
+    ``region`` holds the frame pixels that can change (face box ∩ crop box ∩ frame). ``block`` is the
+    region grown to even coordinates of the encoded (even-sized) frame and by one chroma row above and
+    below (the vertical chroma filter there reads the region's edge rows): the frame's YUV 4:2:0
+    changes only inside it, so it converts on its own. Its canvas carries one more row above and below
+    as that filter's context, and repeats the last real row/column where the encoder pads an odd frame
+    and the first/last row beyond the frame's borders, as the conversion of a whole frame does.
     """
 
-    region: Box  # frame pixels that can change: face box ∩ crop box ∩ frame
-    block: Box  # the region on the even grid of the encoded frame (x1, y1, x2, y2; empty with the region)
-    resize: _Resize | None  # None when the region is empty
-    local: torch.Tensor  # uint8 [lh, lw, 3]: the frame's pixels that the canvas reads
-    offset: tuple[int, int]  # (y, x) of the region in ``local``
-    rows: torch.Tensor  # int64 [bh + 2]: canvas row → row of ``local``
-    cols: torch.Tensor  # int64 [bw]: canvas column → column of ``local``
-    mask: torch.Tensor  # uint8 [h, w]: the mask under ``region``
+    region: Box
+    block: Box  # x1, y1, x2, y2; empty (x2 == x1) with the region
 
     @property
     def shape(self) -> tuple[int, int, int]:
         x1, y1, x2, y2 = self.region
         return (y2 - y1, x2 - x1, 3)
 
+    @property
+    def empty(self) -> bool:
+        return self.block[2] == self.block[0]
+
 
 @dataclass(frozen=True)
-class Blended:
-    """Faces blended into one template frame ``k``: ``canvas[j]`` belongs to ``positions[j]`` of the
-    ``composite`` call; uint8 [n, bh + 2, bw, 3] over ``DevicePaster.plan(k).block`` with its context
-    rows (None when the paste region is empty: the frame is the template's own)."""
+class Composited:
+    """Faces blended into their template frames, in the order given to ``composite``: ``canvas[j]``
+    is ``plans[j].block`` with its context rows, uint8 [n, CH, CW, 3] padded to the largest block of
+    the loaded frames (face ``j`` owns ``[:bh + 2, :bw]``); None when every block is empty."""
 
-    k: int
-    positions: list[int]
     canvas: torch.Tensor | None
+    plans: list[Plan]
 
 
 class DevicePaster:
-    """Composites generated faces into a template's face regions on ``device``.
+    """Composites generated faces into a template's face regions on ``device``, a whole batch at once.
 
-    Per template frame the region, resize taps, frame pixels and mask are built once (lazily) and kept
-    on the device, so a chunk uploads each template frame's face surroundings at most once.
+    ``load`` builds, for each template frame a chunk shows, its canvas background, blend mask and the
+    resize taps expressed in canvas coordinates (zero weight and mask outside the region), padded to
+    one shape and uploaded in one copy. A batch then blends every face with a few gathers whatever
+    mix of template frames it holds: a video template's batch touches ~20 frames, which a loop per
+    frame would pay for in small kernels.
     """
 
     def __init__(self, template: Template, device: torch.device) -> None:
         self.template, self.device = template, device
-        self._plans: dict[int, _Plan] = {}
         height, width = template.frames.shape[1:3]
         self.size = (width, height)
         self.coded_size = (width + width % 2, height + height % 2)
+        self._plans: dict[int, Plan] = {}
+        self._slots = np.full(len(template.frames), -1, dtype=np.int64)
+        self._tables: dict[str, torch.Tensor] = {}
 
-    def plan(self, k: int) -> _Plan:
+    def plan(self, k: int) -> Plan:
         if k not in self._plans:
-            self._plans[k] = self._build(k)
+            face, mask, frame = self.template.faces[k], self.template.masks[k], self.template.frames[k]
+            if face is None or mask is None:
+                raise ValueError(f"template frame {k} has no face to paste into")
+            rx1, ry1, rx2, ry2 = paste_region(face.face_box, face.crop_box, mask.shape, frame.shape)
+            block = (rx1, ry1, rx1, ry1)
+            if rx2 > rx1 and ry2 > ry1:
+                bottom = min(self.coded_size[1], ry2 + ry2 % 2 + 2)
+                block = (rx1 - rx1 % 2, max(0, ry1 - ry1 % 2 - 2), rx2 + rx2 % 2, bottom)
+            self._plans[k] = Plan(region=(rx1, ry1, rx2, ry2), block=block)
         return self._plans[k]
 
-    def _build(self, k: int) -> _Plan:
-        face, mask, frame = self.template.faces[k], self.template.masks[k], self.template.frames[k]
-        if face is None or mask is None:
-            raise ValueError(f"template frame {k} has no face to paste into")
+    def load(self, frames: Sequence[int]) -> None:
+        """Build the device tables of template frames ``frames`` (each must have a face); call before
+        the GPU is busy: the upload waits for the device."""
+        frames = sorted({int(k) for k in frames})
+        plans = [self.plan(k) for k in frames]
+        ch = max((p.block[3] - p.block[1] + 2 for p in plans if not p.empty), default=0)
+        cw = max((p.block[2] - p.block[0] for p in plans if not p.empty), default=0)
+        n = len(frames)
+        host = {
+            "background": np.zeros((n, ch, cw, 3), np.uint8),
+            "mask": np.zeros((n, ch, cw), np.uint8),
+            **{name: np.zeros((n, cw), np.int64) for name in ("x0", "x1")},
+            **{name: np.zeros((n, cw), np.int32) for name in ("a0", "a1")},
+            **{name: np.zeros((n, ch), np.int64) for name in ("y0", "y1")},
+            **{name: np.zeros((n, ch), np.int32) for name in ("b0", "b1")},
+        }
+        for slot, (k, plan) in enumerate(zip(frames, plans, strict=True)):
+            if not plan.empty:
+                self._fill(host, slot, k, plan)
+        self._tables = {name: torch.from_numpy(a).to(self.device) for name, a in host.items()}
+        self._slots[:] = -1
+        self._slots[frames] = np.arange(n)
+
+    def _fill(self, host: dict[str, np.ndarray], slot: int, k: int, plan: Plan) -> None:
+        """Canvas row/column → frame row/column (edge rows and the encoder's padding repeat real ones),
+        then per canvas pixel: the frame's pixel, the mask, and the face's resize taps."""
+        face, frame, mask = self.template.faces[k], self.template.frames[k], self.template.masks[k]
+        (width, height), (bx1, by1, bx2, by2) = self.size, plan.block
+        rx1, ry1, rx2, ry2 = plan.region
         x1, y1, x2, y2 = face.face_box
         cx1, cy1 = face.crop_box[:2]
-        rx1, ry1, rx2, ry2 = paste_region(face.face_box, face.crop_box, mask.shape, frame.shape)
-        resize, block = None, (rx1, ry1, rx1, ry1)
-        if rx2 > rx1 and ry2 > ry1:
-            window = (rx1 - x1, ry1 - y1, rx2 - x1, ry2 - y1)
-            resize = _Resize(256, 256, x2 - x1, y2 - y1, window, self.device)
-            # even grid; one chroma row more above and below: their filter reads the region's edge rows
-            coded_h = self.coded_size[1]
-            block = (rx1 - rx1 % 2, max(0, ry1 - ry1 % 2 - 2), rx2 + rx2 % 2, min(coded_h, ry2 + ry2 % 2 + 2))
-        (width, height), (bx1, by1, bx2, by2) = self.size, block
-        rows = np.clip(np.arange(by1 - 1, by2 + 1), 0, height - 1)  # context rows, pad row → real rows
+        rows = np.clip(np.arange(by1 - 1, by2 + 1), 0, height - 1)
         cols = np.minimum(np.arange(bx1, bx2), width - 1)
-        ly1, lx1 = int(rows.min()), bx1
-        local = frame[ly1 : int(rows.max()) + 1, lx1 : int(cols.max(initial=bx1)) + 1]
-        return _Plan(
-            region=(rx1, ry1, rx2, ry2),
-            block=block,
-            resize=resize,
-            local=torch.from_numpy(np.ascontiguousarray(local)).to(self.device),
-            offset=(ry1 - ly1, rx1 - lx1),
-            rows=torch.from_numpy(rows - ly1).to(self.device),
-            cols=torch.from_numpy(cols - lx1).to(self.device),
-            mask=torch.from_numpy(
-                np.ascontiguousarray(mask[ry1 - cy1 : ry2 - cy1, rx1 - cx1 : rx2 - cx1])
-            ).to(self.device),
-        )
+        inside_y, inside_x = (rows >= ry1) & (rows < ry2), (cols >= rx1) & (cols < rx2)
+        h, w = len(rows), len(cols)
+        host["background"][slot, :h, :w] = frame[rows][:, cols]
+        under = mask[np.clip(rows - cy1, 0, mask.shape[0] - 1)][:, np.clip(cols - cx1, 0, mask.shape[1] - 1)]
+        host["mask"][slot, :h, :w] = np.where(inside_y[:, None] & inside_x[None, :], under, 0)
+        for names, src_taps, offsets, inside, n in (
+            (("x0", "x1", "a0", "a1"), linear_taps(256, x2 - x1, clamp=True), cols - x1, inside_x, w),
+            (("y0", "y1", "b0", "b1"), linear_taps(256, y2 - y1, clamp=False), rows - y1, inside_y, h),
+        ):
+            at = np.clip(offsets, 0, len(src_taps[0]) - 1)
+            for name, taps in zip(names, src_taps, strict=True):
+                host[name][slot, :n] = np.where(inside, taps[at], 0)
 
-    def composite(self, faces: torch.Tensor, ks: Sequence[int]) -> list[Blended]:
-        """Blend ``faces`` (uint8 [n, 256, 256, 3] on the device) into template frames ``ks``; one
-        ``Blended`` per distinct frame, in order of first appearance.
-
-        Faces that go into the same template frame are resized and blended as one batch; when they are
-        adjacent in ``faces`` (sort by template frame) the batch is a view, with no host-to-device copy.
-        """
+    def composite(self, faces: torch.Tensor, ks: Sequence[int]) -> Composited:
+        """Blend ``faces`` (uint8 [n, 256, 256, 3] on the device) into ``load``-ed template frames ``ks``."""
         if faces.shape[1:] != (256, 256, 3) or len(ks) != len(faces):
             raise ValueError(
                 f"composite wants uint8 [n,256,256,3] faces and n frame indices, got {faces.shape}"
             )
-        groups: dict[int, list[int]] = {}
-        for j, k in enumerate(ks):
-            groups.setdefault(int(k), []).append(j)
-        out = []
-        for k, rows in groups.items():
-            plan = self.plan(k)
-            if plan.resize is None:
-                out.append(Blended(k, rows, None))
-                continue
-            first, last = rows[0], rows[-1] + 1
-            contiguous = rows == list(range(first, last))  # callers sort by frame: no index upload
-            picked = faces[first:last] if contiguous else faces[torch.tensor(rows, device=faces.device)]
-            h, w, _ = plan.shape
-            oy, ox = plan.offset
-            local = plan.local.expand(len(rows), *plan.local.shape).clone()
-            local[:, oy : oy + h, ox : ox + w] = pil_blend_(
-                plan.local[oy : oy + h, ox : ox + w], plan.resize(picked), plan.mask
-            )
-            out.append(Blended(k, rows, local[:, plan.rows][:, :, plan.cols]))
-        return out
+        slots = self._slots[np.asarray(ks, dtype=np.int64)]
+        if (slots < 0).any():
+            missing = sorted(set(np.asarray(ks)[slots < 0].tolist()))
+            raise ValueError(f"template frames {missing} were not loaded")
+        plans = [self.plan(int(k)) for k in ks]
+        t = self._tables
+        if not t or t["background"].shape[2] == 0:
+            return Composited(None, plans)
+        index = to_device(torch.from_numpy(slots), self.device)
+
+        def pick(*names: str) -> tuple[torch.Tensor, ...]:
+            return tuple(t[name].index_select(0, index) for name in names)
+
+        resized = _resize(faces.to(torch.int32), pick("x0", "x1", "a0", "a1"), pick("y0", "y1", "b0", "b1"))
+        background, mask = pick("background", "mask")
+        return Composited(pil_blend_(background, resized, mask), plans)
 
     def background(self, k: int) -> np.ndarray:
         """Template frame ``k`` as the encoder takes it: padded to the coded size, converted to packed

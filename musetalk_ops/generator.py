@@ -2,11 +2,14 @@
 
 Why fixed shapes: every new batch shape costs cuDNN algorithm selection, and a CUDA graph or compiled
 kernel exists per shape. Batches are therefore padded up to a small set of bucket sizes (the largest is
-the render batch size), so a chunk never meets a new shape after its first batches. Modes:
+the render batch size; a bucket already used is preferred), so a chunk never meets a new shape after
+its first batch. Modes:
 
 * ``eager``: the models as they are (launch-bound at small batches);
-* ``graphs``: each bucket's UNet and VAE decode captured once into CUDA graphs (0.1–0.3 s per bucket,
-  captured lazily, when a bucket is first needed) and replayed; removes the launch overhead;
+* ``graphs``: each bucket's UNet and VAE decode captured once into CUDA graphs and replayed; removes the
+  launch overhead. A bucket's first batch runs eagerly (it is the warm-up the capture needs) and the
+  capture (0.1–0.3 s) comes with its second, so a one-batch clip pays none and its first frame is
+  not delayed by one;
 * ``compiled``: ``torch.compile`` of both models (Inductor; artifacts cached on disk under
   ``$MUSETALK_CACHE/inductor``, so only the first process per GPU type pays the full compile), then
   captured into CUDA graphs like ``graphs``. One bucket only: each extra shape would be a recompile.
@@ -40,7 +43,9 @@ from musetalk_ops.models.vae_model import VAE
 MODES = ("eager", "graphs", "compiled")
 GRAPH_MODES = ("graphs", "compiled")
 SMALLEST_BUCKET = 4
-CUDNN_BENCHMARK = False  # autotuning found nothing faster on an H100 and costs seconds per process
+# cuDNN autotuning: eager/graphs found nothing faster on an H100 (and it costs seconds per process);
+# under compiled code it cut the UNet from 0.585 to 0.537 ms/frame (bench/probe.py compile_variants).
+CUDNN_BENCHMARK = {"eager": False, "graphs": False, "compiled": True}
 
 
 def bucket_sizes(max_batch: int, mode: str = "graphs") -> tuple[int, ...]:
@@ -101,6 +106,7 @@ class _Bucket:
         self.pred: torch.Tensor | None = None
         self.faces: torch.Tensor | None = None
         self.graphs: tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph] | None = None
+        self.runs = 0  # batches run without graphs
 
 
 class FaceGenerator:
@@ -117,14 +123,15 @@ class FaceGenerator:
         *,
         mode: str,
         max_batch: int,
-        cudnn_benchmark: bool = CUDNN_BENCHMARK,
+        cudnn_benchmark: bool | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown generator mode {mode!r}: use one of {', '.join(MODES)}")
         self.device, self.dtype = unet.device, unet.dtype
         if mode in GRAPH_MODES and self.device.type != "cuda":
             raise ValueError(f"mode {mode} needs a CUDA device, not {self.device}")
-        self.mode, self.max_batch, self.cudnn_benchmark = mode, max_batch, cudnn_benchmark
+        self.mode, self.max_batch = mode, max_batch
+        self.cudnn_benchmark = CUDNN_BENCHMARK[mode] if cudnn_benchmark is None else cudnn_benchmark
         self.buckets = bucket_sizes(max_batch, mode)
         self.build_seconds = 0.0  # graph capture, compilation and warm-up so far (one-off costs)
         with self._grad_mode():
@@ -143,10 +150,14 @@ class FaceGenerator:
         self._lock = threading.Lock()
 
     def bucket(self, n: int) -> int:
-        """The bucket a batch of ``n`` frames is padded to."""
+        """The bucket a batch of ``n`` frames is padded to: the smallest one already used that holds it,
+        else the smallest that holds it. A chunk's last, partial batch so reuses the full bucket: in a
+        fresh process a new shape's first run (cuDNN plans, kernel loading) costs more than the padding.
+        """
         if not 1 <= n <= self.max_batch:
             raise ValueError(f"batch of {n} frames is outside 1..{self.max_batch}")
-        return next(size for size in self.buckets if size >= n)
+        used = [size for size in self._state if size >= n]
+        return min(used) if used else next(size for size in self.buckets if size >= n)
 
     def _cudnn(self):
         return torch.backends.cudnn.flags(enabled=True, benchmark=self.cudnn_benchmark)
@@ -165,10 +176,13 @@ class FaceGenerator:
         it is valid until the next call (work queued on the same stream is ordered before that)."""
         n = len(latents)
         with self._lock, self._grad_mode():
-            state = self._state.get(self.bucket(n)) or self._prepare(self.bucket(n))
+            size = self.bucket(n)
+            state = self._state.get(size) or self._prepare(size)
             state.latents[:n].copy_(latents)
             state.tokens[:n].copy_(tokens)
             with self._cudnn():
+                if state.graphs is None and state.runs and self.mode in GRAPH_MODES:
+                    self._timed(self._capture, state)
                 if state.graphs is not None:
                     with clock("unet"):
                         state.graphs[0].replay()
@@ -180,31 +194,40 @@ class FaceGenerator:
                         pred = self._unet(state.latents, state.tokens)
                     with clock("vae_decode"):
                         faces = self._vae(pred)
+                    state.runs += 1
             return faces[:n]
 
     def _prepare(self, size: int) -> _Bucket:
-        """Allocate a bucket; warm it up (cuDNN autotune, compilation) and capture its graphs."""
-        start = time.perf_counter()
+        """Allocate a bucket. Its first batch runs as is (graphs: captured at the second, so a clip of
+        one batch never pays a capture, and that first run was the warm-up). Compiled code compiles and
+        captures now: the compile is the one-off cost, timed with the capture in ``build_seconds``."""
         state = _Bucket(size, self.device, self.dtype)
+        self._state[size] = state
         with self._cudnn():
-            if self.mode == "eager":
-                if self.device.type == "cuda" and self.cudnn_benchmark:
-                    self._vae(self._unet(state.latents, state.tokens))  # autotune now, not in the timing
-            else:
-                self._capture(state)
+            if self.mode == "compiled":
+                self._timed(self._compile_and_capture, state)
+            elif self.mode == "eager" and self.device.type == "cuda" and self.cudnn_benchmark:
+                self._timed(lambda s: self._vae(self._unet(s.latents, s.tokens)), state)  # autotune now
+        return state
+
+    def _timed(self, step: Callable[[_Bucket], object], state: _Bucket) -> None:
+        start = time.perf_counter()
+        step(state)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.build_seconds += time.perf_counter() - start
-        self._state[size] = state
-        return state
+
+    def _compile_and_capture(self, state: _Bucket) -> None:
+        from torch._inductor import config as inductor_config  # ~1 s to import: compiled mode only
+
+        # freezing: weights become constants Inductor can lay out and fold (UNet 0.638 → 0.585 ms/frame)
+        with inductor_config.patch(freezing=True):
+            for _ in range(2):  # compile, then let lazy initialisation happen outside the capture
+                self._vae(self._unet(state.latents, state.tokens))
+        self._capture(state)
 
     def _capture(self, state: _Bucket) -> None:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # compile/autotune and let lazy initialisation happen outside the capture
-                self._vae(self._unet(state.latents, state.tokens))
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        """Capture the bucket's UNet and VAE decode; its kernels have run before (warm-up done)."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # buckets never replay at once: share memory
         unet_graph, vae_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()

@@ -34,7 +34,6 @@ from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
@@ -42,7 +41,7 @@ from musetalk_ops.audio import AudioFeatures, add_positional_encoding, extract_f
 from musetalk_ops.blend import frame_indices, paste_face
 from musetalk_ops.cache import Template
 from musetalk_ops.config import DTYPES, Limits, dtype_name, models_dir, resolve_device, resolve_dtype
-from musetalk_ops.device_paste import Blended, DevicePaster
+from musetalk_ops.device_paste import Composited, DevicePaster, to_device
 from musetalk_ops.errors import GpuMemoryError, InputError
 from musetalk_ops.generator import GRAPH_MODES, MODES, FaceGenerator, StageClock
 from musetalk_ops.ids import default_template_id
@@ -326,6 +325,8 @@ class _Job:
 
     def save_png(self, offset: int, frame: np.ndarray) -> None:
         if self.frames_dir is not None:
+            import cv2  # 0.3 s to import: only when frames are saved
+
             cv2.imwrite(str(self.frames_dir / f"{self.start + offset:08d}.png"), frame[:, :, ::-1])
 
 
@@ -391,6 +392,7 @@ def _render_fast(
     generator = _generator(models.unet, models.vae, mode, settings.batch_size)
     built = generator.build_seconds
     paster = DevicePaster(job.template, device)
+    paster.load(job.indices[job.has_face])  # before the GPU is busy: the upload waits for it
     # Model inputs live on the device for the whole chunk (a few KB per frame) and are gathered there
     # per batch: no per-batch tensor work on the host, whose thread pool would spin on the cores that
     # x264 needs.
@@ -417,14 +419,11 @@ def _render_fast(
             )
             for batch in _batches(len(order), settings.batch_size):
                 rows = order[batch]
-                rows = rows[np.argsort(job.indices[rows], kind="stable")]  # one template frame: contiguous
                 ks = job.indices[rows]
-                index = _to_device(torch.from_numpy(np.stack([rows, ks])), device)
+                index = to_device(torch.from_numpy(np.stack([rows, ks])), device)
                 faces = generator(latents[index[1]], tokens[index[0]], clock)
                 with clock("composite"):
-                    patches = _patches(
-                        paster, paster.composite(faces, ks.tolist()), job.frames_dir is not None
-                    )
+                    patches = _patches(paster.composite(faces, ks), job.frames_dir is not None)
                 items = [(int(row), patch) for row, patch in zip(rows, patches, strict=True)]
                 for item in sorted(items, key=lambda item: item[0]):  # each encoder takes its frames in order
                     encoders[np.searchsorted(bounds, item[0], side="right") - 1].put(item)
@@ -461,13 +460,6 @@ def _interleave(groups: list[np.ndarray], block: int) -> np.ndarray:
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor onto ``device`` without making the host wait for the GPU (pinned, asynchronous)."""
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
 @dataclass(frozen=True)
 class _Patch:
     """What a composited frame changes in its template frame, in host memory: the YUV planes of
@@ -481,44 +473,30 @@ class _Patch:
     ready: "torch.cuda.Event | None"
 
 
-def _patches(paster: DevicePaster, blended: list[Blended], with_rgb: bool) -> list[_Patch]:
-    """YUV 4:2:0 of each blended block (and the RGB region when PNGs are wanted), copied to the host in
-    one transfer; one ``_Patch`` per face, in the order of the faces given to ``composite``."""
-    tensors: list[torch.Tensor] = []
-    for b in blended:
-        if b.canvas is not None:
-            plan = paster.plan(b.k)
-            tensors += rgb_to_yuv420(b.canvas, context=True)
-            if with_rgb:
-                (x1, y1, x2, y2), (bx1, by1) = plan.region, plan.block[:2]
-                tensors.append(b.canvas[:, 1 + y1 - by1 : 1 + y2 - by1, x1 - bx1 : x2 - bx1])
+def _patches(composited: Composited, with_rgb: bool) -> list[_Patch]:
+    """YUV 4:2:0 of each face's blended block (and its RGB region when PNGs are wanted), copied to the
+    host in one transfer; one ``_Patch`` per face, in the order given to ``composite``."""
+    canvas, plans = composited.canvas, composited.plans
+    if canvas is None:
+        return [_Patch(p.block, None, p.region, None, None) for p in plans]
+    tensors = [*rgb_to_yuv420(canvas, context=True), *([canvas] if with_rgb else [])]
     host, ready = _to_host(tensors)
-    out: dict[int, _Patch] = {}
-    offset = 0
-
-    def take(shape: torch.Size) -> np.ndarray:
-        nonlocal offset
-        size = math.prod(shape)
-        view = host[offset : offset + size].reshape(shape)
-        offset += size
-        return view
-
-    for b in blended:
-        plan = paster.plan(b.k)
-        if b.canvas is None:
-            planes, rgb = [None] * len(b.positions), [None] * len(b.positions)
-        else:
-            n, rows, width, _ = b.canvas.shape
-            y, u, v = (
-                take((n, rows - 2, width)),
-                take((n, rows // 2 - 1, width // 2)),
-                take((n, rows // 2 - 1, width // 2)),
-            )
-            planes = list(zip(y, u, v, strict=True))
-            rgb = list(take((n, *plan.shape))) if with_rgb else [None] * n
-        for j, p, r in zip(b.positions, planes, rgb, strict=True):
-            out[j] = _Patch(plan.block, p, plan.region, r, ready)
-    return [out[j] for j in range(len(out))]
+    offsets = itertools.accumulate((t.numel() for t in tensors), initial=0)
+    y, u, v, *rgb = (host[o : o + t.numel()].reshape(t.shape) for t, o in zip(tensors, offsets, strict=False))
+    out = []
+    for j, plan in enumerate(plans):
+        (bx1, by1, bx2, by2), (x1, y1, x2, y2) = plan.block, plan.region
+        height, width = by2 - by1, bx2 - bx1
+        planes = (
+            None
+            if plan.empty
+            else (y[j, :height, :width], u[j, : height // 2, : width // 2], v[j, : height // 2, : width // 2])
+        )
+        region = None
+        if rgb and not plan.empty:
+            region = rgb[0][j, 1 + y1 - by1 : 1 + y2 - by1, x1 - bx1 : x2 - bx1]
+        out.append(_Patch(plan.block, planes, plan.region, region, ready))
+    return out
 
 
 def _to_host(tensors: list[torch.Tensor]) -> tuple[np.ndarray, torch.cuda.Event | None]:

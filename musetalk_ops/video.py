@@ -57,14 +57,15 @@ def fps_fraction(fps: float) -> Fraction:
 class SegmentWriter:
     """Context manager writing RGB frames as one independently decodable H.264 MP4 segment.
 
-    Frames are encoded as they arrive (no frame buffer); PyAV releases the GIL in swscale and in
-    the encoder, so a caller may run `write` on a background thread while the GPU works on the next
-    batch. x264 picks its own thread count from the CPU count. The file appears at ``path`` only on
-    a clean exit; on an exception the temporary file is removed.
+        Frames are encoded as they arrive (no frame buffer); PyAV releases the GIL in swscale and in
+        the encoder, so a caller may run `write` on a background thread while the GPU works on the next
+        batch. x264 picks its own thread count from the CPU count unless ``threads`` is given (parallel
+    writers share the CPUs). The file appears at ``path`` only on
+        a clean exit; on an exception the temporary file is removed.
 
-    H.264 4:2:0 can only crop in 2-pixel steps, so an odd width/height is padded by one replicated
-    edge row/column and the segment (and the merged video) has the even ``coded_size``; ``size``
-    keeps the requested one.
+        H.264 4:2:0 can only crop in 2-pixel steps, so an odd width/height is padded by one replicated
+        edge row/column and the segment (and the merged video) has the even ``coded_size``; ``size``
+        keeps the requested one.
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class SegmentWriter:
         height: int,
         crf: int = 18,
         preset: str = "veryfast",
+        threads: int = 0,
     ) -> None:
         if width < 1 or height < 1:
             raise InputError(f"{path}: frame size must be positive, got {width}x{height}")
@@ -82,6 +84,9 @@ class SegmentWriter:
             raise InputError(f"crf must be in 0..51, got {crf}")
         if preset not in PRESETS:
             raise InputError(f"unknown x264 preset {preset!r}: use one of {', '.join(PRESETS)}")
+        if threads < 0:
+            raise InputError(f"encoder threads must be 0 (x264 decides) or more, got {threads}")
+        self.threads = threads
         self.path = Path(path)
         self.fps = fps_fraction(fps)
         self.size = (width, height)
@@ -110,7 +115,7 @@ class SegmentWriter:
         cc.color_primaries = cc.color_trc = cc.colorspace = _BT709
         cc.color_range = _RANGE_TV
         cc.thread_type = "AUTO"  # libx264: frame threads (SLICE would switch x264 to sliced threads)
-        cc.thread_count = 0  # sized to the machine by x264
+        cc.thread_count = self.threads  # 0: x264 sizes it to the machine (1.5 threads per CPU)
         keyint = max(1, round(self.fps * GOP_SECONDS))
         cc.options = {
             "crf": str(self.crf),

@@ -13,7 +13,8 @@ from musetalk_ops.blend import crop_box_for, paste_face
 from musetalk_ops.cache import Face, Template, load_template
 from musetalk_ops.device_paste import DevicePaster, pil_blend_, resize_linear
 from musetalk_ops.errors import InputError
-from musetalk_ops.generator import bucket_sizes
+from musetalk_ops.generator import FaceGenerator, StageClock, bucket_sizes
+from musetalk_ops.models import load_models
 from musetalk_ops.render import (
     RenderSettings,
     _interleave,
@@ -108,30 +109,40 @@ def test_device_paste_equals_paste_face_exactly_in_rgb_and_yuv(height, width):
     frames = rng.integers(0, 256, (len(boxes), height, width, 3), dtype=np.uint8)
     template = _template(frames, boxes, rng)
     paster = DevicePaster(template, torch.device("cpu"))
-    ks = [0, 1, 2, 3, 4, 5, 0, 2, 0]  # repeated frames are blended as one group
+    paster.load(range(len(boxes)))
+    ks = [0, 1, 2, 3, 4, 5, 0, 2, 0]  # one batch: frames repeat, blocks of every size are padded together
     faces = rng.integers(0, 256, (len(ks), 256, 256, 3), dtype=np.uint8)
-    blended = paster.composite(torch.from_numpy(faces), ks)
-    assert [b.k for b in blended] == [0, 1, 2, 3, 4, 5] and blended[0].positions == [0, 6, 8]
-    for b in blended:
-        plan, f = paster.plan(b.k), template.faces[b.k]
+    composited = paster.composite(torch.from_numpy(faces), ks)
+    planes = rgb_to_yuv420(composited.canvas, context=True)
+    for j, k in enumerate(ks):
+        plan, f = composited.plans[j], template.faces[k]
+        assert plan == paster.plan(k)
+        want = paste_face(frames[k], faces[j], f.face_box, template.masks[k], f.crop_box)
         (x1, y1, x2, y2), (bx1, by1, bx2, by2) = plan.region, plan.block
-        if b.canvas is None:  # the 1-pixel face's crop box is empty: nothing to paste
-            want = paste_face(frames[b.k], faces[b.positions[0]], f.face_box, template.masks[b.k], f.crop_box)
-            assert (want == frames[b.k]).all() and (paster.background(b.k) == _yuv(want)).all()
+        if plan.empty:  # the 1-pixel face's crop box is empty: nothing to paste
+            assert (want == frames[k]).all() and (paster.background(k) == _yuv(want)).all()
             continue
-        planes = rgb_to_yuv420(b.canvas, context=True)
-        for j, position in enumerate(b.positions):
-            want = paste_face(frames[b.k], faces[position], f.face_box, template.masks[b.k], f.crop_box)
-            rgb = frames[b.k].copy()
-            rgb[y1:y2, x1:x2] = b.canvas[j, 1 + y1 - by1 : 1 + y2 - by1, x1 - bx1 : x2 - bx1].numpy()
-            np.testing.assert_array_equal(rgb, want)
+        rgb = frames[k].copy()
+        rgb[y1:y2, x1:x2] = composited.canvas[j, 1 + y1 - by1 : 1 + y2 - by1, x1 - bx1 : x2 - bx1].numpy()
+        np.testing.assert_array_equal(rgb, want, err_msg=f"face {j} (frame {k})")
 
-            yuv = paster.background(b.k)
-            luma, u, v = i420_planes(yuv)
-            luma[by1:by2, bx1:bx2] = planes[0][j].numpy()
-            u[by1 // 2 : by2 // 2, bx1 // 2 : bx2 // 2] = planes[1][j].numpy()
-            v[by1 // 2 : by2 // 2, bx1 // 2 : bx2 // 2] = planes[2][j].numpy()
-            np.testing.assert_array_equal(yuv, _yuv(want), err_msg=f"frame {b.k}")
+        height, width = by2 - by1, bx2 - bx1
+        yuv = paster.background(k)
+        luma, u, v = i420_planes(yuv)
+        luma[by1:by2, bx1:bx2] = planes[0][j, :height, :width].numpy()
+        u[by1 // 2 : by2 // 2, bx1 // 2 : bx2 // 2] = planes[1][j, : height // 2, : width // 2].numpy()
+        v[by1 // 2 : by2 // 2, bx1 // 2 : bx2 // 2] = planes[2][j, : height // 2, : width // 2].numpy()
+        np.testing.assert_array_equal(yuv, _yuv(want), err_msg=f"face {j} (frame {k})")
+
+
+def test_composite_refuses_frames_it_was_not_given():
+    rng = np.random.default_rng(4)
+    frames = rng.integers(0, 256, (3, 120, 160, 3), dtype=np.uint8)
+    paster = DevicePaster(_template(frames, [(40, 30, 100, 100)] * 3, rng), torch.device("cpu"))
+    paster.load([0, 2])
+    faces = torch.zeros((2, 256, 256, 3), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"template frames \[1\] were not loaded"):
+        paster.composite(faces, [0, 1])
 
 
 def test_bucket_sizes():
@@ -139,6 +150,18 @@ def test_bucket_sizes():
     assert bucket_sizes(32) == (4, 8, 16, 32)
     assert bucket_sizes(3) == (3,)
     assert bucket_sizes(20, "compiled") == (20,)
+
+
+def test_a_partial_batch_reuses_a_bucket_already_used(demo_models):
+    """A new shape costs a fresh process more (cuDNN plans, kernel loading) than padding does."""
+    models = load_models(demo_models, device="cpu", dtype=torch.float32, components=("unet", "vae"))
+    generator = FaceGenerator(models.unet, models.vae, mode="eager", max_batch=8)
+    assert generator.bucket(3) == 4 and generator.bucket(8) == 8
+    faces = generator(torch.zeros(8, 8, 32, 32), torch.zeros(8, 50, 384), StageClock(models.device))
+    assert faces.shape == (8, 256, 256, 3) and faces.dtype == torch.uint8
+    assert generator.bucket(3) == 8
+    partial = generator(torch.zeros(3, 8, 32, 32), torch.zeros(3, 50, 384), StageClock(models.device))
+    assert partial.shape[0] == 3 and torch.equal(partial, faces[:3])  # same inputs, padded batch
 
 
 def test_interleave_feeds_every_encoder_in_order():

@@ -1,5 +1,6 @@
 """Our UNet and VAE against diffusers, the independent reference: names, shapes, numbers, configs."""
 
+import copy
 import dataclasses
 import inspect
 import subprocess
@@ -11,7 +12,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.embeddings import get_timestep_embedding
 
 from musetalk_ops.errors import ModelFilesError
-from musetalk_ops.models.layers import Timesteps
+from musetalk_ops.models import load_models
+from musetalk_ops.models.layers import Timesteps, Upsample2D
+from musetalk_ops.models.layout import ModelLayout, read_json, read_state_dict
 from musetalk_ops.models.unet import OFFICIAL_UNET_CONFIG, build_unet
 from musetalk_ops.models.unet_model import UNetConfig
 from musetalk_ops.models.vae import OFFICIAL_VAE_CONFIG, build_vae
@@ -257,3 +260,41 @@ def test_the_render_path_imports_neither_diffusers_nor_transformers():
         [sys.executable, "-c", code], check=True, timeout=120, capture_output=True, text=True
     )
     assert out.stdout.strip() == ""
+
+
+# --- folded upsampling ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("channels", "size"), [(4, (5, 7)), (16, (8, 8)), (3, (1, 1))])
+def test_folded_upsample_is_the_same_function(channels, size):
+    """Four 2×2 phase convolutions equal nearest ×2 + 3×3 conv (float64: only rounding differs)."""
+    torch.manual_seed(channels)
+    plain = Upsample2D(channels).double()
+    folded = copy.deepcopy(plain)
+    folded.fold()
+    assert folded.conv is None and folded.phases.weight.shape == (4 * channels, channels, 2, 2)
+    x = torch.randn(2, channels, *size, dtype=torch.float64)
+    with torch.no_grad():
+        want, got = plain(x), folded(x)
+    assert got.shape == (2, channels, 2 * size[0], 2 * size[1])
+    assert max_diff(got, want) <= 1e-12 and want.abs().max() > 0.1
+
+
+def test_engine_models_are_folded_and_compute_what_diffusers_does(demo_models):
+    """``load_models`` folds every upsampler; its models still agree with diffusers' from the same files."""
+    layout = ModelLayout(demo_models)
+    models = load_models(demo_models, device="cpu", dtype=torch.float32, components=("unet", "vae"))
+    vae, unet = models.vae, models.unet
+    for model in (vae, unet):
+        upsamplers = [m for m in model.modules() if isinstance(m, Upsample2D)]
+        assert upsamplers and all(m.conv is None for m in upsamplers)
+    reference_vae = AutoencoderKL.from_pretrained(layout.vae_dir).eval()
+    reference_unet = UNet2DConditionModel(**diffusers_kwargs(read_json(layout.unet_config("v15")))).eval()
+    reference_unet.load_state_dict(read_state_dict(layout.unet_weights("v15")))
+    g = torch.Generator().manual_seed(0)
+    latents, sample = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 8, 32, 32, generator=g)
+    tokens, t = torch.randn(2, 50, 384, generator=g), torch.tensor([0])
+    with torch.no_grad():
+        assert max_diff(vae.decode(latents), reference_vae.decode(latents).sample) <= TOLERANCE
+        want = reference_unet(sample, t, encoder_hidden_states=tokens).sample
+        assert max_diff(unet(sample, t, tokens), want) <= TOLERANCE

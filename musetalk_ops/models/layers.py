@@ -109,14 +109,58 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Double the resolution: nearest-neighbour ×2, then a 3×3 conv."""
+    """Double the resolution: nearest-neighbour ×2, then a 3×3 conv.
+
+    ``fold`` computes the same function without the upsampled intermediate. Output row 2i+a reads input
+    rows (i−1, i) for a = 0 and (i, i+1) for a = 1, each with the sum of the kernel rows that land on it;
+    likewise for columns. So each of the four output phases (a, b) is a 2×2 convolution of the input:
+    16 instead of 36 multiply-adds per output value and channel, and no 4× larger tensor written and
+    read back. One 2×2 conv with 4× the outputs runs on the input padded by one; phase (a, b) is its
+    output block 2a+b shifted by (a, b). Equal to the unfolded module up to float rounding (the
+    kernel sums are rounded once to the weights' dtype).
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv: nn.Conv2d | None = nn.Conv2d(channels, channels, 3, padding=1)
+        self.phases: nn.Conv2d | None = None
+
+    def fold(self) -> None:
+        """Replace the 3×3 conv by the four phase kernels (once the weights are loaded)."""
+        if self.conv is None:
+            return
+        w = self.conv.weight.detach().double()  # [out, in, 3, 3]
+        pairs = (lambda k: (k[0], k[1] + k[2]), lambda k: (k[0] + k[1], k[2]))  # phase 0, phase 1
+        kernels = []
+        for rows in pairs:
+            by_rows = torch.stack(rows(w.unbind(2)), 2)  # [out, in, 2, 3]
+            kernels += [torch.stack(cols(by_rows.unbind(3)), 3) for cols in pairs]
+        out_channels, in_channels = w.shape[:2]
+        phases = nn.Conv2d(in_channels, 4 * out_channels, 2, device=w.device, dtype=self.conv.weight.dtype)
+        phases.weight = nn.Parameter(torch.cat(kernels).to(self.conv.weight.dtype), requires_grad=False)
+        phases.bias = nn.Parameter(self.conv.bias.detach().repeat(4), requires_grad=False)
+        self.phases, self.conv = phases, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        if self.phases is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        b, _, h, w = x.shape
+        out = self.phases(F.pad(x, (1, 1, 1, 1)))  # [B, 4·C, H + 1, W + 1]
+        c = out.shape[1] // 4
+        y = out.new_empty(b, c, h, 2, w, 2)
+        for a in (0, 1):
+            for col in (0, 1):
+                phase = 2 * a + col
+                y[:, :, :, a, :, col] = out[:, phase * c : (phase + 1) * c, a : a + h, col : col + w]
+        return y.view(b, c, 2 * h, 2 * w)
+
+
+def fold_upsampling(model: nn.Module) -> nn.Module:
+    """``Upsample2D.fold`` for every upsampler of ``model`` (in place); returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, Upsample2D):
+            module.fold()
+    return model
 
 
 class Attention(nn.Module):

@@ -1,0 +1,56 @@
+"""One cold start: a fresh interpreter renders a short clip; prints when each step was done (JSON).
+
+    python bench/cold_start.py MODE MODELS TEMPLATE_CACHE WAV OUT [FEATURES]
+
+With ``FEATURES`` (an audio step's ``features.safetensors``) the process is a render step: UNet and VAE
+only, no whisper; without, it is the CLI (whisper computes the features in the process). Imports only
+what that path imports, so the marks are the engine's own (bench_render.py's cold_start section runs
+it and reads the marks relative to the moment it spawned the process).
+"""
+
+import time
+
+MARKS = {"interpreter": time.time()}
+
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from musetalk_ops.audio import AudioFeatures  # noqa: E402
+from musetalk_ops.cache import load_template  # noqa: E402
+from musetalk_ops.render import RenderSettings, compute_features, load_engine, render_chunk  # noqa: E402
+
+
+def main(mode: str, models_root: str, cache: str, wav: str, out: str, features_file: str = "") -> None:
+    MARKS["imports"] = time.time()
+    settings = RenderSettings(models_root=Path(models_root), mode=mode)
+    template = load_template(cache)
+    MARKS["template"] = time.time()
+    components = ("unet", "vae") if features_file else ("unet", "vae", "whisper")
+    models = load_engine(settings, version=template.version, components=components)
+    MARKS["models"] = time.time()
+    features = (
+        AudioFeatures.load(Path(features_file)) if features_file else compute_features(models, Path(wav))
+    )
+    MARKS["features"] = time.time()
+
+    def first(_n: int) -> None:
+        MARKS.setdefault("first_frame", time.time())
+
+    frames = features.num_frames(template.fps)
+    result = render_chunk(models, template, features, 0, frames, Path(out), settings, on_frames=first)
+    MARKS["segment_done"] = time.time()
+    heavy = [
+        m
+        for m in ("cv2", "diffusers", "transformers", "torch._dynamo", "torch._inductor")
+        if m in sys.modules
+    ]
+    print(
+        json.dumps(
+            {"marks": MARKS, "frames": frames, "heavy_modules": heavy, "timings": result.timings.to_dict()}
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

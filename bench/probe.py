@@ -1,0 +1,377 @@
+"""Diagnostics behind bench_render.py's numbers: where a chunk's time goes and which means pay.
+
+Same inputs as bench_render.py (its setup, prepare and engine sections), then, each timed and saved
+as it finishes:
+
+* ``imports``: ``import torch`` / cv2 / av alone in fresh interpreters, ``-X importtime``'s largest
+  modules, and the one-off CUDA costs of a fresh process (context, cuBLAS, cuDNN, first attention);
+* ``bound``: a warm chunk per template as is, without x264 (frames dropped), without the models (a
+  fixed face batch) and without both, plus the model thread's host seconds in compositing: which
+  stage bounds the chunk;
+* ``x264``: the encoder alone on the 1080p template's frames: parallel segments × x264 threads, and
+  presets with their bits and PSNR against the input;
+* ``vae_variants``: VAE decode alone in CUDA graphs: channels-last, cuDNN autotuning, and the ×2
+  upsample folded into four 2×2 phase convolutions (the same function, 16/36 of those convs' work);
+* ``compile_variants``: UNet + VAE compiled per variant (Inductor freezing, cuDNN autotuning, batch
+  size; ``COMPILE_VARIANTS``), each in its own process.
+
+    python bench/probe.py [--sections imports,bound,...] [--budget 540] [--variants a,b]
+
+Writes ``$OUT/probe.json`` (or ``./bench-out/``).
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import bench_render as br
+import numpy as np
+import torch
+
+# name: (batch, Inductor freezing, cuDNN autotuning); models as load_models returns them (folded)
+COMPILE_VARIANTS = {
+    "plain": (20, False, False),
+    "generator": (20, True, True),  # what FaceGenerator's compiled mode does
+    "generator_b32": (32, True, True),
+    "generator_b48": (48, True, True),
+}
+
+
+def fresh(code: str, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *flags, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+
+
+def seconds_of(code: str) -> float:
+    """Wall seconds of ``code`` (the last stdout line it prints) in a fresh interpreter."""
+    return float(fresh(code).stdout.strip().splitlines()[-1])
+
+
+CUDA_STEPS = """
+import time, json
+t0 = time.time()
+import torch, torch.nn.functional as F
+m = {"import_torch": time.time() - t0}
+def mark(name):
+    torch.cuda.synchronize(); m[name] = time.time() - t0
+torch.zeros(1, device="cuda"); mark("cuda_context")
+a = torch.randn(512, 512, device="cuda", dtype=torch.float16); (a @ a); mark("first_matmul")
+x = torch.randn(4, 64, 64, 64, device="cuda", dtype=torch.float16)
+F.conv2d(x, torch.randn(64, 64, 3, 3, device="cuda", dtype=torch.float16), padding=1); mark("first_conv")
+F.conv2d(x, torch.randn(128, 64, 3, 3, device="cuda", dtype=torch.float16), padding=1); mark("conv_shape_2")
+q = torch.randn(4, 8, 256, 40, device="cuda", dtype=torch.float16)
+F.scaled_dot_product_attention(q, q, q); mark("first_sdpa")
+print(json.dumps(m))
+"""
+
+
+def graph_ms(fn, make_input, iters: int = 10) -> float:
+    """Median ms of ``fn`` replayed as a CUDA graph."""
+    x = make_input()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(x)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn(x)
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    del g
+    return statistics.median(times)
+
+
+class Probe(br.Bench):
+    def run(self) -> None:
+        sys.path.insert(0, str(Path(__file__).parent))
+        self.r["env"] = {
+            "device": torch.cuda.get_device_name() if br.cuda() else "cpu",
+            "torch": torch.__version__,
+            "cpus": len(os.sched_getaffinity(0)),
+        }
+        print(json.dumps(self.r["env"]), flush=True)
+        run = self.report.run
+        run("imports", self.imports)
+        run("setup", self.setup)
+        run("prepare", self.prepare)
+        run("engine", self.engine)
+        run("bound", self.bound, needs=60)
+        run("x264", self.x264, needs=60)
+        if br.cuda():
+            run("vae_variants", self.vae_variants, needs=30)
+            run("compile_variants", self.compile_variants, needs=150)
+
+    def imports(self, s: dict) -> None:
+        timer = "import time; t = time.time(); import {}; print(time.time() - t)"
+        for name in ("torch", "cv2", "av", "numpy"):
+            s[name] = [round(seconds_of(timer.format(name)), 2) for _ in range(2)]
+        lines = fresh("import torch, cv2, av", "-X", "importtime").stderr.splitlines()
+        rows = []
+        for line in lines:
+            m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line)
+            if m and len(m.group(3)) <= 5:  # top-level and first-level imports
+                rows.append((int(m.group(2)), m.group(4)))
+        s["largest_cumulative_ms"] = {n: round(us / 1000, 1) for us, n in sorted(rows, reverse=True)[:15]}
+        if br.cuda():
+            s["cuda_steps_s"] = json.loads(fresh(CUDA_STEPS).stdout.strip().splitlines()[-1])
+
+    def bound(self, s: dict) -> None:
+        """One warm 1000-frame chunk per template with stages taken out, graphs mode."""
+        from musetalk_ops import device_paste, render
+
+        mode = self.modes[0]
+        host = {"composite": 0.0, "patches": 0.0, "generator": 0.0}
+
+        def timed(fn, key):
+            def wrapper(*a, **k):
+                t = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    host[key] += time.perf_counter() - t
+
+            return wrapper
+
+        real_generator, real_writer, real_mux = render._generator, render.SegmentWriter, render.mux
+        real_composite, real_patches = device_paste.DevicePaster.composite, render._patches
+
+        class NoWriter:
+            def __init__(self, path, *a, **k):
+                self.path = Path(path)
+
+            def __enter__(self):
+                return self
+
+            def write_yuv(self, frame) -> None:
+                pass
+
+            def __exit__(self, *exc) -> None:
+                self.path.touch()
+
+        class FixedFaces:
+            build_seconds = 0.0
+
+            def __init__(self, n: int, device) -> None:
+                self.faces = torch.randint(0, 256, (n, 256, 256, 3), dtype=torch.uint8, device=device)
+
+            def __call__(self, latents, tokens, clock):
+                return self.faces[: len(latents)]
+
+        fixed = FixedFaces(self.batch, self.models.device)
+        for name in self.templates:
+            self.render(name, mode=mode)  # warm: graphs captured, plans built
+            for variant in ("full", "no_encode", "no_model", "neither"):
+                render.SegmentWriter = NoWriter if variant in ("no_encode", "neither") else real_writer
+                render.mux = (
+                    (lambda parts, audio, out, comment: Path(out).touch())
+                    if variant
+                    in (
+                        "no_encode",
+                        "neither",
+                    )
+                    else real_mux
+                )
+                render._generator = (
+                    (lambda *a: fixed) if variant in ("no_model", "neither") else real_generator
+                )
+                device_paste.DevicePaster.composite = timed(real_composite, "composite")
+                render._patches = timed(real_patches, "patches")
+                for key in host:
+                    host[key] = 0.0
+                try:
+                    row = self.render(name, mode=mode)
+                finally:
+                    render._generator, render.SegmentWriter = real_generator, real_writer
+                    render.mux = real_mux
+                    device_paste.DevicePaster.composite, render._patches = real_composite, real_patches
+                row["model_thread_host_s"] = {k: round(v, 3) for k, v in host.items()}
+                keys = ("fps", "unet", "vae_decode", "composite", "encode", "total", "cpu_cores_busy")
+                s[f"{name}/{variant}"] = {k: row[k] for k in keys} | {
+                    "model_thread_host_s": row["model_thread_host_s"]
+                }
+                print(name, variant, json.dumps(s[f"{name}/{variant}"]), flush=True)
+
+    def x264(self, s: dict) -> None:
+        from musetalk_ops.blend import frame_indices
+        from musetalk_ops.video import SegmentWriter
+        from musetalk_ops.yuv import i420, rgb_to_yuv420
+
+        frames = self.templates["1080p"].frames
+        height, width = frames.shape[1:3]
+        yuv = [i420(*(p.numpy() for p in rgb_to_yuv420(torch.from_numpy(f)))) for f in frames]
+        count = 480
+
+        def encode(writers: int, threads: int, preset: str, extra: str = "") -> dict:
+            per = count // writers
+            order = frame_indices(0, per, len(frames), "pingpong")
+            paths = [self.work / f"x{n}.mp4" for n in range(writers)]
+
+            def one(n: int) -> None:
+                with SegmentWriter(paths[n], 25, width, height, preset=preset, threads=threads) as w:
+                    for k in order:
+                        w.write_yuv(yuv[k])
+
+            t, cpu = time.perf_counter(), br.cpu_seconds()
+            workers = [threading.Thread(target=one, args=(n,)) for n in range(writers)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            seconds = time.perf_counter() - t
+            out = {
+                "fps": round(per * writers / seconds, 1),
+                "cores_busy": round((br.cpu_seconds() - cpu) / seconds, 1),
+                "kbytes_per_frame": round(paths[0].stat().st_size / per / 1024, 1),
+            }
+            decoded = br.decoded(paths[0])
+            ref = np.stack([frames[k] for k in order])
+            mse = np.mean((decoded.astype(np.float32) - ref.astype(np.float32)) ** 2)
+            out["psnr_rgb_db"] = round(float(10 * np.log10(255**2 / max(mse, 1e-9))), 2)
+            return out
+
+        for writers, threads in ((4, 0), (4, 4), (4, 3), (2, 8), (8, 2), (16, 1), (5, 3), (3, 5)):
+            s[f"veryfast/x{writers}/t{threads}"] = encode(writers, threads, "veryfast")
+            print(writers, threads, s[f"veryfast/x{writers}/t{threads}"], flush=True)
+        for preset in ("superfast", "ultrafast", "faster"):
+            s[f"{preset}/x4/t4"] = encode(4, 4, preset)
+
+    def vae_variants(self, s: dict) -> None:
+        """VAE decode alone (CUDA graphs), fp16: layouts, autotune, folded upsample; b20 and b48."""
+        import copy
+
+        from musetalk_ops.models.layers import fold_upsampling
+        from musetalk_ops.models.vae import decode_latents, load_vae
+
+        base = load_vae(self.models_root, "cuda", torch.float16)  # as stored: upsamplers not folded
+        folded = fold_upsampling(copy.deepcopy(base))
+        z = torch.randn(4, 4, 32, 32, device="cuda", dtype=torch.float16)
+        with torch.inference_mode():
+            a, b = decode_latents(base, z), decode_latents(folded, z)
+        s["folded_vs_plain_uint8"] = br.diff_stats(a.cpu().numpy(), b.cpu().numpy())
+        for name, vae in (("plain", base), ("folded", folded)):
+            for layout in ("nchw", "channels_last"):
+                model = vae if layout == "nchw" else copy.deepcopy(vae).to(memory_format=torch.channels_last)
+                for bench in (False, True):
+                    for batch in (20, 48):
+                        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+                        def make(batch=batch, fmt=fmt):
+                            return torch.randn(batch, 4, 32, 32, device="cuda", dtype=torch.float16).to(
+                                memory_format=fmt
+                            )
+
+                        flags = torch.backends.cudnn.flags(enabled=True, benchmark=bench)
+                        with torch.inference_mode(), flags:
+                            ms = graph_ms(lambda x, m=model: decode_latents(m, x), make)
+                        key = f"{name}/{layout}/{'autotune' if bench else 'heuristic'}/b{batch}"
+                        s[key] = round(ms / batch, 3)
+                        print(key, s[key], "ms/frame", flush=True)
+                if model is not vae:
+                    del model
+        for bench in (False, True):
+            for batch in (20, 48):
+                unet = self.models.unet
+                t = torch.zeros((1,), dtype=torch.int64, device="cuda")
+                tokens = torch.randn(batch, 50, 384, device="cuda", dtype=torch.float16)
+
+                def make(batch=batch):
+                    return torch.randn(batch, 8, 32, 32, device="cuda", dtype=torch.float16)
+
+                with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, benchmark=bench):
+                    ms = graph_ms(lambda x, u=unet, t=t, c=tokens: u(x, t, c), make)
+                s[f"unet/{'autotune' if bench else 'heuristic'}/b{batch}"] = round(ms / batch, 3)
+
+    def compile_variants(self, s: dict) -> None:
+        names = self.args.variants or COMPILE_VARIANTS
+        for name in names:
+            left = self.report.deadline - time.time()
+            if left < 100:
+                s.setdefault("skipped", []).append(name)
+                continue
+            try:
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--child", name, str(self.models_root)],
+                    capture_output=True,
+                    text=True,
+                    timeout=max(60, left - 20),
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                )
+                lines = proc.stdout.strip().splitlines()
+                s[name] = json.loads(lines[-1]) if proc.returncode == 0 else {"error": proc.stderr[-600:]}
+            except subprocess.TimeoutExpired:
+                s[name] = {"error": "timed out"}
+            print(name, json.dumps(s[name]), flush=True)
+            self.report.save()
+
+
+def compile_child(variant: str, models_root: str) -> None:
+    """UNet + VAE compiled with ``variant``'s settings in this fresh process; build seconds and warm
+    ms/frame of each model (CUDA graphs of the compiled code, as the generator runs it)."""
+    import torch._inductor.config as inductor
+
+    from musetalk_ops.models import load_models
+    from musetalk_ops.models.vae import decode_latents
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix=f"inductor-{variant}-"))
+    batch, inductor.freezing, bench = COMPILE_VARIANTS[variant]
+    models = load_models(models_root, device="cuda", dtype=torch.float16, components=("unet", "vae"))
+    unet, vae = models.unet, models.vae
+    t = torch.zeros((1,), dtype=torch.int64, device="cuda")
+    tokens = torch.randn(batch, 50, 384, device="cuda", dtype=torch.float16)
+    decode = decode_latents.__wrapped__
+    fu = torch.compile(lambda x: unet(x, t, tokens), dynamic=False)
+    fv = torch.compile(lambda x: decode(vae, x), dynamic=False)
+    out = {"batch": batch, "freezing": inductor.freezing, "cudnn_benchmark": bench}
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, benchmark=bench):
+        for name, fn, shape in (("unet", fu, (batch, 8, 32, 32)), ("vae", fv, (batch, 4, 32, 32))):
+            start = time.perf_counter()
+            fn(torch.randn(*shape, device="cuda", dtype=torch.float16))
+            torch.cuda.synchronize()
+            out[f"{name}_build_s"] = round(time.perf_counter() - start, 1)
+            ms = graph_ms(fn, lambda shape=shape: torch.randn(*shape, device="cuda", dtype=torch.float16))
+            out[f"{name}_ms_per_frame"] = round(ms / batch, 3)
+    out["fps"] = round(1000 / (out["unet_ms_per_frame"] + out["vae_ms_per_frame"]), 1)
+    out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    print(json.dumps(out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=20)
+    parser.add_argument("--budget", type=float, default=540)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    parser.add_argument("--sections", type=lambda v: v.split(","))
+    parser.add_argument("--variants", type=lambda v: v.split(","))
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        compile_child(*args.child)
+        return
+    work = Path(tempfile.mkdtemp(prefix="musetalk-probe-"))
+    os.environ["MUSETALK_CACHE"] = str(work / "cache")
+    report = br.Report(args.out, args.budget, sys.argv, args.sections, filename="probe.json")
+    Probe(args, work, report).run()
+    report.save()
+
+
+if __name__ == "__main__":
+    main()
