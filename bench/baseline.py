@@ -27,7 +27,8 @@ from musetalk_ops.audio import AudioFeatures, add_positional_encoding
 from musetalk_ops.blend import frame_indices
 from musetalk_ops.cache import Template
 from musetalk_ops.models import Models
-from musetalk_ops.models.vae import VAE_SCALE
+from musetalk_ops.models.unet import load_unet
+from musetalk_ops.models.vae import VAE_SCALE, load_vae
 from musetalk_ops.video import SegmentWriter
 
 BATCH = 20
@@ -61,12 +62,16 @@ class OfficialAvatar:
         self.latents = [template.latents[k : k + 1].to(models.device, models.dtype) for k in cycle]
 
 
-def official_models(models: Models) -> tuple[UNet2DConditionModel, AutoencoderKL]:
-    """diffusers' UNet and VAE (what the official script runs) adopting the weight tensors of ours: no copy.
+def official_models(root: Path, models: Models) -> tuple[UNet2DConditionModel, AutoencoderKL]:
+    """diffusers' UNet and VAE (what the official script runs) with the weights under ``root``, as stored
+    (the engine's own models have their upsamplers folded), on the engine's device and dtype.
 
     Our configs carry diffusers' argument names, so they build the same architectures."""
     twins = []
-    for ours, cls in ((models.unet, UNet2DConditionModel), (models.vae, AutoencoderKL)):
+    for ours, cls in (
+        (load_unet(root, models.version, models.device, models.dtype), UNet2DConditionModel),
+        (load_vae(root, models.device, models.dtype), AutoencoderKL),
+    ):
         with torch.device("meta"):
             model = cls(**dataclasses.asdict(ours.config))
         model.load_state_dict(ours.state_dict(), strict=True, assign=True)
@@ -83,17 +88,17 @@ def _decode_official(vae: AutoencoderKL, latents: torch.Tensor) -> np.ndarray:
 
 @torch.inference_mode()
 def run_baseline(
-    models: Models,
+    official: tuple[UNet2DConditionModel, AutoencoderKL],
     avatar: OfficialAvatar,
     features: AudioFeatures,
     fps: float,
     frames: int,
     png_dir: Path | None,
 ) -> float:
-    """Seconds for ``frames`` frames, GPU work + paste-back (+ PNG writes when ``png_dir`` is given); the
-    diffusers twins of ``models`` are built before the clock starts."""
-    device = models.device
-    unet, vae = official_models(models)
+    """Seconds for ``frames`` frames, GPU work + paste-back (+ PNG writes when ``png_dir`` is given), with
+    the ``official_models``."""
+    unet, vae = official
+    device = unet.device
     whisper = features.windows(fps, 0, frames).to(device, unet.dtype)  # up front, as official (fp16)
     timestep = torch.tensor([0], device=device)
     results: queue.Queue = queue.Queue()

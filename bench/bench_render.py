@@ -344,23 +344,6 @@ def compiled_child(models_root: str, cache_512: str, cache_hd: str, wav: str, wo
     gen = render._generator(models.unet, models.vae, "compiled", batch_size)
     r["generator_build_s"] = round(gen.build_seconds, 1)
     r["generator"] = measure_generator(gen, models, batch_size)
-    # Inductor keeps its pool of compile-worker processes after compiling: the same chunks without it,
-    # and with twice the encoders (is the 512² chunk encoder-bound once the GPU is this fast?).
-    from torch._inductor.async_compile import shutdown_compile_workers
-
-    shutdown_compile_workers()
-    for name, template in templates.items():
-        for encoders in (4, 8):
-            r[f"{name}_warm_no_workers_encoders{encoders}"] = render_once(
-                models,
-                template,
-                features,
-                frames,
-                out,
-                batch_size=batch_size,
-                mode="compiled",
-                encoders=encoders,
-            )
     print(json.dumps(r))
 
 
@@ -564,16 +547,17 @@ class Bench:
         self.r.setdefault("ours", {})[f"{name}/{mode}"] = s
 
     def baseline(self, s: dict, name: str) -> None:
-        from baseline import OfficialAvatar, encode_pngs, run_baseline
+        from baseline import OfficialAvatar, encode_pngs, official_models, run_baseline
 
         avatar = OfficialAvatar(self.templates[name], self.models)
+        official = official_models(self.models_root, self.models)
         n = min(self.args.baseline_frames, self.frames)
-        run_baseline(self.models, avatar, self.features, 25, min(40, n), None)  # warm-up (cuDNN, allocator)
+        run_baseline(official, avatar, self.features, 25, min(40, n), None)  # warm-up (cuDNN, allocator)
         pngs = self.work / f"png-{name}"
         pngs.mkdir()
-        loop = run_baseline(self.models, avatar, self.features, 25, n, pngs)
+        loop = run_baseline(official, avatar, self.features, 25, n, pngs)
         encode = encode_pngs(pngs, self.work / "b.mp4", 25, 18, "veryfast")
-        skip = run_baseline(self.models, avatar, self.features, 25, n, None)
+        skip = run_baseline(official, avatar, self.features, 25, n, None)
         s.update(frames=n, loop_with_png_s=round(loop, 3), encode_pngs_s=round(encode, 3))
         s.update(fps_end_to_end=round(n / (loop + encode), 2), fps_with_png=round(n / loop, 2))
         s.update(fps_skip_save=round(n / skip, 2))

@@ -8,8 +8,9 @@ as it finishes:
 * ``bound``: a warm chunk per template as is, without x264 (frames dropped), without the models (a
   fixed face batch) and without both, plus the model thread's host seconds in compositing: which
   stage bounds the chunk;
-* ``x264``: the encoder alone on the 1080p template's frames: parallel segments × x264 threads, and
-  presets with their bits and PSNR against the input;
+* ``x264``: the encoder alone on the 1080p template's frames: parallel segments × x264 threads, as
+  threads of this process (as the renderer runs them) or as forked processes (no shared GIL), with
+  their bits and PSNR against the input;
 * ``vae_variants``: VAE decode alone in CUDA graphs: channels-last, cuDNN autotuning, and the ×2
   upsample folded into four 2×2 phase convolutions (the same function, 16/36 of those convs' work);
 * ``compile_variants``: UNet + VAE compiled per variant (Inductor freezing, cuDNN autotuning, batch
@@ -22,8 +23,10 @@ Writes ``$OUT/probe.json`` (or ``./bench-out/``).
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -36,12 +39,14 @@ import bench_render as br
 import numpy as np
 import torch
 
-# name: (batch, Inductor freezing, cuDNN autotuning); models as load_models returns them (folded)
+# name: (batch, Inductor freezing, cuDNN autotuning, torch.compile mode, models); the models as
+# load_models returns them (upsamplers folded)
 COMPILE_VARIANTS = {
-    "plain": (20, False, False),
-    "generator": (20, True, True),  # what FaceGenerator's compiled mode does
-    "generator_b32": (32, True, True),
-    "generator_b48": (48, True, True),
+    "plain": (20, False, False, "default", ("unet", "vae")),
+    "generator": (20, True, True, "default", ("unet", "vae")),  # what FaceGenerator's compiled mode does
+    "generator_b32": (32, True, True, "default", ("unet", "vae")),
+    "generator_b48": (48, True, True, "default", ("unet", "vae")),
+    "vae_max_autotune": (20, True, True, "max-autotune-no-cudagraphs", ("vae",)),
 }
 
 
@@ -72,6 +77,11 @@ q = torch.randn(4, 8, 256, 40, device="cuda", dtype=torch.float16)
 F.scaled_dot_product_attention(q, q, q); mark("first_sdpa")
 print(json.dumps(m))
 """
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited-for children only
+    return usage.ru_utime + usage.ru_stime
 
 
 def graph_ms(fn, make_input, iters: int = 10) -> float:
@@ -218,7 +228,7 @@ class Probe(br.Bench):
         yuv = [i420(*(p.numpy() for p in rgb_to_yuv420(torch.from_numpy(f)))) for f in frames]
         count = 480
 
-        def encode(writers: int, threads: int, preset: str, extra: str = "") -> dict:
+        def encode(writers: int, threads: int, preset: str, processes: bool = False) -> dict:
             per = count // writers
             order = frame_indices(0, per, len(frames), "pingpong")
             paths = [self.work / f"x{n}.mp4" for n in range(writers)]
@@ -228,8 +238,10 @@ class Probe(br.Bench):
                     for k in order:
                         w.write_yuv(yuv[k])
 
-            t, cpu = time.perf_counter(), br.cpu_seconds()
-            workers = [threading.Thread(target=one, args=(n,)) for n in range(writers)]
+            # threads of this process (as the renderer runs them), or forked processes: no shared GIL
+            kind = multiprocessing.get_context("fork").Process if processes else threading.Thread
+            t, cpu = time.perf_counter(), br.cpu_seconds() + children_cpu_seconds()
+            workers = [kind(target=one, args=(n,)) for n in range(writers)]
             for w in workers:
                 w.start()
             for w in workers:
@@ -237,7 +249,7 @@ class Probe(br.Bench):
             seconds = time.perf_counter() - t
             out = {
                 "fps": round(per * writers / seconds, 1),
-                "cores_busy": round((br.cpu_seconds() - cpu) / seconds, 1),
+                "cores_busy": round((br.cpu_seconds() + children_cpu_seconds() - cpu) / seconds, 1),
                 "kbytes_per_frame": round(paths[0].stat().st_size / per / 1024, 1),
             }
             decoded = br.decoded(paths[0])
@@ -246,11 +258,11 @@ class Probe(br.Bench):
             out["psnr_rgb_db"] = round(float(10 * np.log10(255**2 / max(mse, 1e-9))), 2)
             return out
 
-        for writers, threads in ((4, 0), (4, 4), (4, 3), (2, 8), (8, 2), (16, 1), (5, 3), (3, 5)):
-            s[f"veryfast/x{writers}/t{threads}"] = encode(writers, threads, "veryfast")
-            print(writers, threads, s[f"veryfast/x{writers}/t{threads}"], flush=True)
-        for preset in ("superfast", "ultrafast", "faster"):
-            s[f"{preset}/x4/t4"] = encode(4, 4, preset)
+        for repeat in range(2):
+            for writers, threads, processes in ((4, 0, False), (4, 0, True), (8, 2, True), (16, 1, True)):
+                key = f"veryfast/x{writers}/t{threads}/{'processes' if processes else 'threads'}/{repeat}"
+                s[key] = encode(writers, threads, "veryfast", processes)
+                print(key, s[key], flush=True)
 
     def vae_variants(self, s: dict) -> None:
         """VAE decode alone (CUDA graphs), fp16: layouts, autotune, folded upsample; b20 and b48."""
@@ -330,24 +342,26 @@ def compile_child(variant: str, models_root: str) -> None:
     from musetalk_ops.models.vae import decode_latents
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix=f"inductor-{variant}-"))
-    batch, inductor.freezing, bench = COMPILE_VARIANTS[variant]
+    batch, inductor.freezing, bench, mode, which = COMPILE_VARIANTS[variant]
     models = load_models(models_root, device="cuda", dtype=torch.float16, components=("unet", "vae"))
     unet, vae = models.unet, models.vae
     t = torch.zeros((1,), dtype=torch.int64, device="cuda")
     tokens = torch.randn(batch, 50, 384, device="cuda", dtype=torch.float16)
     decode = decode_latents.__wrapped__
-    fu = torch.compile(lambda x: unet(x, t, tokens), dynamic=False)
-    fv = torch.compile(lambda x: decode(vae, x), dynamic=False)
-    out = {"batch": batch, "freezing": inductor.freezing, "cudnn_benchmark": bench}
+    fu = torch.compile(lambda x: unet(x, t, tokens), dynamic=False, mode=mode)
+    fv = torch.compile(lambda x: decode(vae, x), dynamic=False, mode=mode)
+    out = {"batch": batch, "freezing": inductor.freezing, "cudnn_benchmark": bench, "mode": mode}
+    runs = {"unet": (fu, (batch, 8, 32, 32)), "vae": (fv, (batch, 4, 32, 32))}
     with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, benchmark=bench):
-        for name, fn, shape in (("unet", fu, (batch, 8, 32, 32)), ("vae", fv, (batch, 4, 32, 32))):
+        for name, (fn, shape) in ((name, runs[name]) for name in which):
             start = time.perf_counter()
             fn(torch.randn(*shape, device="cuda", dtype=torch.float16))
             torch.cuda.synchronize()
             out[f"{name}_build_s"] = round(time.perf_counter() - start, 1)
             ms = graph_ms(fn, lambda shape=shape: torch.randn(*shape, device="cuda", dtype=torch.float16))
             out[f"{name}_ms_per_frame"] = round(ms / batch, 3)
-    out["fps"] = round(1000 / (out["unet_ms_per_frame"] + out["vae_ms_per_frame"]), 1)
+    if len(which) == 2:
+        out["fps"] = round(1000 / (out["unet_ms_per_frame"] + out["vae_ms_per_frame"]), 1)
     out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(json.dumps(out))
 

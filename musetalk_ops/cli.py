@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from musetalk_ops import DEFAULT_BATCH_SIZE
 from musetalk_ops.errors import InputError, MuseTalkError
 
 log = logging.getLogger("musetalk")
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--audio", required=True, type=Path, help="speech: wav, flac, mp3, m4a/aac or ogg")
     r.add_argument("--out", required=True, type=Path, help="output .mp4")
     _add_runtime_flags(r)
-    r.add_argument("--batch-size", type=int, default=20)
+    r.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"default {DEFAULT_BATCH_SIZE}")
     r.add_argument("--fps", type=float, help="output fps (default: the template's; images 25)")
     r.add_argument("--crf", type=int, default=18, help="H.264 quality (default 18)")
     r.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast)")

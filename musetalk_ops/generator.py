@@ -224,6 +224,10 @@ class FaceGenerator:
         with inductor_config.patch(freezing=True):
             for _ in range(2):  # compile, then let lazy initialisation happen outside the capture
                 self._vae(self._unet(state.latents, state.tokens))
+        # Inductor keeps a pool of compile processes; idle, they still cost the encoders' CPUs ~3 %
+        from torch._inductor.async_compile import shutdown_compile_workers
+
+        shutdown_compile_workers()
         self._capture(state)
 
     def _capture(self, state: _Bucket) -> None:

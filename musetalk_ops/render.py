@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from musetalk_ops import DEFAULT_BATCH_SIZE
 from musetalk_ops.audio import AudioFeatures, add_positional_encoding, extract_features, load_audio
 from musetalk_ops.blend import frame_indices, paste_face
 from musetalk_ops.cache import Template
@@ -71,7 +72,7 @@ class RenderSettings:
     CPUs on the fast path, at most one per ``SUBSEGMENT_SECONDS`` of video; the reference path always
     encodes on one thread)."""
 
-    batch_size: int = 20
+    batch_size: int = DEFAULT_BATCH_SIZE
     crf: int = 18
     preset: str = "veryfast"
     device: str | None = None

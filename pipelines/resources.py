@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from musetalk_ops import DEFAULT_BATCH_SIZE
 from musetalk_ops.config import store_dir
 from musetalk_ops.errors import InputError
 from musetalk_ops.render import RenderSettings
@@ -53,7 +54,7 @@ class EngineResource(dg.ConfigurableResource):
     models_dir: str | None = None  # None: $MUSETALK_MODELS, else ./models
     device: str | None = None  # None: cuda when available
     dtype: str | None = None  # None: float16 on CUDA, float32 on the CPU
-    batch_size: int = 20
+    batch_size: int = DEFAULT_BATCH_SIZE
     mode: str | None = None  # None: graphs on CUDA, reference on the CPU (musetalk_ops.render)
     encoders: int | None = None  # None: one H.264 encoder thread per 4 CPUs
     min_chunk_frames: int = 250

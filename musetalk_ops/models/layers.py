@@ -147,12 +147,16 @@ class Upsample2D(nn.Module):
         b, _, h, w = x.shape
         out = self.phases(F.pad(x, (1, 1, 1, 1)))  # [B, 4·C, H + 1, W + 1]
         c = out.shape[1] // 4
-        y = out.new_empty(b, c, h, 2, w, 2)
-        for a in (0, 1):
-            for col in (0, 1):
-                phase = 2 * a + col
-                y[:, :, :, a, :, col] = out[:, phase * c : (phase + 1) * c, a : a + h, col : col + w]
-        return y.view(b, c, 2 * h, 2 * w)
+        phases = [
+            out[:, (2 * a + col) * c : (2 * a + col + 1) * c, a : a + h, col : col + w] for a, col in _PHASES
+        ]
+        # [B, C, a, col, H, W] → [B, C, H, a, W, col]: one pointwise kernel once compiled (writing into
+        # strided views of an empty tensor compiled to four whole-tensor scatters: VAE 1.56 vs 1.44 ms)
+        y = torch.stack(phases, 2).unflatten(2, (2, 2))
+        return y.permute(0, 1, 4, 2, 5, 3).reshape(b, c, 2 * h, 2 * w)
+
+
+_PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
 def fold_upsampling(model: nn.Module) -> nn.Module:
