@@ -44,7 +44,7 @@ MODES = ("eager", "graphs", "compiled")
 GRAPH_MODES = ("graphs", "compiled")
 SMALLEST_BUCKET = 4
 # cuDNN autotuning: eager/graphs found nothing faster on an H100 (and it costs seconds per process);
-# under compiled code it cut the UNet from 0.585 to 0.537 ms/frame (bench/probe.py compile_variants).
+# under compiled code (with freezing) it cut the UNet from 0.585 to 0.537 ms/frame (bench/probe.py).
 CUDNN_BENCHMARK = {"eager": False, "graphs": False, "compiled": True}
 
 
@@ -218,12 +218,10 @@ class FaceGenerator:
         self.build_seconds += time.perf_counter() - start
 
     def _compile_and_capture(self, state: _Bucket) -> None:
-        from torch._inductor import config as inductor_config  # ~1 s to import: compiled mode only
-
-        # freezing: weights become constants Inductor can lay out and fold (UNet 0.638 → 0.585 ms/frame)
-        with inductor_config.patch(freezing=True):
-            for _ in range(2):  # compile, then let lazy initialisation happen outside the capture
-                self._vae(self._unet(state.latents, state.tokens))
+        # Not Inductor's freezing: it took the UNet from 0.638 to 0.585 ms/frame, but frozen graphs bypass
+        # the on-disk graph cache, so every process compiled again (first frame 67–75 s instead of 33–35)
+        for _ in range(2):  # compile, then let lazy initialisation happen outside the capture
+            self._vae(self._unet(state.latents, state.tokens))
         # Inductor keeps a pool of compile processes; idle, they still cost the encoders' CPUs ~3 %
         from torch._inductor.async_compile import shutdown_compile_workers
 
