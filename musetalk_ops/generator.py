@@ -12,15 +12,17 @@ its first batch. Modes:
   not delayed by one;
 * ``compiled``: ``torch.compile`` of both models (Inductor; artifacts cached on disk under
   ``$MUSETALK_CACHE/inductor``, so only the first process per GPU type pays the full compile), then
-  captured into CUDA graphs like ``graphs``. One bucket only: each extra shape would be a recompile.
-  Compiled code is traced and run under ``no_grad`` rather than inference mode, whose tensors
-  Inductor mishandles (pytorch/pytorch#180823: "weakref to UntypedStorage" on a transpose).
+  captured into CUDA graphs like ``graphs``, with cuDNN autotuning. One bucket only: each extra shape
+  would be a recompile. Compiled code is traced and run under ``no_grad`` rather than inference mode,
+  whose tensors Inductor mishandles (pytorch/pytorch#180823: "weakref to UntypedStorage" on a
+  transpose).
 
-Measured on an H100 at batch 20 with our models (bench/RESULTS.md, runs 6–8): eager 205 frames/s,
-graphs 225, compiled 438–453 (cold compile 76–80 s), against a limit of ~930; the diffusers models
-ran eager at 158–168. So ``graphs`` is the default: short clips cannot repay a compile; long renders
-and warm workers can (a 1000-frame 512² chunk: 217 frames/s graphs, 404 compiled).
-Channels-last copies of the models were slower (VAE 3.9 vs 3.5 ms/frame) and are not used.
+Measured on an H100 with our models (upsamplers folded; bench/RESULTS.md, session 3): UNet + VAE at
+20 / 48 frames per batch ran 223–256 / 274–295 frames/s eager and 264–269 / 295–300 under graphs;
+compiled 499.8 at 32 (cold compile 81 s, 33 s to the first frame with a warm cache), against a limit
+of ~950. So ``graphs`` is the default: short clips cannot repay a compile; long renders and warm
+workers can (a 1000-frame 512² chunk: 271 frames/s graphs, 454 compiled). Channels-last copies of the
+models were slower (VAE 3.90 vs 3.46 ms/frame) and are not used.
 
 The constant t = 0 time embedding is not precomputed: it is two tiny matmuls per batch, which the
 graphs already replay for free.
