@@ -116,11 +116,6 @@ class Plan:
     block: Box  # x1, y1, x2, y2; empty (x2 == x1) with the region
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        x1, y1, x2, y2 = self.region
-        return (y2 - y1, x2 - x1, 3)
-
-    @property
     def empty(self) -> bool:
         return self.block[2] == self.block[0]
 
