@@ -186,23 +186,22 @@ class Probe(br.Bench):
             def __call__(self, latents, tokens, clock):
                 return self.faces[: len(latents)]
 
+        def no_mux(parts, audio, out, comment) -> None:
+            Path(out).touch()
+
         fixed = FixedFaces(self.batch, self.models.device)
+        # variant: (x264 encodes, the models run)
+        variants = {
+            "full": (True, True),
+            "no_encode": (False, True),
+            "no_model": (True, False),
+            "neither": (False, False),
+        }
         for name in self.templates:
-            self.render(name, mode=mode)  # warm: graphs captured, plans built
-            for variant in ("full", "no_encode", "no_model", "neither"):
-                render.SegmentWriter = NoWriter if variant in ("no_encode", "neither") else real_writer
-                render.mux = (
-                    (lambda parts, audio, out, comment: Path(out).touch())
-                    if variant
-                    in (
-                        "no_encode",
-                        "neither",
-                    )
-                    else real_mux
-                )
-                render._generator = (
-                    (lambda *a: fixed) if variant in ("no_model", "neither") else real_generator
-                )
+            self.render(name, mode=mode)  # warm: the generator's graphs are captured
+            for variant, (encodes, models_run) in variants.items():
+                render.SegmentWriter, render.mux = (real_writer, real_mux) if encodes else (NoWriter, no_mux)
+                render._generator = real_generator if models_run else (lambda *a: fixed)
                 device_paste.DevicePaster.composite = timed(real_composite, "composite")
                 render._patches = timed(real_patches, "patches")
                 for key in host:

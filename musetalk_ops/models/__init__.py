@@ -108,7 +108,7 @@ def _warm_up_libraries(device: torch.device, dtype: torch.dtype) -> threading.Th
                 q = torch.zeros((1, 8, 64, 40), device=device, dtype=dtype)
                 F.scaled_dot_product_attention(q, q, q) @ torch.zeros((40, 40), device=device, dtype=dtype)
                 torch.cuda.synchronize(device)
-        except Exception:
+        except Exception:  # a device that fails here fails the loading too, with a clear error there
             pass
 
     thread = threading.Thread(target=run, name="musetalk-cuda-warm-up", daemon=True)
