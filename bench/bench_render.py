@@ -21,6 +21,10 @@ runs out):
   frames vs an undisturbed render;
 * ``compiled``: the torch.compile path in its own process (cold compile cost, warm chunks, the
   generator alone), then its cold start with the on-disk compile cache warm;
+* ``aot`` / ``aot_autotune``: an AOTInductor engine built in its own process (build cost; plain, or
+  with Inductor's max-autotune), warm chunks and the generator alone through it, its frames vs the
+  reference path's, then cold starts of a render step that loads it (mode ``aot``, and the default
+  mode, which finds it);
 * ``cold_start``: a fresh process per path, process start → first frame (3 s clip), as a render step
   (features from the audio step: no whisper) and as the CLI (whisper in the process);
 * ``encoding``: chunks with 2 and 8 encoders and two presets;
@@ -291,7 +295,7 @@ def run_child(kind: str, *args) -> tuple[dict, float]:
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        timeout=400,
+        timeout=1200,
     )
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
@@ -344,6 +348,44 @@ def compiled_child(models_root: str, cache_512: str, cache_hd: str, wav: str, wo
     gen = render._generator(models.unet, models.vae, "compiled", batch_size)
     r["generator_build_s"] = round(gen.build_seconds, 1)
     r["generator"] = measure_generator(gen, models, batch_size)
+    print(json.dumps(r))
+
+
+def aot_child(
+    models_root: str, cache_512: str, cache_hd: str, wav: str, work: str, batch: str, autotune: str
+) -> None:
+    """Build an AOTInductor engine (musetalk_ops/aot.py) in its own process, then render through it."""
+    from musetalk_ops import aot, render
+    from musetalk_ops.cache import load_template
+
+    models = render.load_engine(render.RenderSettings(models_root=Path(models_root)))
+    features = render.compute_features(models, Path(wav))
+    frames, batch_size = features.num_frames(25), int(batch)
+    t = time.perf_counter()
+    path = aot.build_engine(models.unet, models.vae, batch_size, autotune=autotune == "1")
+    r = {"build_s": round(time.perf_counter() - t, 1), "engine": path.name}
+    r["engine_mb"] = round(sum(f.stat().st_size for f in path.iterdir()) / 2**20, 1)
+    templates = {"512": load_template(cache_512), "1080p": load_template(cache_hd)}
+    out = Path(work) / "aot.mp4"
+    r["512_cold"] = render_once(
+        models, templates["512"], features, frames, out, batch_size=batch_size, mode="aot"
+    )
+    for name, template in templates.items():
+        r[f"{name}_warm"] = render_once(
+            models, template, features, frames, out, batch_size=batch_size, mode="aot"
+        )
+    gen = render._generator(models.unet, models.vae, "aot", batch_size)
+    r["generator_load_s"] = round(gen.build_seconds, 2)
+    r["generator"] = measure_generator(gen, models, batch_size)
+    render.release_gpu_memory()
+    r["generator_cudnn_benchmark"] = generator_fps(models, "aot", batch_size, True)
+    n, dirs = 40, []
+    for mode in ("aot", "reference"):
+        settings = render.RenderSettings(batch_size=batch_size, mode=mode)
+        d = Path(work) / f"aot-eq-{mode}"
+        render.render_chunk(models, templates["1080p"], features, 0, n, out, settings, frames_dir=d)
+        dirs.append(d)
+    r["aot_vs_reference_1080p"] = png_dir_stats(*dirs)
     print(json.dumps(r))
 
 
@@ -434,7 +476,7 @@ def main() -> None:
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        children = {"compiled": compiled_child, "chunk": chunk_child}
+        children = {"compiled": compiled_child, "chunk": chunk_child, "aot": aot_child}
         children[args.child[0]](*args.child[1:])
         return
     work = Path(tempfile.mkdtemp(prefix="musetalk-bench-"))
@@ -481,6 +523,9 @@ class Bench:
             run("kill_retry", self.kill_retry, needs=40)
         if cuda():
             run("compiled", self.compiled, needs=200)
+        run("aot", lambda s: self.aot(s, False), needs=150)
+        if cuda():
+            run("aot_autotune", lambda s: self.aot(s, True), needs=300)
         run("cold_start", self.cold_starts, needs=45)
         run("encoding", self.encoding, needs=40)
         run("encoder_alone", self.encoder_alone, needs=60)
@@ -713,6 +758,25 @@ class Bench:
         s["cold_start_warm_cache"] = cold_start(
             "compiled", self.models_root, self.prepared["512"], self.short_wav, self.work / "cc.mp4"
         )
+
+    def aot(self, s: dict, autotune: bool) -> None:
+        from musetalk_ops.render import compute_features
+
+        args = (self.prepared["512"], self.prepared["1080p"], self.wav, self.work, self.batch, int(autotune))
+        result, _ = run_child("aot", self.models_root, *args)
+        s.update(result)
+        path = "aot_autotune" if autotune else "aot"
+        for name in self.templates:
+            self.r.setdefault("ours", {})[f"{name}/{path}"] = {
+                "warm": s[f"{name}_warm"],
+                "cold": s["512_cold"],
+            }
+        features = self.work / "short-features.safetensors"
+        compute_features(self.models, self.short_wav).save(features)
+        for mode in ("aot", "default"):
+            s[f"cold_start_{mode}/render_step"] = cold_start(
+                mode, self.models_root, self.prepared["512"], self.short_wav, self.work / "ac.mp4", features
+            )
 
     def cpu_reference(self, s: dict) -> None:
         from musetalk_ops.render import RenderSettings, compute_features, load_engine, render_chunk

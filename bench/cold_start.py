@@ -2,6 +2,8 @@
 
     python bench/cold_start.py MODE MODELS TEMPLATE_CACHE WAV OUT [FEATURES]
 
+MODE is a render mode, or ``default`` for the one RenderSettings picks.
+
 With ``FEATURES`` (an audio step's ``features.safetensors``) the process is a render step: UNet and VAE
 only, no whisper; without, it is the CLI (whisper computes the features in the process). Imports only
 what that path imports, so the marks are the engine's own (bench_render.py's cold_start section runs
@@ -23,7 +25,7 @@ from musetalk_ops.render import RenderSettings, compute_features, load_engine, r
 
 def main(mode: str, models_root: str, cache: str, wav: str, out: str, features_file: str = "") -> None:
     MARKS["imports"] = time.time()
-    settings = RenderSettings(models_root=Path(models_root), mode=mode)
+    settings = RenderSettings(models_root=Path(models_root), mode=None if mode == "default" else mode)
     template = load_template(cache)
     MARKS["template"] = time.time()
     components = ("unet", "vae") if features_file else ("unet", "vae", "whisper")

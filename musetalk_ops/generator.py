@@ -1,4 +1,5 @@
-"""UNet at timestep 0 → VAE decode → uint8 faces, in fixed batch shapes: eager, CUDA graphs or compiled.
+"""UNet at timestep 0 → VAE decode → uint8 faces, in fixed batch shapes: eager, CUDA graphs, compiled or
+ahead-of-time compiled.
 
 Why fixed shapes: every new batch shape costs cuDNN algorithm selection, and a CUDA graph or compiled
 kernel exists per shape. Batches are therefore padded up to a small set of bucket sizes (the largest is
@@ -16,6 +17,9 @@ its first batch. Modes:
   would be a recompile. Compiled code is traced and run under ``no_grad`` rather than inference mode,
   whose tensors Inductor mishandles (pytorch/pytorch#180823: "weakref to UntypedStorage" on a
   transpose).
+* ``aot``: the same compiled code, built ahead of time (``musetalk_ops.aot``: once per GPU type and
+  batch size, then loaded in about a second); one bucket; on CUDA captured into graphs like ``graphs``
+  (first batch direct, capture at the second). Also runs on the CPU (no graphs), which CI tests.
 
 Measured on an H100 with our models (upsamplers folded; bench/RESULTS.md, session 3): UNet + VAE at
 20 / 48 frames per batch ran 223–256 / 274–295 frames/s eager and 264–269 / 295–300 under graphs;
@@ -34,27 +38,30 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
+from musetalk_ops import aot
 from musetalk_ops.config import cache_dir
 from musetalk_ops.models.unet_model import UNet
 from musetalk_ops.models.vae import decode_latents
 from musetalk_ops.models.vae_model import VAE
 
-MODES = ("eager", "graphs", "compiled")
-GRAPH_MODES = ("graphs", "compiled")
+MODES = ("eager", "graphs", "compiled", "aot")
+GRAPH_MODES = ("graphs", "compiled")  # modes that need CUDA
+SINGLE_BUCKET_MODES = ("compiled", "aot")  # compiled code exists for one batch shape
 SMALLEST_BUCKET = 4
 # cuDNN autotuning: eager/graphs found nothing faster on an H100 (and it costs seconds per process);
 # under compiled code (with freezing) it cut the UNet from 0.585 to 0.537 ms/frame (bench/probe.py).
-CUDNN_BENCHMARK = {"eager": False, "graphs": False, "compiled": True}
+CUDNN_BENCHMARK = {"eager": False, "graphs": False, "compiled": True, "aot": False}
 
 
 def bucket_sizes(max_batch: int, mode: str = "graphs") -> tuple[int, ...]:
-    """Powers of two from 4 below ``max_batch``, plus ``max_batch`` itself (``compiled``: only that)."""
+    """Powers of two from 4 below ``max_batch``, plus ``max_batch`` itself (compiled modes: only that)."""
     if max_batch < 1:
         raise ValueError(f"batch size must be positive, got {max_batch}")
-    if mode == "compiled":
+    if mode in SINGLE_BUCKET_MODES:
         return (max_batch,)
     sizes = {max_batch}
     size = SMALLEST_BUCKET
@@ -116,6 +123,7 @@ class FaceGenerator:
 
     Inputs are expected in the models' device and dtype, positional encoding already added. Not
     thread-safe: graphs replay into shared static buffers (one render at a time per generator).
+    ``engines``: where ``aot`` finds (or builds) its engine; default ``$MUSETALK_CACHE/engines``.
     """
 
     def __init__(
@@ -126,6 +134,7 @@ class FaceGenerator:
         mode: str,
         max_batch: int,
         cudnn_benchmark: bool | None = None,
+        engines: str | os.PathLike | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown generator mode {mode!r}: use one of {', '.join(MODES)}")
@@ -133,6 +142,7 @@ class FaceGenerator:
         if mode in GRAPH_MODES and self.device.type != "cuda":
             raise ValueError(f"mode {mode} needs a CUDA device, not {self.device}")
         self.mode, self.max_batch = mode, max_batch
+        self.capture = mode in GRAPH_MODES or (mode == "aot" and self.device.type == "cuda")
         self.cudnn_benchmark = CUDNN_BENCHMARK[mode] if cudnn_benchmark is None else cudnn_benchmark
         self.buckets = bucket_sizes(max_batch, mode)
         self.build_seconds = 0.0  # graph capture, compilation and warm-up so far (one-off costs)
@@ -147,6 +157,12 @@ class FaceGenerator:
             self._unet = torch.compile(self._unet, dynamic=False)
             decode = decode_latents.__wrapped__  # without its inference-mode decorator (see above)
             self._vae = torch.compile(lambda pred: decode(vae, pred), dynamic=False)
+        self.engine: Path | None = None
+        if mode == "aot":
+            start = time.perf_counter()
+            engine = aot.engine_for(unet, vae, max_batch, root=engines)
+            self._unet, self._vae, self.engine = engine.unet, engine.vae, engine.path
+            self.build_seconds += time.perf_counter() - start
         self._state: dict[int, _Bucket] = {}
         self._pool = None
         self._lock = threading.Lock()
@@ -183,7 +199,7 @@ class FaceGenerator:
             state.latents[:n].copy_(latents)
             state.tokens[:n].copy_(tokens)
             with self._cudnn():
-                if state.graphs is None and state.runs and self.mode in GRAPH_MODES:
+                if state.graphs is None and state.runs and self.capture:
                     self._timed(self._capture, state)
                 if state.graphs is not None:
                     with clock("unet"):
