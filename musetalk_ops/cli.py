@@ -1,6 +1,6 @@
 """The ``musetalk`` console script.
 
-Engine subcommands (``render``, ``prepare``, ``models``, ``templates``) live here and never import
+Engine subcommands (``render``, ``prepare``, ``models``, ``engine``, ``templates``) live here and never import
 Dagster; ``submit`` and ``stats`` belong to the Dagster code location and are imported only when used.
 A user mistake prints one line and exits 2; an interrupted command exits 130 and leaves no output.
 """
@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast)")
     r.add_argument(
         "--mode",
-        choices=("reference", "eager", "graphs", "compiled"),
-        help="execution path (default: graphs on CUDA, reference on the CPU)",
+        choices=("reference", "eager", "graphs", "compiled", "aot"),
+        help="execution path (default on CUDA: aot where `musetalk engine build` made an engine, else "
+        "graphs; reference on the CPU)",
     )
     r.add_argument("--encoders", type=int, help="parallel H.264 encoders (default: one per 4 CPUs)")
     r.add_argument("--frames-dir", type=Path, help="also write every frame as lossless PNG 00000000.png…")
@@ -98,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--version", choices=("v15", "v1"), default="v15")
     conv = msub.add_parser("convert", help="write fp16 safetensors copies under $MUSETALK_CACHE")
     conv.add_argument("dir", type=Path)
+
+    e = sub.add_parser("engine", help="ahead-of-time compiled UNet + VAE engines (one per GPU type)")
+    esub = e.add_subparsers(dest="engine_command", required=True, metavar="ACTION")
+    build = esub.add_parser("build", help="compile the engine for this GPU and batch size (minutes, once)")
+    _add_runtime_flags(build)
+    build.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"default {DEFAULT_BATCH_SIZE}"
+    )
+    build.add_argument("--autotune", action="store_true", help="Inductor max-autotune: faster, builds longer")
+    build.add_argument("--dir", type=Path, help="engines directory (default: $MUSETALK_CACHE/engines)")
 
     t = sub.add_parser("templates", help="manage the templates in the object store")
     tsub = t.add_subparsers(dest="templates_command", required=True, metavar="ACTION")
@@ -220,6 +231,30 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_engine(args: argparse.Namespace) -> int:
+    import time
+
+    from musetalk_ops import aot
+    from musetalk_ops.render import RenderSettings, load_engine
+
+    settings = RenderSettings(
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        version=args.version,
+        models_root=args.models,
+    )
+    models = load_engine(settings, version=args.version or "v15", components=("unet", "vae"))
+    start = time.perf_counter()
+    path = aot.build_engine(
+        models.unet, models.vae, args.batch_size, autotune=args.autotune, root=args.dir, log=log.info
+    )
+    print(
+        f"engine for {models.device} at batch {args.batch_size}: {path} ({time.perf_counter() - start:.0f} s)"
+    )
+    return 0
+
+
 def cmd_templates(args: argparse.Namespace) -> int:
     from musetalk_ops.store import open_store, push_templates
 
@@ -233,7 +268,13 @@ def cmd_templates(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"render": cmd_render, "prepare": cmd_prepare, "models": cmd_models, "templates": cmd_templates}
+COMMANDS = {
+    "render": cmd_render,
+    "prepare": cmd_prepare,
+    "models": cmd_models,
+    "engine": cmd_engine,
+    "templates": cmd_templates,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

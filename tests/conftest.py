@@ -165,3 +165,19 @@ def features(engine, speech_wav):
     from musetalk_ops.render import compute_features
 
     return compute_features(engine, speech_wav)
+
+
+@pytest.fixture(scope="session")
+def aot_cache(tmp_path_factory, demo_models) -> Path:
+    """A ``$MUSETALK_CACHE`` holding an AOTInductor engine for the demo models on the CPU (float32, batch
+    4), built by ``musetalk engine build`` in its own process (about a minute on two cores)."""
+    cache = tmp_path_factory.mktemp("aot-cache")
+    flags = ["--models", demo_models, "--device", "cpu", "--dtype", "float32", "--batch-size", "4"]
+    subprocess.run(
+        [sys.executable, "-m", "musetalk_ops.cli", "engine", "build", *map(str, flags)],
+        env={**os.environ, "MUSETALK_CACHE": str(cache)},
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    return cache

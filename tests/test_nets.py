@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import inspect
+import os
 import subprocess
 import sys
 
@@ -248,13 +249,14 @@ def test_defaults_and_bookkeeping_keys_are_ignored():
 # --- cold start ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", ["eager", "aot"])
 def test_a_render_step_imports_neither_diffusers_transformers_nor_opencv(
-    tmp_path, demo_models, astronaut_cache, features
+    mode, tmp_path, demo_models, astronaut_cache, features, aot_cache
 ):
     """Cold start: a render step (features come from the audio step) needs torch and PyAV only.
-    diffusers and transformers each pull in torch._dynamo (seconds on a GPU node), OpenCV costs 0.3 s.
-    The step renders for real (the fast path's eager mode, as on a GPU but on the CPU), so imports
-    made while rendering count too."""
+    diffusers and transformers each pull in torch._dynamo (seconds on a GPU node), OpenCV costs 0.3 s;
+    an AOTInductor engine loads without Inductor. The step renders for real (the fast path as on a GPU
+    but on the CPU), so imports made while rendering count too."""
     features.save(tmp_path / "features.safetensors")
     heavy = ("diffusers", "transformers", "torch._dynamo", "torch._inductor", "cv2")
     code = f"""
@@ -263,15 +265,16 @@ from pathlib import Path
 from musetalk_ops.audio import AudioFeatures
 from musetalk_ops.cache import load_template
 from musetalk_ops.render import RenderSettings, load_engine, render_chunk
-settings = RenderSettings(models_root=Path({str(demo_models)!r}), device="cpu", mode="eager", batch_size=4)
+settings = RenderSettings(models_root=Path({str(demo_models)!r}), device="cpu", mode={mode!r}, batch_size=4)
 template = load_template(Path({str(astronaut_cache)!r}))
 models = load_engine(settings, version=template.version, components=("unet", "vae"))
 features = AudioFeatures.load(Path({str(tmp_path / "features.safetensors")!r}))
 render_chunk(models, template, features, 0, 6, Path({str(tmp_path / "out.mp4")!r}), settings)
 print(",".join(m for m in {heavy!r} if m in sys.modules))
 """
+    env = {**os.environ, "MUSETALK_CACHE": str(aot_cache)}  # aot: the engine is there, not built
     out = subprocess.run(
-        [sys.executable, "-c", code], check=True, timeout=300, capture_output=True, text=True
+        [sys.executable, "-c", code], check=True, timeout=300, capture_output=True, text=True, env=env
     )
     assert out.stdout.strip() == ""
     assert (tmp_path / "out.mp4").stat().st_size > 0

@@ -1,0 +1,146 @@
+"""AOTInductor engines on the CPU: built by the CLI, found by spec, bound to any weights of the same
+architecture, and rendering the reference path's frames."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from helpers import png_frames
+
+from musetalk_ops import aot
+from musetalk_ops.cache import load_template
+from musetalk_ops.generator import FaceGenerator, StageClock
+from musetalk_ops.models import load_models
+from musetalk_ops.models.demo import write_demo_models
+from musetalk_ops.render import RenderSettings, _generator, render_chunk, resolve_mode
+
+BATCH = 4  # the aot_cache fixture's engine
+
+
+def cpu_models(root):
+    return load_models(root, device="cpu", dtype=torch.float32, components=("unet", "vae"))
+
+
+def faces_of(models, mode: str, latents, tokens, engines=None) -> torch.Tensor:
+    generator = FaceGenerator(models.unet, models.vae, mode=mode, max_batch=BATCH, engines=engines)
+    return generator(latents, tokens, StageClock(models.device)).clone()
+
+
+def inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 8, 32, 32, generator=g), torch.randn(n, 50, 384, generator=g)
+
+
+def level_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.int() - b.int()).abs()
+
+
+def test_the_cli_builds_a_complete_engine_once(aot_cache, demo_models):
+    models = cpu_models(demo_models)
+    engines = aot_cache / "engines"
+    found = aot.find_engine(aot.engine_spec(models.unet, models.vae, BATCH), engines)
+    assert found is not None and sorted(p.name for p in found.iterdir()) == [
+        "engine.json",
+        "unet.pt2",
+        "vae.pt2",
+    ]
+    manifest = json.loads((found / "engine.json").read_text())
+    assert manifest["spec"]["batch"] == BATCH and manifest["spec"]["device"] == "cpu"
+    assert not any(p.name.startswith(".") for p in engines.iterdir())  # no staging directory left
+    # A second build finds it: nothing is compiled or rewritten.
+    before = (found / "engine.json").stat().st_mtime_ns
+    assert aot.build_engine(models.unet, models.vae, BATCH, root=engines) == found
+    assert (found / "engine.json").stat().st_mtime_ns == before
+
+
+def test_the_engine_generates_the_eager_faces(aot_cache, demo_models):
+    """A partial batch (3 of 4) through the engine vs the eager models: float rounding only."""
+    models = cpu_models(demo_models)
+    latents, tokens = inputs(3)
+    got = faces_of(models, "aot", latents, tokens, aot_cache / "engines")
+    want = faces_of(models, "eager", latents, tokens)
+    assert got.shape == want.shape == (3, 256, 256, 3)
+    diff = level_diff(got, want)
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.001
+
+
+def test_the_engine_binds_other_weights_of_the_same_architecture(aot_cache, demo_models, tmp_path):
+    """Weights are bound at load time, and constants Inductor derives from them are recomputed from the
+    bound weights (runtime constant folding): built with seed 0, run with seed 1, it matches seed 1."""
+    write_demo_models(tmp_path, seed=1)
+    other = cpu_models(tmp_path)
+    engines = aot_cache / "engines"
+    assert aot.find_engine_for(other.unet, other.vae, BATCH, engines) is not None  # same spec
+    latents, tokens = inputs(BATCH, seed=1)
+    got = faces_of(other, "aot", latents, tokens, engines)
+    want = faces_of(other, "eager", latents, tokens)
+    assert level_diff(got, want).max() <= 1
+    built_with = faces_of(cpu_models(demo_models), "eager", latents, tokens)
+    assert level_diff(built_with, want).float().mean() > 10  # the two weight sets differ visibly
+
+
+def test_incomplete_or_foreign_engines_are_not_found(aot_cache, demo_models, tmp_path):
+    models = cpu_models(demo_models)
+    spec = aot.engine_spec(models.unet, models.vae, BATCH)
+    source = aot.find_engine(spec, aot_cache / "engines")
+    copy = tmp_path / spec.key
+    shutil.copytree(source, copy)
+    assert aot.find_engine(spec, tmp_path) == copy
+    assert aot.find_engine(aot.engine_spec(models.unet, models.vae, 8), tmp_path) is None  # batch
+    manifest = json.loads((copy / "engine.json").read_text())
+    (copy / "engine.json").write_text(json.dumps({**manifest, "format": 0}))
+    assert aot.find_engine(spec, tmp_path) is None  # another format
+    (copy / "engine.json").write_text("{")
+    assert aot.find_engine(spec, tmp_path) is None  # torn manifest
+    (copy / "engine.json").unlink()
+    assert aot.find_engine(spec, tmp_path) is None  # still being built
+
+
+def test_render_chunk_through_the_engine_gives_the_reference_frames(
+    aot_cache, engine, features, astronaut_cache, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MUSETALK_CACHE", str(aot_cache))
+    _generator.cache_clear()
+    template = load_template(astronaut_cache)
+    stop = min(features.num_frames(template.fps), 10)
+    fast = RenderSettings(batch_size=BATCH, device="cpu", dtype="float32", mode="aot", encoders=2)
+    ref = RenderSettings(batch_size=BATCH, device="cpu", dtype="float32", mode="reference")
+    try:
+        a = render_chunk(
+            engine, template, features, 0, stop, tmp_path / "a.mp4", fast, frames_dir=tmp_path / "a"
+        )
+    finally:
+        _generator.cache_clear()
+    render_chunk(engine, template, features, 0, stop, tmp_path / "b.mp4", ref, frames_dir=tmp_path / "b")
+    got, want = png_frames(tmp_path / "a"), png_frames(tmp_path / "b")
+    assert sorted(got) == sorted(want) and len(want) == stop
+    for name in want:
+        diff = np.abs(got[name].astype(int) - want[name].astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, name
+    assert a.timings.unet > 0 and a.timings.vae_decode > 0
+    # On the CPU the default stays the reference path, engine or not.
+    assert resolve_mode(None, engine, BATCH) == "reference"
+
+
+def test_engine_build_with_missing_weights_is_a_one_line_error(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "musetalk_ops.cli",
+            "engine",
+            "build",
+            "--models",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("musetalk: error: ")
