@@ -43,7 +43,9 @@ import argparse
 import gc
 import json
 import os
+import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,6 +64,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+CHILD_LOGS = Path(os.environ.get("OUT", "bench-out"))  # main() sets --out
 GFLOP_PER_FRAME = 800.0  # UNet 177.8 + VAE decode 622.2 (docs/performance.md)
 
 
@@ -298,9 +301,17 @@ def run_child(kind: str, *args) -> tuple[dict, float]:
         timeout=1200,
     )
     if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines()
-        raise RuntimeError(" | ".join(lines[-3:]) if lines else f"{kind} child failed")
+        raise RuntimeError(child_failure(kind, proc.stderr))
     return json.loads(proc.stdout.strip().splitlines()[-1]), started
+
+
+def child_failure(kind: str, stderr: str) -> str:
+    """Keep a failed child's whole stderr beside the report; name its exception (warnings come last)."""
+    log = CHILD_LOGS / f"child-{kind}-stderr.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(stderr)
+    errors = [line for line in stderr.splitlines() if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line)]
+    return f"{errors[-1] if errors else kind + ' child failed'} (stderr in {log.name})"
 
 
 def cold_start(mode: str, models_root: Path, cache: Path, wav: Path, out: Path, *features: Path) -> dict:
@@ -319,7 +330,7 @@ def cold_start(mode: str, models_root: Path, cache: Path, wav: Path, out: Path, 
         timeout=400,
     )
     if proc.returncode != 0:
-        raise RuntimeError(" | ".join(proc.stderr.strip().splitlines()[-3:]) or "cold start child failed")
+        raise RuntimeError(child_failure(f"cold-start-{mode}", proc.stderr))
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     marks = {k: round(v - started, 3) for k, v in result.pop("marks").items()}
     return {"first_frame_s": marks["first_frame"], "marks_since_process_start": marks, **result}
@@ -358,28 +369,36 @@ def aot_child(
     from musetalk_ops import aot, render
     from musetalk_ops.cache import load_template
 
+    def say(message: str) -> None:  # progress on stderr: kept beside the report if the child fails
+        print(f"[aot child {time.time() - START:.0f} s] {message}", file=sys.stderr, flush=True)
+
     models = render.load_engine(render.RenderSettings(models_root=Path(models_root)))
     features = render.compute_features(models, Path(wav))
     frames, batch_size = features.num_frames(25), int(batch)
     t = time.perf_counter()
-    path = aot.build_engine(models.unet, models.vae, batch_size, autotune=autotune == "1")
-    r = {"build_s": round(time.perf_counter() - t, 1), "engine": path.name}
+    spec = aot.engine_spec(models.unet, models.vae, batch_size, autotune=autotune == "1")
+    reused = aot.find_engine(spec) is not None
+    path = aot.build_engine(models.unet, models.vae, batch_size, autotune=autotune == "1", log=say)
+    r = {"build_s": round(time.perf_counter() - t, 1), "engine": path.name, "engine_reused": reused}
+    say(f"engine ready: {r}")
     r["engine_mb"] = round(sum(f.stat().st_size for f in path.iterdir()) / 2**20, 1)
     templates = {"512": load_template(cache_512), "1080p": load_template(cache_hd)}
     out = Path(work) / "aot.mp4"
     r["512_cold"] = render_once(
         models, templates["512"], features, frames, out, batch_size=batch_size, mode="aot"
     )
+    say("first chunk done")
     for name, template in templates.items():
         r[f"{name}_warm"] = render_once(
             models, template, features, frames, out, batch_size=batch_size, mode="aot"
         )
+    say("warm chunks done")
     gen = render._generator(models.unet, models.vae, "aot", batch_size)
     r["generator_load_s"] = round(gen.build_seconds, 2)
     r["generator"] = measure_generator(gen, models, batch_size)
     render.release_gpu_memory()
     r["generator_cudnn_benchmark"] = generator_fps(models, "aot", batch_size, True)
-    n, dirs = 40, []
+    n, dirs = min(40, frames), []
     for mode in ("aot", "reference"):
         settings = render.RenderSettings(batch_size=batch_size, mode=mode)
         d = Path(work) / f"aot-eq-{mode}"
@@ -473,14 +492,21 @@ def main() -> None:
     parser.add_argument(
         "--sections", type=lambda v: v.split(","), help="comma-separated section names to run"
     )
+    parser.add_argument(
+        "--engines", type=Path, help="AOT engines of an earlier run (its $OUT/engines) to reuse"
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         children = {"compiled": compiled_child, "chunk": chunk_child, "aot": aot_child}
         children[args.child[0]](*args.child[1:])
         return
+    global CHILD_LOGS
+    CHILD_LOGS = args.out
     work = Path(tempfile.mkdtemp(prefix="musetalk-bench-"))
     os.environ["MUSETALK_CACHE"] = str(work / "cache")
+    if args.engines:
+        shutil.copytree(args.engines, work / "cache" / "engines")
     report = Report(args.out, args.budget, sys.argv, args.sections)
     Bench(args, work, report).run()
     print_table(report.data)
@@ -765,6 +791,10 @@ class Bench:
         args = (self.prepared["512"], self.prepared["1080p"], self.wav, self.work, self.batch, int(autotune))
         result, _ = run_child("aot", self.models_root, *args)
         s.update(result)
+        # Kept with the report: a later run given --engines reuses it instead of building again
+        shutil.copytree(
+            self.work / "cache" / "engines" / s["engine"], self.args.out / "engines" / s["engine"]
+        )
         path = "aot_autotune" if autotune else "aot"
         for name in self.templates:
             self.r.setdefault("ours", {})[f"{name}/{path}"] = {

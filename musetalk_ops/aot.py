@@ -12,6 +12,12 @@ derives from weights (transposed or padded copies) are recomputed from the loade
 bound (runtime constant folding): without it, such a constant is baked in at build time and a different
 set of weights silently gives different outputs (tests load other weights than the engine was built with).
 
+A new engine is published only after a fresh interpreter has loaded it, bound weights and run it
+once (``check_engine``): on the lent H100 image (torch 2.11.0+cu130) loading any AOTInductor package
+crashes the process with SIGSEGV, torch's own ``aoti_load_package`` on a three-layer model included
+(bench/RESULTS.md, session 4). A runtime like that must leave no engine behind, so renders keep to
+the ``graphs`` path instead of crashing.
+
 An engine is valid for one GPU type, torch/CUDA version, dtype, batch size and model structure;
 ``EngineSpec.key`` names all of them, and the engine lives in ``<root>/<key>/`` (``engine.json`` last, the
 directory renamed into place, so a half-built engine is never found). ``root`` defaults to
@@ -23,6 +29,9 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,8 +40,8 @@ from pathlib import Path
 
 import torch
 
-from musetalk_ops.config import cache_dir, dtype_name
-from musetalk_ops.errors import InputError
+from musetalk_ops.config import DTYPES, cache_dir, dtype_name
+from musetalk_ops.errors import EngineError
 from musetalk_ops.files import write_json
 from musetalk_ops.models.unet_model import UNet
 from musetalk_ops.models.vae import decode_latents
@@ -40,6 +49,10 @@ from musetalk_ops.models.vae_model import VAE
 
 ENGINE_FORMAT = 1
 MANIFEST = "engine.json"
+CHECK = "check.json"  # what the fresh-process check needs: device, batch, the weights' shapes
+# Test hook: the check process kills itself with this signal (e.g. SEGV) before loading, as a broken
+# AOTInductor runtime does.
+FAULT_CHECK_SIGNAL = "MUSETALK_FAULT_ENGINE_CHECK"
 # Inductor settings of a build: always runtime constant folding and weights left out (see above);
 # ``autotune`` adds max-autotune (Triton templates benchmarked against cuDNN/cuBLAS per shape).
 BUILD_CONFIG = {
@@ -133,6 +146,86 @@ def _steps(unet: UNet, vae: VAE) -> dict[str, torch.nn.Module]:
     return {"unet": _UNetStep(unet).eval(), "vae": _DecodeStep(vae).eval()}
 
 
+def _weights(step: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(step.named_parameters()), **dict(step.named_buffers())}
+
+
+def _loader(path: Path, name: str, device: torch.device):
+    """The C++ package loader (not ``torch._inductor.aoti_load_package``, which imports Inductor).
+    Single-threaded: no locking inside the runner, which CUDA graph capture needs; the generator
+    serialises calls itself."""
+    index = (
+        -1
+        if device.type != "cuda"
+        else device.index
+        if device.index is not None
+        else torch.cuda.current_device()
+    )
+    return torch._C._aoti.AOTIModelPackageLoader(str(path / f"{name}.pt2"), "model", True, 1, index)
+
+
+def _bind(runner, weights: dict[str, torch.Tensor], path: Path, name: str) -> None:
+    """Point the runner at ``weights`` (not copied); constants it derives from them are refolded."""
+    needed = runner.get_constant_fqns()
+    missing = [fqn for fqn in needed if fqn not in weights and not fqn.startswith("_FOLDED_CONST_")]
+    if missing:
+        raise EngineError(f"engine {path} does not match the loaded {name}: it needs {missing[0]}")
+    runner.load_constants({fqn: weights[fqn] for fqn in needed if fqn in weights}, False, True, True)
+
+
+def check_engine(path: Path, unet: UNet, vae: VAE, batch: int) -> None:
+    """Load ``path``'s packages in a fresh interpreter, bind zero weights of the models' shapes and run
+    each step once; raise ``EngineError`` (naming the signal of a crash) if that fails."""
+    shapes = {
+        name: {fqn: list(t.shape) for fqn, t in _weights(step).items()}
+        for name, step in _steps(unet, vae).items()
+    }
+    write_json(
+        path / CHECK,
+        {"device": str(unet.device), "dtype": dtype_name(unet.dtype), "batch": batch, "shapes": shapes},
+    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "musetalk_ops.aot", str(path)], capture_output=True, text=True, timeout=900
+        )
+    finally:
+        (path / CHECK).unlink(missing_ok=True)
+    if proc.returncode != 0:
+        how = (
+            f"crashed with {signal.Signals(-proc.returncode).name}"
+            if proc.returncode < 0
+            else f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}"
+        )
+        raise EngineError(
+            f"the engine built for {unet.device} does not load and run in a fresh process ({how}); "
+            "nothing was kept, renders use the graphs path"
+        )
+
+
+def _check_main(path: Path) -> None:
+    """``check_engine``'s fresh process."""
+    fault = os.environ.get(FAULT_CHECK_SIGNAL)
+    if fault:
+        os.kill(os.getpid(), signal.Signals[f"SIG{fault}"])
+    check = json.loads((path / CHECK).read_text())
+    device, dtype, batch = torch.device(check["device"]), DTYPES[check["dtype"]], check["batch"]
+    inputs = {
+        "unet": [
+            torch.zeros((batch, 8, 32, 32), device=device, dtype=dtype),
+            torch.zeros((batch, 50, 384), device=device, dtype=dtype),
+        ],
+        "vae": [torch.zeros((batch, 4, 32, 32), device=device, dtype=dtype)],
+    }
+    expected = {"unet": (batch, 4, 32, 32), "vae": (batch, 256, 256, 3)}
+    for name, shapes in check["shapes"].items():
+        runner = _loader(path, name, device)
+        weights = {fqn: torch.zeros(shape, device=device, dtype=dtype) for fqn, shape in shapes.items()}
+        _bind(runner, weights, path, name)
+        (out,) = runner.run(inputs[name])
+        if tuple(out.shape) != expected[name]:
+            raise SystemExit(f"{name} returned {tuple(out.shape)}, expected {expected[name]}")
+
+
 def build_engine(
     unet: UNet,
     vae: VAE,
@@ -184,6 +277,7 @@ def build_engine(
             "build_seconds": seconds,
             "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
+        check_engine(staging, unet, vae, batch)
         write_json(staging / MANIFEST, manifest)
         try:
             staging.rename(final)
@@ -208,23 +302,10 @@ def load_engine(path: str | os.PathLike, unet: UNet, vae: VAE) -> Engine:
     """Load the engine in ``path`` and bind it to the weights of ``unet`` and ``vae`` (not copied: the
     engine reads the models' own tensors, which must stay alive and unchanged)."""
     path = Path(path)
-    device_index = unet.device.index if unet.device.type == "cuda" else -1
-    if unet.device.type == "cuda" and device_index is None:
-        device_index = torch.cuda.current_device()
     runners = {}
     for name, step in _steps(unet, vae).items():
-        # single-threaded: no locking inside the runner, which CUDA graph capture needs; the generator
-        # serialises calls itself
-        runner = torch._C._aoti.AOTIModelPackageLoader(
-            str(path / f"{name}.pt2"), "model", True, 1, device_index
-        )
-        weights = {**dict(step.named_parameters()), **dict(step.named_buffers())}
-        needed = runner.get_constant_fqns()
-        missing = [fqn for fqn in needed if fqn not in weights and not fqn.startswith("_FOLDED_CONST_")]
-        if missing:
-            raise InputError(f"engine {path} does not match the loaded {name}: it needs {missing[0]}")
-        runner.load_constants({fqn: weights[fqn] for fqn in needed if fqn in weights}, False, True, True)
-        runners[name] = runner
+        runners[name] = _loader(path, name, unet.device)
+        _bind(runners[name], _weights(step), path, name)
     unet_runner, vae_runner = runners["unet"], runners["vae"]
     return Engine(
         path=path,
@@ -247,3 +328,7 @@ def engine_for(unet: UNet, vae: VAE, batch: int, *, root: str | os.PathLike | No
     once per GPU type)."""
     path = find_engine_for(unet, vae, batch, root) or build_engine(unet, vae, batch, root=root)
     return load_engine(path, unet, vae)
+
+
+if __name__ == "__main__":
+    _check_main(Path(sys.argv[1]))

@@ -28,3 +28,7 @@ class StoreError(MuseTalkError):
 
 class GpuMemoryError(MuseTalkError):
     """The GPU has no room for the render even at batch size 1."""
+
+
+class EngineError(MuseTalkError):
+    """An ahead-of-time compiled engine cannot be built or does not run on this machine."""

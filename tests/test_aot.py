@@ -7,11 +7,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from helpers import png_frames
 
 from musetalk_ops import aot
 from musetalk_ops.cache import load_template
+from musetalk_ops.errors import EngineError
 from musetalk_ops.generator import FaceGenerator, StageClock
 from musetalk_ops.models import load_models
 from musetalk_ops.models.demo import write_demo_models
@@ -144,3 +146,19 @@ def test_engine_build_with_missing_weights_is_a_one_line_error(tmp_path):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("musetalk: error: ")
+
+
+def test_an_engine_whose_runtime_crashes_is_refused(aot_cache, demo_models, tmp_path, monkeypatch):
+    """The fresh-process check that gates publishing: it passes on a good engine, and a crashing
+    AOTInductor runtime (simulated: the check process dies of SIGSEGV, as torch 2.11.0+cu130 does on the
+    lent H100) is a one-line EngineError naming the signal."""
+    models = cpu_models(demo_models)
+    engine = aot.find_engine(aot.engine_spec(models.unet, models.vae, BATCH), aot_cache / "engines")
+    copy = shutil.copytree(engine, tmp_path / "engine")
+    aot.check_engine(copy, models.unet, models.vae, BATCH)
+    monkeypatch.setenv(aot.FAULT_CHECK_SIGNAL, "SEGV")
+    with pytest.raises(
+        EngineError, match="does not load and run in a fresh process \\(crashed with SIGSEGV\\)"
+    ):
+        aot.check_engine(copy, models.unet, models.vae, BATCH)
+    assert not (copy / aot.CHECK).exists()
