@@ -1,11 +1,15 @@
-"""Does this torch build run AOTInductor packages at all? A three-layer model, four build settings,
-two loaders, each load in its own process (a crash kills only that one).
+"""Does this torch build run AOTInductor packages? A three-layer model, up to four build settings, two
+loaders, each load in its own process (a crash kills only that one).
 
-On the lent H100 image (torch 2.11.0+cu130, session 4) every one of the eight loads died of SIGSEGV,
-torch's own ``aoti_load_package`` with default settings included; the same code runs on the CPU build.
-That is why ``musetalk_ops.aot.check_engine`` loads a new engine in a fresh process before publishing it.
+On the lent H200 (torch 2.11.0+cu130, 2026-12-03; the lent H100 image crashed the same way on 2026-11-25)
+every load died of SIGSEGV, torch's own ``aoti_load_package`` with default settings included. The
+backtrace (cuda-gdb) ends in the wrapper's ``parse_device_str`` → ``std::regex``: the image sets
+``CXX=/opt/gcc/bin/g++``, whose wrapper carries its own libstdc++ (``ldd`` lists none), and two copies of
+libstdc++'s locale tables do not mix. Built with the system g++ (13.3) instead, the ``ours`` package loaded
+and matched eager with both loaders (bench/RESULTS.md, session 4). Hence
+``musetalk_ops.aot.engine_compiler``, and the fresh-process check (``check_engine``) before publishing.
 
-    python bench/aoti_crash.py [--device cuda]
+    python bench/aoti_crash.py [--device cuda] [--settings default,ours] [--cxx COMPILER]
 
 Writes ``$OUT/aoti_crash.json`` (or ``./bench-out/``) and prints one line per build setting and loader.
 """
@@ -76,6 +80,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    parser.add_argument(
+        "--settings", type=lambda v: v.split(","), default=list(SETTINGS), help="build settings to try"
+    )
+    parser.add_argument("--cxx", help="C++ compiler for the wrapper (Inductor's default: $CXX, else g++)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -86,13 +94,17 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="aoti-crash-"))
     model, x = model_and_input(args.device)
-    report = {"torch": torch.__version__, "device": args.device}
-    for name, settings in SETTINGS.items():
+    report = {"torch": torch.__version__, "device": args.device, "cxx": args.cxx or os.environ.get("CXX")}
+    compiler = {"cpp.cxx": (None, args.cxx)} if args.cxx else {}
+    for name in args.settings:
+        settings = SETTINGS[name]
         package = work / f"{name}.pt2"
         t = time.perf_counter()
         with torch.no_grad():
             aoti_compile_and_package(
-                torch.export.export(model, (x,)), package_path=str(package), inductor_configs=settings
+                torch.export.export(model, (x,)),
+                package_path=str(package),
+                inductor_configs={**settings, **compiler},
             )
         report[f"{name}/build_s"] = round(time.perf_counter() - t, 1)
         outside = str(int(not settings.get("aot_inductor.package_constants_in_so", True)))

@@ -12,16 +12,19 @@ derives from weights (transposed or padded copies) are recomputed from the loade
 bound (runtime constant folding): without it, such a constant is baked in at build time and a different
 set of weights silently gives different outputs (tests load other weights than the engine was built with).
 
-A new engine is published only after a fresh interpreter has loaded it, bound weights and run it
-once (``check_engine``): on the lent H100 image (torch 2.11.0+cu130) loading any AOTInductor package
-crashes the process with SIGSEGV, torch's own ``aoti_load_package`` on a three-layer model included
-(bench/RESULTS.md, session 4). A runtime like that must leave no engine behind, so renders keep to
-the ``graphs`` path instead of crashing.
+The C++ wrapper of an engine must share the C++ runtime of the process that loads it. The lent GPU
+image sets ``CXX`` to a GCC of its own whose libstdc++ ends up linked statically into the wrapper; loading
+it then dies of SIGSEGV in the wrapper's first ``std::regex`` (two copies of libstdc++'s locale tables;
+bench/RESULTS.md, session 4). So a build picks the compiler itself (``engine_compiler``): one whose
+libstdc++ is the file this process has mapped. And a new engine is published only after a fresh
+interpreter has loaded it, bound weights and run it once (``check_engine``): a runtime that still
+crashes leaves no engine behind, and renders keep to the ``graphs`` path instead of crashing.
 
 An engine is valid for one GPU type, torch/CUDA version, dtype, batch size and model structure;
 ``EngineSpec.key`` names all of them, and the engine lives in ``<root>/<key>/`` (``engine.json`` last, the
 directory renamed into place, so a half-built engine is never found). ``root`` defaults to
-``$MUSETALK_CACHE/engines``; in Kubernetes a GPU Job builds it onto the weights volume (k8s/engine.yaml).
+``$MUSETALK_CACHE/engines``. Renders use an engine only when asked to (``--mode aot``): its frames and
+speed on a GPU are not measured yet, so nothing in k8s/ builds one.
 """
 
 import hashlib
@@ -53,6 +56,8 @@ CHECK = "check.json"  # what the fresh-process check needs: device, batch, the w
 # Test hook: the check process kills itself with this signal (e.g. SEGV) before loading, as a broken
 # AOTInductor runtime does.
 FAULT_CHECK_SIGNAL = "MUSETALK_FAULT_ENGINE_CHECK"
+# A C++ compiler for engine builds, used as given (``engine_compiler`` picks one otherwise).
+ENGINE_CXX = "MUSETALK_ENGINE_CXX"
 # Inductor settings of a build: always runtime constant folding and weights left out (see above);
 # ``autotune`` adds max-autotune (Triton templates benchmarked against cuDNN/cuBLAS per shape).
 BUILD_CONFIG = {
@@ -101,6 +106,54 @@ def engine_spec(unet: UNet, vae: VAE, batch: int, *, autotune: bool = False) -> 
         autotune=autotune,
         structure=structure.hexdigest()[:16],
     )
+
+
+def _libstdcxx(path: str) -> Path | None:
+    """``path`` resolved if it is an existing absolute file (a compiler's answer may be a bare name)."""
+    candidate = Path(path)
+    return candidate.resolve() if candidate.is_absolute() and candidate.is_file() else None
+
+
+def loaded_libstdcxx() -> Path | None:
+    """The libstdc++ this process has mapped (torch loads it), or None where there is none or no /proc."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and "/libstdc++.so" in fields[5]:
+            return _libstdcxx(fields[5].strip())
+    return None
+
+
+def compiler_libstdcxx(compiler: str) -> Path | None:
+    """The libstdc++ that ``compiler`` links a shared library against, or None if it has no shared one
+    (it would then link the static archive) or does not run."""
+    try:
+        proc = subprocess.run(
+            [compiler, "-print-file-name=libstdc++.so"], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return _libstdcxx(proc.stdout.strip()) if proc.returncode == 0 else None
+
+
+def engine_compiler() -> str | None:
+    """The C++ compiler for an engine's wrapper: ``$MUSETALK_ENGINE_CXX`` as given, else the first of
+    ``$CXX``, g++, c++ and clang++ whose libstdc++ is the one this process has mapped; None (Inductor's
+    default) when none is (``check_engine`` still guards the result)."""
+    if os.environ.get(ENGINE_CXX):
+        return os.environ[ENGINE_CXX]
+    loaded = loaded_libstdcxx()
+    if loaded is None:
+        return None
+    names = dict.fromkeys(filter(None, (os.environ.get("CXX"), "g++", "c++", "clang++")))
+    for name in names:
+        compiler = shutil.which(name)
+        if compiler and compiler_libstdcxx(compiler) == loaded:
+            return compiler
+    return None
 
 
 def engines_dir(root: str | os.PathLike | None = None) -> Path:
@@ -261,7 +314,13 @@ def build_engine(
             ),
             "vae": (torch.zeros((batch, 4, 32, 32), device=device, dtype=dtype),),
         }
-        configs = {**BUILD_CONFIG, **(AUTOTUNE_CONFIG if autotune else {})}
+        cxx = engine_compiler()
+        configs = {
+            **BUILD_CONFIG,
+            **(AUTOTUNE_CONFIG if autotune else {}),
+            **({"cpp.cxx": (None, cxx)} if cxx else {}),
+        }
+        log(f"C++ compiler for the wrappers: {cxx or 'Inductor default ($CXX, else g++)'}")
         with torch.no_grad():
             for name, step in _steps(unet, vae).items():
                 log(f"compiling the {name} for batch {batch} on {spec.device} (minutes)")
@@ -275,6 +334,7 @@ def build_engine(
             "format": ENGINE_FORMAT,
             "spec": asdict(spec),
             "build_seconds": seconds,
+            "cxx": cxx,  # None: Inductor's default
             "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         check_engine(staging, unet, vae, batch)

@@ -18,8 +18,11 @@ its first batch. Modes:
   whose tensors Inductor mishandles (pytorch/pytorch#180823: "weakref to UntypedStorage" on a
   transpose).
 * ``aot``: the same compiled code, built ahead of time (``musetalk_ops.aot``: once per GPU type and
-  batch size, then loaded in about a second); one bucket; on CUDA captured into graphs like ``graphs``
-  (first batch direct, capture at the second). Also runs on the CPU (no graphs), which CI tests.
+  batch size, then loaded without Inductor); one bucket; on CUDA captured into graphs like ``graphs``
+  (first batch direct, capture at the second). Also runs on the CPU (no graphs), which CI tests. Not
+  a default yet: its frames and speed on a GPU are unmeasured (engines built with the lent GPU image's
+  own ``$CXX`` crashed on load; ``aot.engine_compiler`` now avoids that compiler, bench/RESULTS.md
+  session 4).
 
 Measured on an H100 with our models (upsamplers folded; bench/RESULTS.md, session 3): UNet + VAE at
 20 / 48 frames per batch ran 223–256 / 274–295 frames/s eager and 264–269 / 295–300 under graphs;

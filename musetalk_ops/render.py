@@ -7,8 +7,8 @@ with the cached masks → encode. Two ways to run it, producing the same frames:
 * ``reference`` (the default on the CPU, what CI tests): faces go to the host and are pasted with
   ``blend.paste_face`` (OpenCV + numpy) on one worker thread that also encodes, overlapping the next
   batch's model work.
-* the fast path (on CUDA ``aot`` where an engine was built, else ``graphs``; also ``eager`` and
-  ``compiled``, see ``generator.py``): batches padded to fixed bucket shapes, the face region resized
+* the fast path (``graphs`` by default on CUDA; also ``eager``, ``compiled`` and ``aot``, see
+  ``generator.py``): batches padded to fixed bucket shapes, the face region resized
   and blended on the device (``device_paste.py``, bit-identical integer arithmetic), the block of the
   frame that changed converted to YUV 4:2:0 there too (``yuv.py``, within one level of swscale) and only
   that copied back through pinned memory; the chunk's frames are encoded as several sub-segments on
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from musetalk_ops import DEFAULT_BATCH_SIZE, aot
+from musetalk_ops import DEFAULT_BATCH_SIZE
 from musetalk_ops.audio import AudioFeatures, add_positional_encoding, extract_features, load_audio
 from musetalk_ops.blend import frame_indices, paste_face
 from musetalk_ops.cache import Template
@@ -68,7 +68,7 @@ FAULT_MAX_BATCH = "MUSETALK_FAULT_MAX_BATCH"
 class RenderSettings:
     """How to render; ``None`` means the documented default (device: cuda when available, dtype:
     float16 on CUDA and float32 on the CPU, version: the template's, models: ``$MUSETALK_MODELS``,
-    mode: ``aot`` on CUDA where an engine was built, else ``graphs``; ``reference`` on the CPU,
+    mode: ``graphs`` on CUDA, ``reference`` on the CPU,
     encoders: one per ``CPUS_PER_ENCODER`` CPUs on the fast path, at most one per
     ``SUBSEGMENT_SECONDS`` of video; the reference path always encodes on one thread)."""
 
@@ -193,14 +193,12 @@ class _Compositor(threading.Thread):
             raise self.error
 
 
-def resolve_mode(mode: str | None, models: Models, batch_size: int) -> str:
-    """The render mode: on CUDA ``aot`` where an engine for these models and batch size was built
-    (``musetalk engine build``), else ``graphs``; ``reference`` on the CPU."""
+def resolve_mode(mode: str | None, models: Models) -> str:
+    """The render mode: ``graphs`` on CUDA, ``reference`` on the CPU. ``aot`` is asked for by name until
+    its frames and speed have been measured on a GPU (bench/RESULTS.md, session 4)."""
     device = models.device
     if mode is None:
-        if device.type != "cuda":
-            return "reference"
-        return "aot" if aot.find_engine_for(models.unet, models.vae, batch_size) else "graphs"
+        return "graphs" if device.type == "cuda" else "reference"
     if mode in GRAPH_MODES and device.type != "cuda":
         raise InputError(
             f"render mode {mode} needs a CUDA GPU (the device is {device}): use eager or reference"
@@ -284,7 +282,7 @@ def _render_once(
     total_frames = features.num_frames(fps)
     if not 0 <= start < stop <= total_frames:
         raise InputError(f"frame range [{start}, {stop}) is outside the clip's {total_frames} frames")
-    mode = resolve_mode(settings.mode, models, settings.batch_size)
+    mode = resolve_mode(settings.mode, models)
     timings = Timings(
         device=str(models.device),
         dtype=dtype_name(models.dtype),

@@ -2,6 +2,7 @@
 architecture, and rendering the reference path's frames."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -51,6 +52,7 @@ def test_the_cli_builds_a_complete_engine_once(aot_cache, demo_models):
     ]
     manifest = json.loads((found / "engine.json").read_text())
     assert manifest["spec"]["batch"] == BATCH and manifest["spec"]["device"] == "cpu"
+    assert manifest["cxx"] == aot.engine_compiler() == shutil.which("g++")
     assert not any(p.name.startswith(".") for p in engines.iterdir())  # no staging directory left
     # A second build finds it: nothing is compiled or rewritten.
     before = (found / "engine.json").stat().st_mtime_ns
@@ -123,8 +125,8 @@ def test_render_chunk_through_the_engine_gives_the_reference_frames(
         diff = np.abs(got[name].astype(int) - want[name].astype(int))
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01, name
     assert a.timings.unet > 0 and a.timings.vae_decode > 0
-    # On the CPU the default stays the reference path, engine or not.
-    assert resolve_mode(None, engine, BATCH) == "reference"
+    # The default stays the reference path on the CPU, engine or not.
+    assert resolve_mode(None, engine) == "reference"
 
 
 def test_engine_build_with_missing_weights_is_a_one_line_error(tmp_path):
@@ -150,8 +152,8 @@ def test_engine_build_with_missing_weights_is_a_one_line_error(tmp_path):
 
 def test_an_engine_whose_runtime_crashes_is_refused(aot_cache, demo_models, tmp_path, monkeypatch):
     """The fresh-process check that gates publishing: it passes on a good engine, and a crashing
-    AOTInductor runtime (simulated: the check process dies of SIGSEGV, as torch 2.11.0+cu130 does on the
-    lent H100) is a one-line EngineError naming the signal."""
+    AOTInductor runtime (simulated: the check process dies of SIGSEGV, as engines built with the lent GPU
+    image's own ``$CXX`` do there) is a one-line EngineError naming the signal."""
     models = cpu_models(demo_models)
     engine = aot.find_engine(aot.engine_spec(models.unet, models.vae, BATCH), aot_cache / "engines")
     copy = shutil.copytree(engine, tmp_path / "engine")
@@ -162,3 +164,56 @@ def test_an_engine_whose_runtime_crashes_is_refused(aot_cache, demo_models, tmp_
     ):
         aot.check_engine(copy, models.unet, models.vae, BATCH)
     assert not (copy / aot.CHECK).exists()
+
+
+def static_runtime_compiler(directory) -> str:
+    """A C++ toolchain like the lent GPU image's ``$CXX``: no shared libstdc++ (GCC then answers
+    ``-print-file-name`` with the bare name), so shared objects get a static copy of it."""
+    path = directory / "static-g++"
+    path.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in -print-file-name=*) echo "${1#-print-file-name=}"; exit 0 ;; esac\n'
+        'case " $* " in *" -shared "*) exec g++ "$@" -static-libstdc++ ;; esac\n'
+        'exec g++ "$@"\n'
+    )
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_engine_compiler_shares_the_process_cxx_runtime(tmp_path, monkeypatch):
+    fake = static_runtime_compiler(tmp_path)
+    loaded = aot.loaded_libstdcxx()
+    assert loaded is not None and loaded.name.startswith("libstdc++.so")  # torch maps it
+    assert aot.compiler_libstdcxx(shutil.which("g++")) == loaded
+    assert aot.compiler_libstdcxx(fake) is None
+    assert aot.compiler_libstdcxx(str(tmp_path / "missing")) is None
+    monkeypatch.setenv("CXX", fake)
+    assert aot.engine_compiler() == shutil.which("g++")  # $CXX passed over
+    monkeypatch.setenv(aot.ENGINE_CXX, fake)
+    assert aot.engine_compiler() == fake  # the explicit choice is taken as given
+    monkeypatch.delenv(aot.ENGINE_CXX)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert aot.engine_compiler() is None  # nothing suitable: Inductor's default, still checked
+
+
+def test_an_engine_linked_with_its_own_cxx_runtime_is_refused(demo_models, tmp_path):
+    """The failure the lent GPU image showed, for real on the CPU: a wrapper with a static libstdc++
+    does not load (SIGSEGV there, a failed container creation here); the build says so in one line and
+    leaves no engine behind."""
+    flags = ["--models", demo_models, "--device", "cpu", "--dtype", "float32", "--batch-size", "4"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "musetalk_ops.cli", "engine", "build", *map(str, flags)],
+        env={
+            **os.environ,
+            "MUSETALK_CACHE": str(tmp_path / "cache"),
+            aot.ENGINE_CXX: static_runtime_compiler(tmp_path),
+        },
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("musetalk: error: the engine built for cpu does not load and run in a fresh")
+    assert "(exit 1: " in last
+    assert list((tmp_path / "cache" / "engines").iterdir()) == []
