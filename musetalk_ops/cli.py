@@ -10,9 +10,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from musetalk_ops import DEFAULT_BATCH_SIZE
 from musetalk_ops.errors import InputError, MuseTalkError
+
+if TYPE_CHECKING:  # render imports torch: only the commands that render load it
+    from musetalk_ops.render import RenderSettings
 
 log = logging.getLogger("musetalk")
 
@@ -30,6 +34,15 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: float16 on CUDA, float32 on the CPU")
+
+
+def _render_settings(args: argparse.Namespace, **more: object) -> "RenderSettings":
+    """``RenderSettings`` from the ``_add_runtime_flags`` flags plus a command's own (``more``)."""
+    from musetalk_ops.render import RenderSettings
+
+    return RenderSettings(
+        device=args.device, dtype=args.dtype, version=args.version, models_root=args.models, **more
+    )
 
 
 def _parse_box(text: str) -> list[int]:
@@ -127,16 +140,13 @@ def cmd_render(args: argparse.Namespace) -> int:
     for name in ("template", "audio"):  # before importing torch: a typo fails in milliseconds
         if not getattr(args, name).exists():
             raise InputError(f"--{name} {getattr(args, name)}: no such file or directory")
-    from musetalk_ops.render import RenderSettings, render_file
+    from musetalk_ops.render import render_file
 
-    settings = RenderSettings(
+    settings = _render_settings(
+        args,
         batch_size=args.batch_size,
         crf=args.crf,
         preset=args.preset,
-        device=args.device,
-        dtype=args.dtype,
-        version=args.version,
-        models_root=args.models,
         fps=args.fps,
         mode=args.mode,
         encoders=args.encoders,
@@ -235,15 +245,9 @@ def cmd_engine(args: argparse.Namespace) -> int:
     import time
 
     from musetalk_ops import aot
-    from musetalk_ops.render import RenderSettings, load_engine
+    from musetalk_ops.render import load_engine
 
-    settings = RenderSettings(
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        version=args.version,
-        models_root=args.models,
-    )
+    settings = _render_settings(args, batch_size=args.batch_size)
     models = load_engine(settings, version=args.version or "v15", components=("unet", "vae"))
     start = time.perf_counter()
     path = aot.build_engine(
