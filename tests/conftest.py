@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import free_port
+from helpers import cli_engine_build, free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -172,12 +172,5 @@ def aot_cache(tmp_path_factory, demo_models) -> Path:
     """A ``$MUSETALK_CACHE`` holding an AOTInductor engine for the demo models on the CPU (float32, batch
     4), built by ``musetalk engine build`` in its own process (about a minute on two cores)."""
     cache = tmp_path_factory.mktemp("aot-cache")
-    flags = ["--models", demo_models, "--device", "cpu", "--dtype", "float32", "--batch-size", "4"]
-    subprocess.run(
-        [sys.executable, "-m", "musetalk_ops.cli", "engine", "build", *map(str, flags)],
-        env={**os.environ, "MUSETALK_CACHE": str(cache)},
-        check=True,
-        capture_output=True,
-        timeout=900,
-    )
+    cli_engine_build(demo_models, cache).check_returncode()
     return cache

@@ -2,7 +2,6 @@
 architecture, and rendering the reference path's frames."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import png_frames
+from helpers import cli_engine_build, png_frames
 
 from musetalk_ops import aot
 from musetalk_ops.cache import load_template
@@ -200,17 +199,8 @@ def test_an_engine_linked_with_its_own_cxx_runtime_is_refused(demo_models, tmp_p
     """The failure the lent GPU image showed, for real on the CPU: a wrapper with a static libstdc++
     does not load (SIGSEGV there, a failed container creation here); the build says so in one line and
     leaves no engine behind."""
-    flags = ["--models", demo_models, "--device", "cpu", "--dtype", "float32", "--batch-size", "4"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "musetalk_ops.cli", "engine", "build", *map(str, flags)],
-        env={
-            **os.environ,
-            "MUSETALK_CACHE": str(tmp_path / "cache"),
-            aot.ENGINE_CXX: static_runtime_compiler(tmp_path),
-        },
-        capture_output=True,
-        text=True,
-        timeout=900,
+    proc = cli_engine_build(
+        demo_models, tmp_path / "cache", **{aot.ENGINE_CXX: static_runtime_compiler(tmp_path)}
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
