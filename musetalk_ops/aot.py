@@ -23,8 +23,8 @@ crashes leaves no engine behind, and renders keep to the ``graphs`` path instead
 An engine is valid for one GPU type, torch/CUDA version, dtype, batch size and model structure;
 ``EngineSpec.key`` names all of them, and the engine lives in ``<root>/<key>/`` (``engine.json`` last, the
 directory renamed into place, so a half-built engine is never found). ``root`` defaults to
-``$MUSETALK_CACHE/engines``. Renders use an engine only when asked to (``--mode aot``): its frames and
-speed on a GPU are not measured yet, so nothing in k8s/ builds one.
+``$MUSETALK_CACHE/engines``. A render on CUDA runs the engine for its GPU and batch size wherever there is
+one (``render.resolve_mode``); it never builds one unasked. k8s/engine.yaml builds it on the GPU node.
 """
 
 import hashlib

@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--mode",
         choices=("reference", "eager", "graphs", "compiled", "aot"),
-        help="execution path (default: graphs on CUDA, reference on the CPU; aot runs the engine of "
-        "`musetalk engine build`, building it first if there is none)",
+        help="execution path (default on CUDA: aot where `musetalk engine build` made an engine for this "
+        "GPU and batch size, else graphs; on the CPU: reference). --mode aot builds the engine if needed",
     )
     r.add_argument("--encoders", type=int, help="parallel H.264 encoders (default: one per 4 CPUs)")
     r.add_argument("--frames-dir", type=Path, help="also write every frame as lossless PNG 00000000.png…")

@@ -19,16 +19,17 @@ its first batch. Modes:
   transpose).
 * ``aot``: the same compiled code, built ahead of time (``musetalk_ops.aot``: once per GPU type and
   batch size, then loaded without Inductor); one bucket; on CUDA captured into graphs like ``graphs``
-  (first batch direct, capture at the second). Also runs on the CPU (no graphs), which CI tests. Not
-  a default yet: its frames and speed on a GPU are unmeasured (engines built with the lent GPU image's
-  own ``$CXX`` crashed on load; ``aot.engine_compiler`` now avoids that compiler, bench/RESULTS.md
-  session 4).
+  (first batch direct, capture at the second). Also runs on the CPU (no graphs), which CI tests. The
+  default on CUDA wherever an engine exists (``render.resolve_mode``): on an H200 it ran UNet + VAE at
+  520.9 frames/s (b32) against 308 for ``graphs`` at b48, loaded in 0.13 s, and its frames stayed within
+  3 levels of the reference path (bench/RESULTS.md, session 5).
 
 Measured on an H100 with our models (upsamplers folded; bench/RESULTS.md, session 3): UNet + VAE at
 20 / 48 frames per batch ran 223–256 / 274–295 frames/s eager and 264–269 / 295–300 under graphs;
 compiled 499.8 at 32 (cold compile 81 s, 33 s to the first frame with a warm cache), against a limit
-of ~950. So ``graphs`` is the default: short clips cannot repay a compile; long renders and warm
-workers can (a 1000-frame 512² chunk: 271 frames/s graphs, 454 compiled). Channels-last copies of the
+of ~950. So ``compiled`` is never a default: short clips cannot repay a compile; long renders and warm
+workers can (a 1000-frame 512² chunk: 271 frames/s graphs, 454 compiled), and ``aot`` gives every
+process the compiled speed for a load of a fraction of a second. Channels-last copies of the
 models were slower (VAE 3.90 vs 3.46 ms/frame) and are not used.
 
 The constant t = 0 time embedding is not precomputed: it is two tiny matmuls per batch, which the

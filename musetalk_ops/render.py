@@ -7,13 +7,14 @@ with the cached masks → encode. Two ways to run it, producing the same frames:
 * ``reference`` (the default on the CPU, what CI tests): faces go to the host and are pasted with
   ``blend.paste_face`` (OpenCV + numpy) on one worker thread that also encodes, overlapping the next
   batch's model work.
-* the fast path (``graphs`` by default on CUDA; also ``eager``, ``compiled`` and ``aot``, see
-  ``generator.py``): batches padded to fixed bucket shapes, the face region resized
-  and blended on the device (``device_paste.py``, bit-identical integer arithmetic), the block of the
-  frame that changed converted to YUV 4:2:0 there too (``yuv.py``, within one level of swscale) and only
-  that copied back through pinned memory; the chunk's frames are encoded as several sub-segments on
-  parallel threads (x264 on the CPU is the bottleneck without NVENC) that are joined by remuxing into
-  the one chunk segment. The model thread never waits for the GPU: stage times come from CUDA events.
+* the fast path (on CUDA by default ``aot`` where an engine was built for the GPU and batch size, else
+  ``graphs``; also ``eager`` and ``compiled``, see ``generator.py``): batches padded to fixed bucket
+  shapes, the face region resized and blended on the device (``device_paste.py``, bit-identical
+  integer arithmetic), the block of the frame that changed converted to YUV 4:2:0 there too
+  (``yuv.py``, within one level of swscale) and only that copied back through pinned memory; the
+  chunk's frames are encoded as several sub-segments on parallel threads (x264 on the CPU is the
+  bottleneck without NVENC) that are joined by remuxing into the one chunk segment. The model thread
+  never waits for the GPU: stage times come from CUDA events.
 
 Stage seconds are busy time per stage (overlapping stages can sum to more than ``total``, which is
 wall time).
@@ -37,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from musetalk_ops import DEFAULT_BATCH_SIZE
+from musetalk_ops import DEFAULT_BATCH_SIZE, aot
 from musetalk_ops.audio import AudioFeatures, add_positional_encoding, extract_features, load_audio
 from musetalk_ops.blend import frame_indices, paste_face
 from musetalk_ops.cache import Template
@@ -193,12 +194,16 @@ class _Compositor(threading.Thread):
             raise self.error
 
 
-def resolve_mode(mode: str | None, models: Models) -> str:
-    """The render mode: ``graphs`` on CUDA, ``reference`` on the CPU. ``aot`` is asked for by name until
-    its frames and speed have been measured on a GPU (bench/RESULTS.md, session 4)."""
+def resolve_mode(mode: str | None, models: Models, batch_size: int) -> str:
+    """The render mode. Default on CUDA: ``aot`` where ``musetalk engine build`` made an engine for these
+    models, this GPU and ``batch_size`` (1.6× the ``graphs`` frames/s at 512², within 3 levels of the
+    reference path; bench/RESULTS.md, session 5), else ``graphs``: a render never builds one unasked
+    (minutes). On the CPU, ``reference``."""
     device = models.device
     if mode is None:
-        return "graphs" if device.type == "cuda" else "reference"
+        if device.type != "cuda":
+            return "reference"
+        return "aot" if aot.find_engine_for(models.unet, models.vae, batch_size) is not None else "graphs"
     if mode in GRAPH_MODES and device.type != "cuda":
         raise InputError(
             f"render mode {mode} needs a CUDA GPU (the device is {device}): use eager or reference"
@@ -282,7 +287,7 @@ def _render_once(
     total_frames = features.num_frames(fps)
     if not 0 <= start < stop <= total_frames:
         raise InputError(f"frame range [{start}, {stop}) is outside the clip's {total_frames} frames")
-    mode = resolve_mode(settings.mode, models)
+    mode = resolve_mode(settings.mode, models, settings.batch_size)
     timings = Timings(
         device=str(models.device),
         dtype=dtype_name(models.dtype),

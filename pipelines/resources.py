@@ -55,7 +55,7 @@ class EngineResource(dg.ConfigurableResource):
     device: str | None = None  # None: cuda when available
     dtype: str | None = None  # None: float16 on CUDA, float32 on the CPU
     batch_size: int = DEFAULT_BATCH_SIZE
-    mode: str | None = None  # None: graphs on CUDA, reference on the CPU (musetalk_ops.render)
+    mode: str | None = None  # None: aot where an engine exists, else graphs on CUDA; reference on the CPU
     encoders: int | None = None  # None: one H.264 encoder thread per 4 CPUs
     min_chunk_frames: int = 250
     gpus: int | None = None  # None: $MUSETALK_GPUS, else 4 on k8s, else the GPUs visible here (min 1)

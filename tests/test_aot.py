@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -125,7 +126,23 @@ def test_render_chunk_through_the_engine_gives_the_reference_frames(
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01, name
     assert a.timings.unet > 0 and a.timings.vae_decode > 0
     # The default stays the reference path on the CPU, engine or not.
-    assert resolve_mode(None, engine) == "reference"
+    assert resolve_mode(None, engine, BATCH) == "reference"
+
+
+def test_the_cuda_default_runs_an_engine_built_for_the_batch_size(
+    aot_cache, demo_models, tmp_path, monkeypatch
+):
+    """resolve_mode's CUDA branch with the real engine lookup: models that report a CUDA device (no GPU
+    in CI) but whose UNet and VAE are the CPU ones the ``aot_cache`` engine was built for."""
+    models = cpu_models(demo_models)
+    on_cuda = SimpleNamespace(device=torch.device("cuda"), unet=models.unet, vae=models.vae)
+    monkeypatch.setenv("MUSETALK_CACHE", str(aot_cache))
+    assert resolve_mode(None, on_cuda, BATCH) == "aot"
+    assert resolve_mode(None, on_cuda, BATCH * 2) == "graphs"  # no engine for that batch size
+    assert resolve_mode("eager", on_cuda, BATCH) == "eager"  # asked for by name
+    monkeypatch.setenv("MUSETALK_CACHE", str(tmp_path))
+    assert resolve_mode(None, on_cuda, BATCH) == "graphs"  # never built here: not built unasked
+    assert not (tmp_path / "engines").exists()
 
 
 def test_engine_build_with_missing_weights_is_a_one_line_error(tmp_path):

@@ -252,6 +252,7 @@ def test_manifests_are_the_expected_set():
         ("Job", "minio-bucket"),
         ("PersistentVolumeClaim", "musetalk-weights"),
         ("Job", "musetalk-weights"),
+        ("Job", "musetalk-engine"),
         ("NetworkPolicy", "default-deny-ingress"),
         ("Deployment", "oauth2-proxy"),
         ("Service", "oauth2-proxy"),
@@ -346,11 +347,13 @@ def test_weights_job_fills_the_volume_the_steps_mount():
     spec = pod_spec(job)
     (container,) = spec["containers"]
     script = container["args"][0]
-    commands = [line.split() for line in script.strip().splitlines()]
+    *commands, last = [line.split() for line in script.strip().splitlines()]
     assert [c[:3] for c in commands] == [["musetalk", "models", c] for c in ("download", "convert", "check")]
     env = {v["name"]: v.get("value") for v in container["env"]}
     assert env["HF_HUB_OFFLINE"] == "0"  # the image is offline; this Job is the one that downloads
     assert all(c[3:] == [env["MUSETALK_MODELS"]] for c in commands)
+    # the engines directory the GPU steps mount exists even if the engine Job never runs
+    assert last == ["mkdir", "-p", f"{env['MUSETALK_CACHE']}/engines"]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts[env["MUSETALK_MODELS"]]["subPath"] == "models"
     assert mounts[env["MUSETALK_CACHE"]]["subPath"] == "cache"  # fp16 copies land on the volume
@@ -363,6 +366,44 @@ def test_weights_job_fills_the_volume_the_steps_mount():
     assert GPU not in json.dumps(container["resources"])
     claim = find("PersistentVolumeClaim", "musetalk-weights")
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_engine_job_builds_into_the_directory_the_gpu_steps_mount():
+    """k8s/engine.yaml: ``musetalk engine build`` on one GPU of the GPU node, at the render steps' batch
+    size, with the weights Job's volume layout, from the devel build of the deployment's image."""
+    from pipelines.resources import EngineResource
+
+    spec = pod_spec(find("Job", "musetalk-engine"))
+    (container,) = spec["containers"]
+    command = container["command"]
+    assert command[:3] == ["musetalk", "engine", "build"]
+    flags = dict(zip(command[3::2], command[4::2], strict=True))
+    assert int(flags["--batch-size"]) == EngineResource().batch_size  # else no render finds the engine
+    env = {v["name"]: v["value"] for v in container["env"]}
+    assert flags["--models"] == env["MUSETALK_MODELS"] == config_env()["MUSETALK_MODELS"]
+    assert env["MUSETALK_CACHE"] == config_env()["MUSETALK_CACHE"]  # engines land in <cache>/engines
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    weights = pod_spec(find("Job", "musetalk-weights"))
+    weights_mounts = {m["mountPath"]: m["subPath"] for m in weights["containers"][0]["volumeMounts"]}
+    assert {path: m["subPath"] for path, m in mounts.items()} == weights_mounts
+    assert mounts[env["MUSETALK_MODELS"]].get("readOnly") and not mounts[env["MUSETALK_CACHE"]].get(
+        "readOnly"
+    )
+    assert spec["volumes"] == weights["volumes"]
+    resources = container["resources"]
+    assert resources["requests"][GPU] == resources["limits"][GPU] == "1"
+    assert spec["nodeSelector"] == {GPU_NODE_LABEL: "true"}
+    assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    # the image: the documented devel build of the deployment's image (compiler, CUDA headers)
+    assert container["image"] == deployment_image(values()) + "-engine"
+    text = (K8S / "engine.yaml").read_text().replace("\\\n#", " ")
+    build = re.search(r"docker build (.*)", text).group(1)
+    assert f"-t {container['image']} ." in build
+    base = re.search(r"BASE=(\S+)", build).group(1)
+    assert base == dockerfile_args()["BASE"].replace(
+        "-runtime-", "-devel-"
+    )  # same CUDA and Ubuntu as the runtime
+    assert 'BUILD_TOOLS="g++ python3.11-dev"' in build
 
 
 # --- network policies ---------------------------------------------------------------------------------
@@ -543,6 +584,11 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
 
 
+def dockerfile_args() -> dict[str, str]:
+    """The ARG defaults of the Dockerfile, as written."""
+    return dict(arg.split("=", 1) for op, arg in dockerfile_instructions() if op == "ARG" and "=" in arg)
+
+
 def image_env() -> dict[str, str]:
     """The ENV of the image (one NAME=value per ENV instruction; $PATH expanded against this machine)."""
     env = {}
@@ -556,7 +602,7 @@ def image_env() -> dict[str, str]:
 def test_dockerfile_builds_the_documented_image():
     steps = dockerfile_instructions()
     ops = [op for op, _ in steps]
-    arg_values = dict(a.split("=", 1) for op, a in steps if op == "ARG" and "=" in a)
+    arg_values = dockerfile_args()
     assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-(cudnn-)?runtime-ubuntu\d+\.\d+", arg_values["BASE"])
     assert steps[ops.index("FROM")] == ("FROM", "${BASE}")
     runs = [arg for op, arg in steps if op == "RUN"]
@@ -566,6 +612,7 @@ def test_dockerfile_builds_the_documented_image():
     assert arg_values["TORCH"] == "torch==2.13.0"  # the version CI tests (CPU build there)
     assert arg_values["TORCH_INDEX"].startswith("https://download.pytorch.org/whl/cu")
     assert "espeak-ng" in runs[0]
+    assert arg_values["BUILD_TOOLS"] == '""' and "${BUILD_TOOLS}" in runs[0]  # none in the runtime image
     user = next(arg for op, arg in steps if op == "USER")
     assert user.split(":")[0].isdigit() and int(user.split(":")[0]) != 0  # numeric: runAsNonRoot can check
     assert ops.index("USER") > max(i for i, op in enumerate(ops) if op == "RUN")
@@ -753,7 +800,7 @@ def test_gpu_steps_get_one_gpu_on_the_gpu_node_with_shm_and_read_only_weights(st
         assert mounts[models]["name"] == claim and mounts[models]["subPath"] == job_mounts[models], key
         # a writable MUSETALK_CACHE (template copies) with the Job's fp16 copies and hashes laid over it
         assert mounts[cache]["name"] != claim and not mounts[cache].get("readOnly"), key
-        for name in ("converted", "hashes.json"):
+        for name in ("converted", "hashes.json", "engines"):
             overlay = mounts[f"{cache}/{name}"]
             assert (overlay["name"], overlay["subPath"]) == (claim, f"{job_mounts[cache]}/{name}"), key
         if op_name(key) not in GPU_STEPS:  # on the GPU node without a GPU: keep CUDA off the node's GPUs
