@@ -367,11 +367,31 @@ def load_engine(path: str | os.PathLike, unet: UNet, vae: VAE) -> Engine:
         runners[name] = _loader(path, name, unet.device)
         _bind(runners[name], _weights(step), path, name)
     unet_runner, vae_runner = runners["unet"], runners["vae"]
+    device = unet.device
     return Engine(
         path=path,
-        unet=lambda latents, tokens: unet_runner.run([latents, tokens])[0],
-        vae=lambda latents: vae_runner.run([latents])[0],
+        unet=lambda latents, tokens: run_step(unet_runner, [latents, tokens], lambda: oom_count(device)),
+        vae=lambda latents: run_step(vae_runner, [latents], lambda: oom_count(device)),
     )
+
+
+def oom_count(device: torch.device) -> int:
+    """Out-of-memory errors the CUDA caching allocator has raised on ``device`` so far (0 on the CPU)."""
+    return torch.cuda.memory_stats(device).get("num_ooms", 0) if device.type == "cuda" else 0
+
+
+def run_step(runner, inputs: list[torch.Tensor], ooms: Callable[[], int]) -> torch.Tensor:
+    """One call of an engine step. A CUDA out-of-memory error inside the engine reaches Python as a bare
+    RuntimeError ("run_func_ … API call failed"; seen on an H200, bench/RESULTS.md session 5), which the
+    render's batch-halving fallback would not recognise; the allocator's OOM count tells it apart, and it
+    is raised again as ``torch.cuda.OutOfMemoryError``."""
+    before = ooms()
+    try:
+        return runner.run(inputs)[0]
+    except RuntimeError as e:
+        if ooms() > before:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory inside the AOT engine") from e
+        raise
 
 
 def find_engine_for(unet: UNet, vae: VAE, batch: int, root: str | os.PathLike | None = None) -> Path | None:

@@ -242,8 +242,9 @@ def render_chunk(
 
     On CUDA out-of-memory the chunk starts again at half the batch size (``on_retry`` hears why), so a
     GPU smaller or busier than the one the batch size was chosen for still renders it, a little slower;
-    the segment of a failed attempt is never kept (it is written atomically). The result's timings
-    name the batch size that succeeded.
+    the segment of a failed attempt is never kept (it is written atomically). An engine exists for one
+    batch size, so an ``aot`` render retries on the default path (another engine only where one was
+    built, never a build). The result's timings name the batch size and mode that succeeded.
     """
     while True:
         try:
@@ -258,7 +259,8 @@ def render_chunk(
             if on_retry is not None:
                 on_retry(f"CUDA out of memory at batch size {settings.batch_size}: retrying with {smaller}")
             release_gpu_memory()
-            settings = dataclasses.replace(settings, batch_size=smaller)
+            mode = None if settings.mode == "aot" else settings.mode
+            settings = dataclasses.replace(settings, batch_size=smaller, mode=mode)
 
 
 def _simulated_oom(batch_size: int) -> None:
@@ -293,6 +295,7 @@ def _render_once(
         dtype=dtype_name(models.dtype),
         batch_size=settings.batch_size,
         weights=models.weights,
+        mode=mode,
         frames=stop - start,
         video_seconds=float((stop - start) / fps),
     )

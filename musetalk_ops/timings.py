@@ -28,6 +28,7 @@ class Timings:
     dtype: str = "float32"
     batch_size: int = 0
     weights: str = "official"
+    mode: str = ""  # the execution path that rendered (render.resolve_mode): aot, graphs, reference…
     extra: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
@@ -85,8 +86,8 @@ class Timings:
         rows = [(s, getattr(self, s)) for s in (*STAGES, "total")]
         lines = [f"  {name:<15}{seconds:8.3f} s" for name, seconds in rows]
         lines.append(f"  {'frames':<15}{self.frames:8d}    video {self.video_seconds:.2f} s")
+        context = [self.device, self.dtype, f"batch {self.batch_size}", self.mode, f"weights {self.weights}"]
         lines.append(
-            f"  {'fps':<15}{self.fps:8.2f}    rtf {self.rtf:.2f}x  ({self.device}, {self.dtype}, "
-            f"batch {self.batch_size}, weights {self.weights})"
+            f"  {'fps':<15}{self.fps:8.2f}    rtf {self.rtf:.2f}x  ({', '.join(filter(None, context))})"
         )
         return "\n".join(lines)

@@ -18,8 +18,8 @@ GPU_TAG = "musetalk/gpu"
 # Only op tags reach step pods (job-level dagster-k8s/config shapes the run worker only).
 # The weights volume (k8s/weights.yaml): its models/ read-only at $MUSETALK_MODELS=/models, and a
 # writable $MUSETALK_CACHE=/cache (template copies) with the volume's fp16 copies, file hashes and AOT
-# engines (k8s/engine.yaml) laid over it read-only. ReadWriteOnce storage lives on the GPU node, so every step that reads weights
-# runs there (k8s/README.md).
+# engines (k8s/engine.yaml) laid over it read-only. ReadWriteOnce storage lives on the GPU node, so every
+# step that reads weights runs there (k8s/README.md).
 _WEIGHTS = "weights"
 _WEIGHTS_VOLUMES = [
     {"name": _WEIGHTS, "persistent_volume_claim": {"claim_name": "musetalk-weights", "read_only": True}},

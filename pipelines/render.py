@@ -205,6 +205,7 @@ def request_timings(features: dict, chunks: list[dict], mux_seconds: float, tota
         dtype=first["dtype"],
         batch_size=first["batch_size"],
         weights=first["weights"],
+        mode=first.get("mode", ""),  # chunks written before the field existed have none
         video_seconds=features["video_seconds"],
     )
     for chunk in chunks:

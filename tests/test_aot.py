@@ -124,7 +124,7 @@ def test_render_chunk_through_the_engine_gives_the_reference_frames(
     for name in want:
         diff = np.abs(got[name].astype(int) - want[name].astype(int))
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01, name
-    assert a.timings.unet > 0 and a.timings.vae_decode > 0
+    assert a.timings.unet > 0 and a.timings.vae_decode > 0 and a.timings.mode == "aot"
     # The default stays the reference path on the CPU, engine or not.
     assert resolve_mode(None, engine, BATCH) == "reference"
 
@@ -143,6 +143,50 @@ def test_the_cuda_default_runs_an_engine_built_for_the_batch_size(
     monkeypatch.setenv("MUSETALK_CACHE", str(tmp_path))
     assert resolve_mode(None, on_cuda, BATCH) == "graphs"  # never built here: not built unasked
     assert not (tmp_path / "engines").exists()
+
+
+def test_out_of_memory_inside_the_engine_halves_the_batch_off_the_engine(
+    aot_cache, engine, features, astronaut_cache, tmp_path, monkeypatch
+):
+    """An engine exists for one batch size: after an out-of-memory error an ``aot`` render retries at
+    half the batch on the default path (here the CPU's reference), without building another engine."""
+    monkeypatch.setenv("MUSETALK_CACHE", str(aot_cache))
+    monkeypatch.setenv("MUSETALK_FAULT_MAX_BATCH", str(BATCH // 2))
+    before = sorted(p.name for p in (aot_cache / "engines").iterdir())
+    template = load_template(astronaut_cache)
+    settings = RenderSettings(batch_size=BATCH, device="cpu", dtype="float32", mode="aot", encoders=1)
+    told: list[str] = []
+    result = render_chunk(
+        engine, template, features, 0, 3, tmp_path / "a.mp4", settings, on_retry=told.append
+    )
+    assert told == [f"CUDA out of memory at batch size {BATCH}: retrying with {BATCH // 2}"]
+    assert (result.timings.batch_size, result.timings.mode) == (BATCH // 2, "reference")
+    assert sorted(p.name for p in (aot_cache / "engines").iterdir()) == before
+
+
+def test_an_engine_step_reports_an_out_of_memory_error_as_one():
+    """The AOTInductor runtime turns a CUDA out-of-memory error into a bare RuntimeError; ``run_step``
+    raises OutOfMemoryError instead when the allocator counted one, and leaves other errors alone."""
+    ooms = 0
+
+    class Runner:
+        def __init__(self, outcome: str) -> None:
+            self.outcome = outcome
+
+        def run(self, inputs):
+            nonlocal ooms
+            if self.outcome == "ok":
+                return [inputs[0] + 1]
+            ooms += self.outcome == "oom"
+            raise RuntimeError("run_func_( container_handle_, ...) API call failed")
+
+    assert aot.run_step(Runner("ok"), [torch.zeros(2)], lambda: ooms).tolist() == [1.0, 1.0]
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        aot.run_step(Runner("oom"), [], lambda: ooms)
+    with pytest.raises(RuntimeError, match="API call failed") as raised:
+        aot.run_step(Runner("fails"), [], lambda: ooms)
+    assert not isinstance(raised.value, torch.cuda.OutOfMemoryError)
+    assert aot.oom_count(torch.device("cpu")) == 0
 
 
 def test_engine_build_with_missing_weights_is_a_one_line_error(tmp_path):

@@ -86,6 +86,7 @@ def test_render_end_to_end(tmp_path, astronaut_cache, speech_wav, demo_models):
         assert key in timings
     assert timings["frames"] == expected_frames
     assert timings["weights"] == "demo" and timings["device"] == "cpu" and timings["dtype"] == "float32"
+    assert timings["mode"] == "reference"  # the CPU default
     assert timings["unet"] > 0 and timings["vae_decode"] > 0 and timings["encode"] > 0
     assert "demo" in proc.stderr  # demo renders are labelled
 
