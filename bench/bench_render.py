@@ -739,7 +739,7 @@ class Bench:
             torch.cuda.set_per_process_memory_fraction(1.0)
             release_gpu_memory()
         s["retries"] = told
-        s["final_batch"] = squeezed.timings.batch_size
+        s["final_batch"], s["final_mode"] = squeezed.timings.batch_size, squeezed.timings.mode
         s["frames"] = squeezed.frames
         render_chunk(
             self.models,
