@@ -21,8 +21,8 @@ its first batch. Modes:
   batch size, then loaded without Inductor); one bucket; on CUDA captured into graphs like ``graphs``
   (first batch direct, capture at the second). Also runs on the CPU (no graphs), which CI tests. The
   default on CUDA wherever an engine exists (``render.resolve_mode``): on an H200 it ran UNet + VAE at
-  520.9 frames/s (b32) against 308 for ``graphs`` at b48, loaded in 0.13 s, and its frames stayed within
-  3 levels of the reference path (bench/RESULTS.md, session 5).
+  520.9–522.0 frames/s (b32) against 308–310 for ``graphs`` at b48, loaded in 0.08–0.13 s, and its
+  frames stayed within 4 levels of the reference path (bench/RESULTS.md, session 5).
 
 Measured on an H100 with our models (upsamplers folded; bench/RESULTS.md, session 3): UNet + VAE at
 20 / 48 frames per batch ran 223–256 / 274–295 frames/s eager and 264–269 / 295–300 under graphs;

@@ -196,7 +196,7 @@ class _Compositor(threading.Thread):
 
 def resolve_mode(mode: str | None, models: Models, batch_size: int) -> str:
     """The render mode. Default on CUDA: ``aot`` where ``musetalk engine build`` made an engine for these
-    models, this GPU and ``batch_size`` (1.6× the ``graphs`` frames/s at 512², within 3 levels of the
+    models, this GPU and ``batch_size`` (1.6× the ``graphs`` frames/s at 512², within 4 levels of the
     reference path; bench/RESULTS.md, session 5), else ``graphs``: a render never builds one unasked
     (minutes). On the CPU, ``reference``."""
     device = models.device
