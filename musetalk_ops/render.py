@@ -21,6 +21,7 @@ wall time).
 """
 
 import dataclasses
+import gc
 import itertools
 import math
 import os
@@ -258,9 +259,11 @@ def render_chunk(
             smaller = settings.batch_size // 2
             if on_retry is not None:
                 on_retry(f"CUDA out of memory at batch size {settings.batch_size}: retrying with {smaller}")
-            release_gpu_memory()
             mode = None if settings.mode == "aot" else settings.mode
             settings = dataclasses.replace(settings, batch_size=smaller, mode=mode)
+        # Out of the handler: the error's traceback, which holds the failed attempt's frames and so its
+        # tensors and generator, is gone before the memory is returned.
+        release_gpu_memory()
 
 
 def _simulated_oom(batch_size: int) -> None:
@@ -391,6 +394,7 @@ def release_gpu_memory() -> None:
     """Drop every captured generator and return cached CUDA memory, e.g. after an out-of-memory
     error, so a retry at a smaller batch size does not compete with the failed size's graphs."""
     _generator.cache_clear()
+    gc.collect()  # what only a cycle still references (an engine's runners, captured graphs)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
