@@ -192,7 +192,7 @@ def render_chunk(
         client.put_bytes(key.removesuffix(".mp4") + ".json", json.dumps(record).encode())  # the done marker
     context.log.info(
         f"chunk {chunk['index']}: {result.frames} frames in {result.timings.total:.2f} s "
-        f"(+{loaded:.2f} s load) on {result.timings.device}"
+        f"(+{loaded:.2f} s load) on {result.timings.device}, mode {result.timings.mode}"
     )
     return {**record, "reused": False}
 
@@ -287,6 +287,7 @@ def merge_video(
                 "template": tid,
                 "cache_fingerprint": request["fingerprint"],
                 "weights": timings.weights,
+                "mode": timings.mode,
                 "chunks": len(chunks),
                 "reused_chunks": sum(c["reused"] for c in chunks),
                 "frames": timings.frames,

@@ -122,6 +122,8 @@ def collect_stats(
         "engine": {**engine, "codeLocation": location},
         "templateUsage": dict(sorted(usage.items())),
         "renders": len(timings),
+        # the execution path per rendered video: on a GPU, whether renders found the AOT engine
+        "renderModes": dict(sorted(Counter(t.get("mode") or "unknown" for t in timings).items())),
         "stages": {
             stage: percentiles([t[stage] for t in timings if stage in t]) for stage in (*STAGES, "total")
         },
@@ -144,6 +146,7 @@ def format_stats(stats: dict) -> str:
         f"engine     {stats['pythonEngineStatus']}",
         "templates  "
         + (", ".join(f"{k}: {v}" for k, v in stats["templateUsage"].items()) or "none used yet"),
+        "paths      " + (", ".join(f"{k}: {v}" for k, v in stats["renderModes"].items()) or "no renders yet"),
         f"timings    over {stats['renders']} rendered videos (seconds)   p50     p95",
     ]
     for stage, p in stats["stages"].items():

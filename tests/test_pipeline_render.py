@@ -234,7 +234,7 @@ def test_reexecution_rerenders_only_missing_chunks_and_stats_count_requests_once
     from musetalk_ops import errors, video
     from musetalk_ops import render as engine_render
     from pipelines.graphql import GraphQLClient
-    from pipelines.stats import collect_stats
+    from pipelines.stats import collect_stats, format_stats
 
     push_template(astronaut_png)
     materialize(instance)
@@ -294,6 +294,8 @@ def test_reexecution_rerenders_only_missing_chunks_and_stats_count_requests_once
     assert stats["completionRate"] == "50.00%" and stats["completionRatio"] == 0.5
     assert stats["rejectedRequests"] == 1
     assert stats["templateUsage"] == {"astro": 1, "nobody": 1}
+    assert stats["renderModes"] == {"reference": 1}  # the CPU default, per rendered video
+    assert "\npaths      reference: 1\n" in format_stats(stats)
     assert stats["renders"] == 1 and stats["stages"]["total"]["p50"] == pytest.approx(
         timings["total"], abs=1e-3
     )
