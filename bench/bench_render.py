@@ -25,15 +25,17 @@ runs out):
   with Inductor's max-autotune), warm chunks and the generator alone through it, its frames vs the
   reference path's, then cold starts of a render step that loads it (mode ``aot``, and the default
   mode, which finds it);
-* ``cold_start``: a fresh process per path, process start → first frame (3 s clip), as a render step
-  (features from the audio step: no whisper) and as the CLI (whisper in the process);
+* ``cold_start``: fresh processes, process start → first frame (3 s clip; the median of
+  ``--cold-repeats`` runs), as a render step (features from the audio step: no whisper) on the default
+  path and each fast path, and as the CLI (whisper in the process) on the default path; plus one render
+  step's ``-X importtime`` profile;
 * ``encoding``: chunks with 2 and 8 encoders and two presets;
 * ``encoder_alone``: x264 alone on the templates' frames (segments at once, presets, RGB vs YUV input);
 * ``generator``: UNet + VAE decode alone per path and batch size;
 * ``cpu_reference``: the GPU fp16 fast path vs the CPU fp32 reference path on the same frames.
 
     python bench/bench_render.py [--frames 1000] [--baseline-frames 150] [--batch 20] [--budget 540]
-                                 [--sections a,b,...] [--quick]
+                                 [--sections a,b,...] [--cold-repeats 3] [--engines DIR] [--quick]
 
 Writes ``$OUT/bench.json`` (or ``./bench-out/``) and prints a table; results go to bench/RESULTS.md.
 ``--quick`` is a CPU smoke run with demo-size models.
