@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -396,8 +396,9 @@ def run_step(runner, inputs: list[torch.Tensor], ooms: Callable[[], int]) -> tor
 
 def find_engine_for(unet: UNet, vae: VAE, batch: int, root: str | os.PathLike | None = None) -> Path | None:
     """An autotuned engine for these models at ``batch`` where one was built, else the default one."""
+    spec = engine_spec(unet, vae, batch, autotune=True)  # hashes the models' structure once for both
     for autotune in (True, False):
-        found = find_engine(engine_spec(unet, vae, batch, autotune=autotune), root)
+        found = find_engine(replace(spec, autotune=autotune), root)
         if found is not None:
             return found
     return None

@@ -70,9 +70,10 @@ FAULT_MAX_BATCH = "MUSETALK_FAULT_MAX_BATCH"
 class RenderSettings:
     """How to render; ``None`` means the documented default (device: cuda when available, dtype:
     float16 on CUDA and float32 on the CPU, version: the template's, models: ``$MUSETALK_MODELS``,
-    mode: ``graphs`` on CUDA, ``reference`` on the CPU,
-    encoders: one per ``CPUS_PER_ENCODER`` CPUs on the fast path, at most one per
-    ``SUBSEGMENT_SECONDS`` of video; the reference path always encodes on one thread)."""
+    mode: ``aot`` on CUDA where an engine for the GPU and batch size was built, else ``graphs``;
+    ``reference`` on the CPU (``resolve_mode``), encoders: one per ``CPUS_PER_ENCODER`` CPUs on the fast
+    path, at most one per ``SUBSEGMENT_SECONDS`` of video; the reference path always encodes on one
+    thread)."""
 
     batch_size: int = DEFAULT_BATCH_SIZE
     crf: int = 18
