@@ -326,17 +326,7 @@ def cold_start(
     runs = []
     for _ in range(repeats):
         started = time.time()
-        proc = subprocess.run(
-            [
-                sys.executable,
-                str(Path(__file__).parent / "cold_start.py"),
-                mode,
-                *map(str, (models_root, cache, wav, out, *features)),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=400,
-        )
+        proc = cold_start_process(mode, models_root, cache, wav, out, *features)
         if proc.returncode != 0:
             raise RuntimeError(child_failure(f"cold-start-{mode}", proc.stderr))
         result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -348,14 +338,22 @@ def cold_start(
 
 def import_profile(models_root: Path, cache: Path, wav: Path, out: Path, features: Path) -> None:
     """One render step's ``-X importtime`` report, kept beside the report (not timed: it slows imports)."""
-    proc = subprocess.run(
-        [sys.executable, "-X", "importtime", str(Path(__file__).parent / "cold_start.py"), "default"]
-        + [str(p) for p in (models_root, cache, wav, out, features)],
+    proc = cold_start_process(
+        "default", models_root, cache, wav, out, features, python_flags=("-X", "importtime")
+    )
+    (CHILD_LOGS / "importtime-render-step.log").write_text(proc.stderr)
+
+
+def cold_start_process(
+    mode: str, *paths: Path, python_flags: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """bench/cold_start.py in a fresh interpreter (see its docstring for the arguments)."""
+    return subprocess.run(
+        [sys.executable, *python_flags, str(Path(__file__).parent / "cold_start.py"), mode, *map(str, paths)],
         capture_output=True,
         text=True,
         timeout=400,
     )
-    (CHILD_LOGS / "importtime-render-step.log").write_text(proc.stderr)
 
 
 def compiled_child(models_root: str, cache_512: str, cache_hd: str, wav: str, work: str, batch: str) -> None:
