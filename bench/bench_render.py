@@ -344,6 +344,35 @@ def import_profile(models_root: Path, cache: Path, wav: Path, out: Path, feature
     (CHILD_LOGS / "importtime-render-step.log").write_text(proc.stderr)
 
 
+BYTECODE = """
+import json, os, sys, torch
+d = os.path.join(os.path.dirname(torch.__file__), "__pycache__")
+print(json.dumps({"dont_write_bytecode": sys.flags.dont_write_bytecode, "torch_pycache": os.path.isdir(d),
+                  "torch_pyc_files": len(os.listdir(d)) if os.path.isdir(d) else 0,
+                  "torch_dir_writable": os.access(os.path.dirname(torch.__file__), os.W_OK)}))
+"""
+
+
+def import_torch_seconds(repeats: int = 3) -> dict:
+    """``import torch`` alone in fresh interpreters, as the machine is and with a writable bytecode
+    cache (``PYTHONPYCACHEPREFIX``, bytecode writing on; its first run fills it): whether torch's
+    modules are compiled on every import here, as they are not in an image pip installed torch into."""
+    timer = "import time; t = time.time(); import torch; print(time.time() - t)"
+
+    def last_line(code: str, env: dict) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+        )
+        return proc.stdout.strip().splitlines()[-1]
+
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    prefix = {**base, "PYTHONPYCACHEPREFIX": tempfile.mkdtemp(prefix="pycache-")}
+    out = {"bytecode": json.loads(last_line(BYTECODE, dict(os.environ)))}
+    for name, env in (("as_is", dict(os.environ)), ("pycache_prefix", prefix)):
+        out[name] = [round(float(last_line(timer, env)), 2) for _ in range(repeats)]
+    return out
+
+
 def cold_start_process(
     mode: str, *paths: Path, python_flags: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess:
@@ -461,11 +490,14 @@ def cpu_seconds() -> float:
 
 
 def encode_alone(
-    frames: np.ndarray, count: int, writers: int, directory: Path, preset: str, yuv: bool
+    frames: np.ndarray, count: int, writers: int, directory: Path, preset: str, yuv: bool, bframes: int = 0
 ) -> dict:
     """x264 alone on the template's own frames (ping-pong), ``writers`` segments at once; ``yuv``: frames
     handed over already converted (``write_yuv``, as the fast path does), else RGB converted by
-    swscale on the encoder threads (``write``, the reference path)."""
+    swscale on the encoder threads (``write``, the reference path). Bytes per frame and the PSNR of
+    the first segment's decoded YUV against its input say what a setting costs in quality."""
+    import av
+
     from musetalk_ops.blend import frame_indices
     from musetalk_ops.video import SegmentWriter
     from musetalk_ops.yuv import i420, rgb_to_yuv420
@@ -478,9 +510,10 @@ def encode_alone(
     convert_ms = (time.perf_counter() - t) / len(frames) * 1000
     if yuv:
         converted = [i420(*(p.numpy() for p in rgb_to_yuv420(torch.from_numpy(f)))) for f in frames]
+    paths = [directory / f"enc{n}.mp4" for n in range(writers)]
 
     def run(n: int) -> None:
-        with SegmentWriter(directory / f"enc{n}.mp4", 25, width, height, preset=preset) as writer:
+        with SegmentWriter(paths[n], 25, width, height, preset=preset, bframes=bframes) as writer:
             for k in order:
                 if yuv:
                     writer.write_yuv(converted[k])
@@ -494,9 +527,16 @@ def encode_alone(
     for th in threads:
         th.join()
     seconds, cpu = time.perf_counter() - t, cpu_seconds() - cpu
+    with av.open(str(paths[0])) as container:
+        decoded = [f.to_ndarray(format="yuv420p") for f in container.decode(video=0)]
+    mse = np.mean(
+        [np.mean((d.astype(np.float32) - converted[k]) ** 2) for d, k in zip(decoded, order, strict=True)]
+    )
     return {
         "fps": round(per * writers / seconds, 1),
         "cpu_cores_busy": round(cpu / seconds, 1),
+        "kbytes_per_frame": round(paths[0].stat().st_size / per / 1024, 2),
+        "psnr_yuv_db": round(float(10 * np.log10(255**2 / max(mse, 1e-9))), 2),
         "swscale_rgb_to_yuv_ms_one_thread": round(convert_ms, 2),
     }
 
@@ -682,6 +722,7 @@ class Bench:
             s[f"{mode}/render_step"] = cold_start(mode, *args, step_features, repeats=self.args.cold_repeats)
         s["default/cli"] = cold_start("default", *args, repeats=self.args.cold_repeats)
         import_profile(*args, step_features)
+        s["import_torch"] = import_torch_seconds()
 
     def generator(self, s: dict) -> None:
         sizes = {"graphs": (8, 20, 48), "eager": (20, 48)} if cuda() else {"eager": (4,)}
@@ -690,16 +731,18 @@ class Bench:
                 s[f"{mode}/b{b}"] = generator_fps(self.models, mode, b, False)
 
     def encoder_alone(self, s: dict) -> None:
+        """x264 alone: P-only (the default) vs x264's 3 B-frames, segments at once, presets."""
         frames = self.templates["1080p"].frames
-        runs = [("veryfast", 4, False), ("veryfast", 8, False)]
-        runs += [("veryfast", n, True) for n in (2, 4, 8, 12, 16)]
-        runs += [("superfast", 8, True), ("ultrafast", 8, True)]
-        for preset, writers, yuv in runs:
-            key = f"1080p/{preset}/x{writers}" + ("/yuv_input" if yuv else "")
-            s[key] = encode_alone(frames, 480, writers, self.work, preset, yuv)
-        for writers in (4, 8, 16):  # the single-image 512² template: a static frame but for the mouth
-            s[f"512/veryfast/x{writers}/yuv_input"] = encode_alone(
-                self.templates["512"].frames, 1200, writers, self.work, "veryfast", True
+        runs = [("veryfast", 4, False, 0)]
+        runs += [("veryfast", n, True, b) for n in (4, 8, 16) for b in (0, 3)]
+        runs += [("superfast", 8, True, 0)]
+        for preset, writers, yuv, bframes in runs:
+            key = f"1080p/{preset}/x{writers}/b{bframes}" + ("/yuv_input" if yuv else "")
+            s[key] = encode_alone(frames, 480, writers, self.work, preset, yuv, bframes)
+            print(key, s[key], flush=True)
+        for bframes in (0, 3):  # the single-image 512² template: a static frame but for the mouth
+            s[f"512/veryfast/x4/b{bframes}/yuv_input"] = encode_alone(
+                self.templates["512"].frames, 1200, 4, self.work, "veryfast", True, bframes
             )
 
     def encoding(self, s: dict) -> None:
@@ -894,7 +937,7 @@ def print_table(r: dict) -> None:
                 f"no PNG {b['fps_skip_save']}) | | | | | | | | 1.0 |"
             )
     for path, c in r.get("cold_start", {}).items():
-        if isinstance(c, dict):
+        if isinstance(c, dict) and "first_frame_s" in c:
             runs = ", ".join(map(str, c.get("runs_first_frame_s", [])))
             print(f"cold start {path}: first frame {c['first_frame_s']} s after process start (runs: {runs})")
     if r.get("errors"):

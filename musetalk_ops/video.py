@@ -32,6 +32,14 @@ from musetalk_ops.files import atomic_path, temp_path
 
 PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 GOP_SECONDS = 2  # an IDR every 2 s: seekable output, and short enough for streaming segments later
+# P-frames only. x264's default of 3 B-frames costs a third of its CPU time per frame (the
+# bi-directional search and the B-frame decision) and, on the frames a render makes (a still or gently
+# moving person with sensor noise, only the mouth region changing), buys few or no bytes: veryfast at
+# crf 18 on one core, 1080p with noise: 28.5 → 17.7 ms/frame and 8.0 → 6.7 KB/frame; a panning 1080p
+# clip: 31.7 → 20.8 ms, 7.50 → 7.64 KB; a 512² still with a moving mouth: 2.5 → 2.0 ms, 1.62 → 1.94
+# KB; PSNR within 0.04 dB in all three (bench/RESULTS.md, session 6). Without NVENC, x264 on the CPU
+# is what bounds a 1080p chunk. P-only streams also decode with no reordering delay.
+BFRAMES = 0
 AUDIO_BITRATE_PER_CHANNEL = 64_000  # 128 kb/s stereo
 AUDIO_FALLBACK_RATE = 48_000
 _BT709 = 1  # AVCOL_PRI_BT709 == AVCOL_TRC_BT709 == AVCOL_SPC_BT709
@@ -77,6 +85,7 @@ class SegmentWriter:
         crf: int = 18,
         preset: str = "veryfast",
         threads: int = 0,
+        bframes: int = BFRAMES,
     ) -> None:
         if width < 1 or height < 1:
             raise InputError(f"{path}: frame size must be positive, got {width}x{height}")
@@ -86,7 +95,9 @@ class SegmentWriter:
             raise InputError(f"unknown x264 preset {preset!r}: use one of {', '.join(PRESETS)}")
         if threads < 0:
             raise InputError(f"encoder threads must be 0 (x264 decides) or more, got {threads}")
-        self.threads = threads
+        if not 0 <= bframes <= 16:
+            raise InputError(f"B-frames must be in 0..16, got {bframes}")
+        self.threads, self.bframes = threads, bframes
         self.path = Path(path)
         self.fps = fps_fraction(fps)
         self.size = (width, height)
@@ -121,7 +132,7 @@ class SegmentWriter:
             "crf": str(self.crf),
             "preset": self.preset,
             # closed GOPs; SPS/PPS in band although the MP4 muxer's global header would turn that off
-            "x264-params": f"keyint={keyint}:open-gop=0:repeat-headers=1",
+            "x264-params": f"keyint={keyint}:open-gop=0:repeat-headers=1:bframes={self.bframes}",
         }
         return stream
 

@@ -187,6 +187,19 @@ def test_segment_in_band_parameter_sets_and_idr(tmp_path):
     assert types.index(7) < types.index(5) and types.index(8) < types.index(5)
 
 
+def test_segments_are_p_frames_only_unless_asked(tmp_path):
+    """No B-frames by default (a third less x264 time per frame; video.BFRAMES): every packet is
+    decoded in presentation order. ``bframes`` turns them back on; nonsense is refused."""
+    frames = pattern(24, 64, 64)
+    default = video_packets(write_segment(tmp_path / "p.mp4", frames))
+    assert [pts for pts, _, _ in default] == sorted(pts for pts, _, _ in default)
+    assert all(pts == dts for pts, dts, _ in default)
+    with_b = video_packets(write_segment(tmp_path / "b.mp4", frames, bframes=3))
+    assert [pts for pts, _, _ in with_b] != sorted(pts for pts, _, _ in with_b)
+    with pytest.raises(InputError, match="B-frames"):
+        SegmentWriter(tmp_path / "x.mp4", 25, 64, 64, bframes=17)
+
+
 def test_odd_size_is_padded_by_edge_replication(tmp_path):
     frames = pattern(4, 77, 101)
     path = write_segment(tmp_path / "odd.mp4", frames)
@@ -267,11 +280,14 @@ def test_mux_joins_without_reencoding(tmp_path, segments, speech_wav):
 
 
 def test_mux_short_segments_keep_decode_order(tmp_path):
-    """1- and 2-frame segments carry no B-frame delay while longer ones do: the joined decode order
-    must still increase and never pass presentation time, and every frame must come back unchanged."""
+    """With B-frames, 1- and 2-frame segments carry no decode delay while longer ones do: the joined
+    decode order must still increase and never pass presentation time, and every frame must come back
+    unchanged."""
     parts = [
-        write_segment(tmp_path / f"{i}.mp4", pattern(n, 48, 64, 4 * i)) for i, n in enumerate([1, 5, 2, 4])
+        write_segment(tmp_path / f"{i}.mp4", pattern(n, 48, 64, 4 * i), bframes=3)
+        for i, n in enumerate([1, 5, 2, 4])
     ]
+    assert {pts - dts for part in parts for pts, dts, _ in video_packets(part)} != {0}
     out = tmp_path / "joined.mp4"
     mux(parts, None, out, comment=COMMENT)
     merged = video_packets(out)
