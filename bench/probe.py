@@ -14,9 +14,12 @@ as it finishes:
 * ``vae_variants``: VAE decode alone in CUDA graphs: channels-last, cuDNN autotuning, and the ×2
   upsample folded into four 2×2 phase convolutions (the same function, 16/36 of those convs' work);
 * ``compile_variants``: UNet + VAE compiled per variant (Inductor freezing, cuDNN autotuning, batch
-  size; ``COMPILE_VARIANTS``), each in its own process.
+  size; ``COMPILE_VARIANTS``), each in its own process;
+* ``profile_aot``: the AOT engine's kernels (``--engines`` of an earlier run, else built), per model and
+  kind (convolution, GEMM, attention, Inductor's reductions and pointwise kernels), in ms per frame:
+  what a faster engine would have to win.
 
-    python bench/probe.py [--sections imports,bound,...] [--budget 540] [--variants a,b]
+    python bench/probe.py [--sections imports,bound,...] [--budget 540] [--variants a,b] [--engines DIR]
 
 Writes ``$OUT/probe.json`` (or ``./bench-out/``).
 """
@@ -27,6 +30,7 @@ import multiprocessing
 import os
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,6 +53,7 @@ COMPILE_VARIANTS = {
     "freeze_b32": (32, True, True, "default", ("unet", "vae")),
     "freeze_b48": (48, True, True, "default", ("unet", "vae")),
     "vae_max_autotune": (32, False, True, "max-autotune-no-cudagraphs", ("vae",)),
+    "unet_max_autotune": (32, False, True, "max-autotune-no-cudagraphs", ("unet",)),
 }
 
 
@@ -127,6 +132,7 @@ class Probe(br.Bench):
         run("bound", self.bound, needs=60)
         run("x264", self.x264, needs=60)
         if br.cuda():
+            run("profile_aot", self.profile_aot, needs=30)
             run("vae_variants", self.vae_variants, needs=30)
             run("compile_variants", self.compile_variants, needs=150)
 
@@ -311,6 +317,46 @@ class Probe(br.Bench):
                     ms = graph_ms(lambda x, u=unet, t=t, c=tokens: u(x, t, c), make)
                 s[f"unet/{'autotune' if bench else 'heuristic'}/b{batch}"] = round(ms / batch, 3)
 
+    def profile_aot(self, s: dict) -> None:
+        """Kernel times of the engine's UNet and VAE decode, called directly (no graph, so each kernel is
+        seen), batch ``--batch``: ms per frame by kind, and the largest kernels."""
+        from torch.profiler import ProfilerActivity, profile
+
+        from musetalk_ops import aot
+
+        unet, vae, batch = self.models.unet, self.models.vae, self.batch
+        engine = aot.engine_for(unet, vae, batch)
+        s["engine"] = engine.path.name
+        latents = torch.randn(batch, 8, 32, 32, device="cuda", dtype=torch.float16)
+        tokens = torch.randn(batch, 50, 384, device="cuda", dtype=torch.float16)
+        steps = {"unet": lambda: engine.unet(latents, tokens), "vae": lambda: engine.vae(pred)}
+        pred = engine.unet(latents, tokens)
+        for name, step in steps.items():
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            iters = 3
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(iters):
+                    step()
+                torch.cuda.synchronize()
+            kinds: dict[str, float] = {}
+            kernels = []
+            for event in prof.key_averages():
+                ms = event.device_time_total / 1000 / iters / batch  # µs over all calls → ms per frame
+                if ms <= 0:
+                    continue
+                kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + ms
+                kernels.append((ms, event.count // iters, event.key[:90]))
+            kernels.sort(reverse=True)
+            s[name] = {
+                "ms_per_frame": round(sum(kinds.values()), 4),
+                "by_kind": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+                "kernels_per_call": sum(n for _, n, _ in kernels),
+                "largest": [[round(ms, 4), n, key] for ms, n, key in kernels[:25]],
+            }
+            print(name, json.dumps(s[name]["by_kind"]), s[name]["ms_per_frame"], flush=True)
+
     def compile_variants(self, s: dict) -> None:
         names = self.args.variants or COMPILE_VARIANTS
         for name in names:
@@ -332,6 +378,22 @@ class Probe(br.Bench):
                 s[name] = {"error": "timed out"}
             print(name, json.dumps(s[name]), flush=True)
             self.report.save()
+
+
+def kernel_kind(name: str) -> str:
+    """A CUDA kernel's kind from its name (cuDNN/CUTLASS convolutions, cuBLAS GEMMs, attention, Inductor)."""
+    lower = name.lower()
+    if "triton" in lower:
+        return "inductor_reduction" if "red" in lower or "per_fused" in lower else "inductor_pointwise"
+    if "flash" in lower or "fmha" in lower or "attention" in lower:
+        return "attention"
+    if "conv" in lower or "implicit" in lower or "xmma_fprop" in lower or "nhwc" in lower or "fprop" in lower:
+        return "convolution"
+    if "gemm" in lower or "nvjet" in lower or "cutlass" in lower or "sm90" in lower:
+        return "gemm"
+    if "memcpy" in lower or "memset" in lower:
+        return "copy"
+    return "other"
 
 
 def compile_child(variant: str, models_root: str) -> None:
@@ -376,6 +438,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     parser.add_argument("--sections", type=lambda v: v.split(","))
     parser.add_argument("--variants", type=lambda v: v.split(","))
+    parser.add_argument("--engines", type=Path, help="AOT engines of an earlier run to reuse")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -383,6 +446,8 @@ def main() -> None:
         return
     work = Path(tempfile.mkdtemp(prefix="musetalk-probe-"))
     os.environ["MUSETALK_CACHE"] = str(work / "cache")
+    if args.engines:
+        shutil.copytree(args.engines, work / "cache" / "engines")
     report = br.Report(args.out, args.budget, sys.argv, args.sections, filename="probe.json")
     Probe(args, work, report).run()
     report.save()
