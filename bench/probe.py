@@ -15,6 +15,8 @@ as it finishes:
   upsample folded into four 2×2 phase convolutions (the same function, 16/36 of those convs' work);
 * ``compile_variants``: UNet + VAE compiled per variant (Inductor freezing, cuDNN autotuning, batch
   size; ``COMPILE_VARIANTS``), each in its own process;
+* ``encoders``: a warm 1080p chunk on the AOT engine per number of sub-segment encoders and x264
+  threads per encoder (``render.X264_THREADS``): what feeds x264 best on this host;
 * ``profile_aot``: the AOT engine's kernels (``--engines`` of an earlier run, else built), per model and
   kind (convolution, GEMM, attention, Inductor's reductions and pointwise kernels), in ms per frame:
   what a faster engine would have to win.
@@ -132,6 +134,7 @@ class Probe(br.Bench):
         run("bound", self.bound, needs=60)
         run("x264", self.x264, needs=60)
         if br.cuda():
+            run("encoders", self.encoders, needs=40)
             run("profile_aot", self.profile_aot, needs=30)
             run("vae_variants", self.vae_variants, needs=30)
             run("compile_variants", self.compile_variants, needs=150)
@@ -316,6 +319,21 @@ class Probe(br.Bench):
                 with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, benchmark=bench):
                     ms = graph_ms(lambda x, u=unet, t=t, c=tokens: u(x, t, c), make)
                 s[f"unet/{'autotune' if bench else 'heuristic'}/b{batch}"] = round(ms / batch, 3)
+
+    def encoders(self, s: dict) -> None:
+        from musetalk_ops import render
+
+        self.render("1080p", mode="aot")  # warm: engine loaded, graphs captured
+        keys = ("fps", "composite", "encode", "total", "cpu_cores_busy", "extra")
+        for encoders, threads in ((4, 0), (4, 4), (6, 0), (8, 0), (8, 2), (4, 0)):
+            render.X264_THREADS = threads
+            try:
+                row = self.render("1080p", mode="aot", encoders=encoders)
+            finally:
+                render.X264_THREADS = 0
+            key = f"1080p/encoders{encoders}/threads{threads}"
+            s.setdefault(key, []).append({k: row[k] for k in keys})
+            print(key, json.dumps(s[key][-1]), flush=True)
 
     def profile_aot(self, s: dict) -> None:
         """Kernel times of the engine's UNet and VAE decode, called directly (no graph, so each kernel is

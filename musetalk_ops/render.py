@@ -60,7 +60,8 @@ VERSIONS = ("v15", "v1")
 RENDER_MODES = ("reference", *MODES)
 MAX_ENCODERS = 64
 SUBSEGMENT_SECONDS = 4  # shortest sub-segment worth its own encoder (two 2 s GOPs)
-CPUS_PER_ENCODER = 4  # x264's frame threads per sub-segment encoder
+CPUS_PER_ENCODER = 4  # host CPUs per sub-segment encoder (how many encoders a chunk gets)
+X264_THREADS = 0  # x264 frame threads of each sub-segment encoder; 0: x264's own choice (1.5 per CPU)
 # Test hook: a chunk rendered with a batch larger than this raises CUDA out-of-memory before any work
 # (simulates a smaller GPU on any machine, so the fallback of ``render_chunk`` runs on the CPU too).
 FAULT_MAX_BATCH = "MUSETALK_FAULT_MAX_BATCH"
@@ -596,7 +597,7 @@ class _SubSegmentEncoder(threading.Thread):
         luma, u_plane, v_plane = i420_planes(buffer)
         rgb = np.empty_like(frames[0]) if job.frames_dir is not None else None
         with SegmentWriter(
-            self.path, job.fps, width, height, self.settings.crf, self.settings.preset
+            self.path, job.fps, width, height, self.settings.crf, self.settings.preset, X264_THREADS
         ) as writer:
             for i in range(self.lo, self.hi):
                 k = int(job.indices[i])
