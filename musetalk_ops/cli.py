@@ -120,7 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"default {DEFAULT_BATCH_SIZE}"
     )
-    build.add_argument("--autotune", action="store_true", help="Inductor max-autotune: faster, builds longer")
+    build.add_argument(
+        "--autotune",
+        action="store_true",
+        help="tune kernels (Inductor max-autotune and coordinate descent): faster, builds for many minutes",
+    )
     build.add_argument("--dir", type=Path, help="engines directory (default: $MUSETALK_CACHE/engines)")
 
     t = sub.add_parser("templates", help="manage the templates in the object store")

@@ -226,6 +226,29 @@ def test_an_engine_whose_runtime_crashes_is_refused(aot_cache, demo_models, tmp_
     assert not (copy / aot.CHECK).exists()
 
 
+@pytest.mark.parametrize("autotune", [False, True])
+def test_a_build_asks_inductor_for_tuned_kernels_only_when_told(demo_models, tmp_path, monkeypatch, autotune):
+    """What reaches Inductor: weights left out and refolded at load always; max-autotune and
+    coordinate-descent tuning with ``autotune`` only. A failing compile leaves no engine behind."""
+    import torch._inductor
+
+    seen = []
+
+    def compile_and_package(exported, package_path, inductor_configs):
+        seen.append(inductor_configs)
+        raise RuntimeError("compiler stopped here")
+
+    monkeypatch.setattr(torch.export, "export", lambda step, inputs: step)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
+    models = cpu_models(demo_models)
+    with pytest.raises(RuntimeError, match="compiler stopped here"):
+        aot.build_engine(models.unet, models.vae, BATCH, autotune=autotune, root=tmp_path)
+    (configs,) = seen
+    assert aot.BUILD_CONFIG.items() <= configs.items()
+    assert all(configs.get(key, False) is autotune for key in ("max_autotune", "coordinate_descent_tuning"))
+    assert list(tmp_path.iterdir()) == []
+
+
 def static_runtime_compiler(directory) -> str:
     """A C++ toolchain like the lent GPU image's ``$CXX``: no shared libstdc++ (GCC then answers
     ``-print-file-name`` with the bare name), so shared objects get a static copy of it."""

@@ -623,6 +623,18 @@ def test_dockerfile_builds_the_documented_image():
     assert not any("models download" in r for r in runs)
 
 
+def test_image_keeps_compiled_bytecode():
+    """Compiled bytecode is what keeps a step's cold start short: without it, every fresh process
+    compiles torch's modules on import (1.7 → 2.7–3.6 s on an H200 host, bench/RESULTS.md session 6)."""
+    from pipelines.executors import GPU_K8S_CONFIG, WEIGHTS_K8S_CONFIG
+
+    runs = [arg for op, arg in dockerfile_instructions() if op == "RUN"]
+    assert sum("pip install" in r for r in runs) >= 2 and not any("--no-compile" in r for r in runs)
+    assert "PYTHONDONTWRITEBYTECODE" not in image_env()
+    for config in (GPU_K8S_CONFIG, WEIGHTS_K8S_CONFIG):
+        assert "PYTHONDONTWRITEBYTECODE" not in {e["name"] for e in config["container_config"].get("env", [])}
+
+
 def dockerignored(path: str) -> bool:
     """.dockerignore semantics for top-level entries: the last matching pattern wins, ! re-includes."""
     import fnmatch
