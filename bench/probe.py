@@ -11,6 +11,9 @@ as it finishes:
 * ``x264``: the encoder alone on the 1080p template's frames: parallel segments × x264 threads, as
   threads of this process (as the renderer runs them) or as forked processes (no shared GIL), with
   their bits and PSNR against the input;
+* ``bframes``: x264 on one thread with and without B-frames (``video.BFRAMES``) on three kinds of frames a
+  render makes (a still 512² face whose mouth moves; 1080p with sensor noise, still and panning): CPU
+  ms, bytes and PSNR per frame;
 * ``vae_variants``: VAE decode alone in CUDA graphs: channels-last, cuDNN autotuning, and the ×2
   upsample folded into four 2×2 phase convolutions (the same function, 16/36 of those convs' work);
 * ``compile_variants``: UNet + VAE compiled per variant (Inductor freezing, cuDNN autotuning, batch
@@ -137,6 +140,7 @@ class Probe(br.Bench):
         run("engine", self.engine)
         run("bound", self.bound, needs=60)
         run("x264", self.x264, needs=60)
+        run("bframes", self.bframes, needs=60)
         if br.cuda():
             run("encoders", self.encoders, needs=40)
             run("profile_aot", self.profile_aot, needs=30)
@@ -278,6 +282,59 @@ class Probe(br.Bench):
                 s[key] = encode(writers, threads, "veryfast", processes)
                 print(key, s[key], flush=True)
 
+    def bframes(self, s: dict) -> None:
+        import av
+        import cv2
+
+        from musetalk_ops.video import SegmentWriter
+        from musetalk_ops.yuv import i420, rgb_to_yuv420
+
+        image, rng, count = assets_astronaut(), np.random.default_rng(0), 150
+
+        def noisy(frame: np.ndarray, sigma: float) -> np.ndarray:
+            noise = rng.normal(0, sigma, frame.shape).round().astype(np.int16)
+            return np.clip(frame.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+        big = cv2.resize(image, (2400, 2400), interpolation=cv2.INTER_CUBIC)
+
+        def still_mouth(i: int) -> np.ndarray:
+            frame, a = image.copy(), (np.sin(i / 3) + 1) / 2
+            frame[200:280, 200:300] = a * image[200:280, 200:300] + (1 - a) * image[210:290, 195:295]
+            return frame
+
+        def pan(i: int) -> np.ndarray:
+            dx, dy = int(40 * np.sin(i / 30)), int(20 * np.sin(i / 45))
+            return noisy(big[200 + dy : 1280 + dy, 240 + dx : 2160 + dx], 1.0)
+
+        still = [noisy(big[200:1280, 240:2160], 1.5) for _ in range(16)]
+        kinds = {
+            "512_still_moving_mouth": still_mouth,
+            "1080p_still_noise": lambda i: still[i % 16],
+            "1080p_panning_noise": pan,
+        }
+        for kind, make in kinds.items():
+            frames = [make(i) for i in range(count)]
+            yuv = [i420(*(p.numpy() for p in rgb_to_yuv420(torch.from_numpy(f)))) for f in frames]
+            height, width = frames[0].shape[:2]
+            for bframes in (0, 3):
+                path = self.work / f"bframes{bframes}.mp4"
+                cpu = br.cpu_seconds()
+                with SegmentWriter(path, 25, width, height, threads=1, bframes=bframes) as writer:
+                    for planes in yuv:
+                        writer.write_yuv(planes)
+                cpu = br.cpu_seconds() - cpu
+                with av.open(str(path)) as container:
+                    decoded = [f.to_ndarray(format="yuv420p") for f in container.decode(video=0)]
+                mse = np.mean(
+                    [np.mean((d.astype(np.float32) - y) ** 2) for d, y in zip(decoded, yuv, strict=True)]
+                )
+                s[f"{kind}/b{bframes}"] = {
+                    "cpu_ms_per_frame": round(1000 * cpu / count, 2),
+                    "kbytes_per_frame": round(path.stat().st_size / count / 1024, 2),
+                    "psnr_yuv_db": round(float(10 * np.log10(255**2 / max(mse, 1e-9))), 2),
+                }
+                print(kind, bframes, s[f"{kind}/b{bframes}"], flush=True)
+
     def vae_variants(self, s: dict) -> None:
         """VAE decode alone (CUDA graphs), fp16: layouts, autotune, folded upsample; b20 and b48."""
         import copy
@@ -407,6 +464,12 @@ class Probe(br.Bench):
                 s[name] = {"error": "timed out"}
             print(name, json.dumps(s[name]), flush=True)
             self.report.save()
+
+
+def assets_astronaut() -> np.ndarray:
+    import assets
+
+    return assets.astronaut()
 
 
 def kernel_kind(name: str) -> str:

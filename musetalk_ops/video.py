@@ -32,13 +32,14 @@ from musetalk_ops.files import atomic_path, temp_path
 
 PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 GOP_SECONDS = 2  # an IDR every 2 s: seekable output, and short enough for streaming segments later
-# P-frames only. x264's default of 3 B-frames costs a third of its CPU time per frame (the
-# bi-directional search and the B-frame decision) and, on the frames a render makes (a still or gently
-# moving person with sensor noise, only the mouth region changing), buys few or no bytes: veryfast at
-# crf 18 on one core, 1080p with noise: 28.5 → 17.7 ms/frame and 8.0 → 6.7 KB/frame; a panning 1080p
-# clip: 31.7 → 20.8 ms, 7.50 → 7.64 KB; a 512² still with a moving mouth: 2.5 → 2.0 ms, 1.62 → 1.94
-# KB; PSNR within 0.04 dB in all three (bench/RESULTS.md, session 6). Without NVENC, x264 on the CPU
-# is what bounds a 1080p chunk. P-only streams also decode with no reordering delay.
+# P-frames only. x264's default of 3 B-frames costs it 40 % more CPU per frame on the large frames that
+# bound a chunk without NVENC, and on the frames a render makes buys few bytes or none. One x264
+# thread, veryfast crf 18 (``bench/probe.py --quick --sections bframes``, 2-core VM): 1080p with sensor
+# noise 26.0 → 15.7 ms/frame and 6.49 → 5.66 KB/frame; the same panning 33.2 → 20.0 ms, 7.50 → 7.65 KB;
+# a 512² still whose mouth moves 1.5 → 1.8 ms, 1.62 → 1.94 KB (cheap either way); PSNR within 0.04 dB.
+# On an H200 host's 16 CPUs, 4 segments of the bench's 1080p template at once: 229.9 → 299.9 frames/s,
+# 20.1 → 22.1 KB/frame, PSNR 47.09 → 47.22 dB (bench/RESULTS.md, session 6). P-only streams also
+# decode with no reordering delay.
 BFRAMES = 0
 AUDIO_BITRATE_PER_CHANNEL = 64_000  # 128 kb/s stereo
 AUDIO_FALLBACK_RATE = 48_000
