@@ -32,8 +32,8 @@ from musetalk_ops.files import atomic_path, temp_path
 
 PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 GOP_SECONDS = 2  # an IDR every 2 s: seekable output, and short enough for streaming segments later
-# P-frames only. x264's default of 3 B-frames costs it 40 % more CPU per frame on the large frames that
-# bound a chunk without NVENC, and on the frames a render makes buys few bytes or none. One x264
+# P-frames only. Without x264's default of 3 B-frames it needs 40 % less CPU per frame on the large frames
+# that bound a chunk without NVENC, and on the frames a render makes they buy few bytes or none. One x264
 # thread, veryfast crf 18 (``bench/probe.py --quick --sections bframes``, 2-core VM): 1080p with sensor
 # noise 26.0 → 15.7 ms/frame and 6.49 → 5.66 KB/frame; the same panning 33.2 → 20.0 ms, 7.50 → 7.65 KB;
 # a 512² still whose mouth moves 1.5 → 1.8 ms, 1.62 → 1.94 KB (cheap either way); PSNR within 0.04 dB.
