@@ -28,9 +28,11 @@ runs out):
 * ``cold_start``: fresh processes, process start → first frame (3 s clip; the median of
   ``--cold-repeats`` runs), as a render step (features from the audio step: no whisper) on the default
   path and each fast path, and as the CLI (whisper in the process) on the default path; plus one render
-  step's ``-X importtime`` profile;
+  step's ``-X importtime`` profile, ``import torch`` alone, and the default render step again with a
+  filled bytecode cache (the condition of an image pip installed torch into);
 * ``encoding``: chunks with 2 and 8 encoders and two presets;
-* ``encoder_alone``: x264 alone on the templates' frames (segments at once, presets, RGB vs YUV input);
+* ``encoder_alone``: x264 alone on the templates' frames (segments at once, with and without B-frames,
+  presets, RGB vs YUV input; bytes and PSNR);
 * ``generator``: UNet + VAE decode alone per path and batch size;
 * ``cpu_reference``: the GPU fp16 fast path vs the CPU fp32 reference path on the same frames.
 
