@@ -61,9 +61,10 @@ ENGINE_CXX = "MUSETALK_ENGINE_CXX"
 # Inductor settings of a build: always runtime constant folding and weights left out (see above).
 # ``autotune`` adds max-autotune (Triton templates benchmarked against cuDNN/cuBLAS per shape) and
 # coordinate-descent tuning of Inductor's own kernels, which hold 43 % of the engine's VAE time (group
-# norms and pointwise; cuDNN convolutions the rest). Each alone took the JIT-compiled VAE decode from
-# 1.43 to 1.27 and from 1.37 to 1.24 ms/frame on an H100/H200 (bench/RESULTS.md, sessions 3 and 6); the
-# UNet under either compiled for more than 6 minutes, so a tuned engine is a job for k8s/engine.yaml.
+# norms and pointwise; cuDNN convolutions the rest). Each alone sped up the JIT-compiled VAE decode:
+# max-autotune 1.43 → 1.27 ms/frame (H100), coordinate descent 1.37 → 1.24 (H200; bench/RESULTS.md,
+# sessions 3 and 6). An engine built with both is not measured yet: the UNet under either compiled for
+# more than 6 minutes, longer than a lent-GPU call, so a tuned engine is a job for k8s/engine.yaml.
 BUILD_CONFIG = {
     "aot_inductor.package_constants_in_so": False,
     "aot_inductor.use_runtime_constant_folding": True,

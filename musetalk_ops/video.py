@@ -66,15 +66,15 @@ def fps_fraction(fps: float) -> Fraction:
 class SegmentWriter:
     """Context manager writing RGB frames as one independently decodable H.264 MP4 segment.
 
-        Frames are encoded as they arrive (no frame buffer); PyAV releases the GIL in swscale and in
-        the encoder, so a caller may run `write` on a background thread while the GPU works on the next
-        batch. x264 picks its own thread count from the CPU count unless ``threads`` is given (parallel
-    writers share the CPUs). The file appears at ``path`` only on
-        a clean exit; on an exception the temporary file is removed.
+    Frames are encoded as they arrive (no frame buffer); PyAV releases the GIL in swscale and in the
+    encoder, so a caller may run `write` on a background thread while the GPU works on the next batch.
+    x264 picks its own thread count from the CPU count unless ``threads`` is given (parallel writers
+    share the CPUs), and writes P-frames only unless ``bframes`` asks for B-frames (``BFRAMES``). The
+    file appears at ``path`` only on a clean exit; on an exception the temporary file is removed.
 
-        H.264 4:2:0 can only crop in 2-pixel steps, so an odd width/height is padded by one replicated
-        edge row/column and the segment (and the merged video) has the even ``coded_size``; ``size``
-        keeps the requested one.
+    H.264 4:2:0 can only crop in 2-pixel steps, so an odd width/height is padded by one replicated edge
+    row/column and the segment (and the merged video) has the even ``coded_size``; ``size`` keeps the
+    requested one.
     """
 
     def __init__(
