@@ -20,11 +20,16 @@ as it finishes:
   size; ``COMPILE_VARIANTS``), each in its own process;
 * ``encoders``: a warm 1080p chunk on the AOT engine per number of sub-segment encoders and x264
   threads per encoder (``render.X264_THREADS``): what feeds x264 best on this host;
+* ``aot_parts``: one engine step (UNet or VAE decode) compiled on its own, plain or tuned
+  (``AOT_PARTS``; ``musetalk engine build --autotune``'s settings), each in its own process, timed in
+  CUDA graphs beside the same step of the ``--engines`` engine: a tuned engine's parts can be measured
+  one device call at a time. Packages are kept in ``$OUT/parts`` and reused from ``--parts``;
 * ``profile_aot``: the AOT engine's kernels (``--engines`` of an earlier run, else built), per model and
   kind (convolution, GEMM, attention, Inductor's reductions and pointwise kernels), in ms per frame:
   what a faster engine would have to win.
 
     python bench/probe.py [--sections imports,bound,...] [--budget 540] [--variants a,b] [--engines DIR]
+                          [--parts DIR]
 
 Writes ``$OUT/probe.json`` (or ``./bench-out/``).
 """
@@ -141,6 +146,7 @@ class Probe(br.Bench):
         run("bound", self.bound, needs=60)
         run("x264", self.x264, needs=60)
         run("bframes", self.bframes, needs=60)
+        run("aot_parts", self.aot_parts, needs=100)
         if br.cuda():
             run("encoders", self.encoders, needs=40)
             run("profile_aot", self.profile_aot, needs=30)
@@ -443,8 +449,17 @@ class Probe(br.Bench):
             }
             print(name, json.dumps(s[name]["by_kind"]), s[name]["ms_per_frame"], flush=True)
 
+    def aot_parts(self, s: dict) -> None:
+        parts = self.args.out / "parts"
+        if self.args.parts:
+            shutil.copytree(self.args.parts, parts, dirs_exist_ok=True)
+        self.children(s, "part", self.args.variants or ("vae_tuned",), str(parts), str(self.batch))
+
     def compile_variants(self, s: dict) -> None:
-        names = self.args.variants or COMPILE_VARIANTS
+        self.children(s, "compile", self.args.variants or COMPILE_VARIANTS)
+
+    def children(self, s: dict, kind: str, names, *args: str) -> None:
+        """Each variant in its own process (``--child KIND NAME MODELS ARGS``), while the budget lasts."""
         for name in names:
             left = self.report.deadline - time.time()
             if left < 100:
@@ -452,7 +467,7 @@ class Probe(br.Bench):
                 continue
             try:
                 proc = subprocess.run(
-                    [sys.executable, __file__, "--child", name, str(self.models_root)],
+                    [sys.executable, __file__, "--child", kind, name, str(self.models_root), *args],
                     capture_output=True,
                     text=True,
                     timeout=max(60, left - 20),
@@ -486,6 +501,63 @@ def kernel_kind(name: str) -> str:
     if "memcpy" in lower or "memset" in lower:
         return "copy"
     return "other"
+
+
+# name: (engine step, tuned as ``musetalk engine build --autotune``)
+AOT_PARTS = {
+    "vae_tuned": ("vae", True),
+    "unet_tuned": ("unet", True),
+    "vae_plain": ("vae", False),
+    "unet_plain": ("unet", False),
+}
+
+
+def part_child(variant: str, models_root: str, parts_dir: str, batch: str) -> None:
+    """Compile one engine step as ``variant`` says (unless ``parts_dir`` has it from an earlier call),
+    then time it and the same step of the engine already there, if any, both in CUDA graphs."""
+    from musetalk_ops import aot
+    from musetalk_ops.models import load_models
+
+    part, tuned = AOT_PARTS[variant]
+    size = int(batch)
+    device, dtype = ("cuda", torch.float16) if br.cuda() else ("cpu", torch.float32)
+    models = load_models(models_root, device=device, dtype=dtype, components=("unet", "vae"))
+    step = aot.engine_steps(models.unet, models.vae)[part]
+    inputs = aot.example_inputs(size, models.device, dtype)[part]
+    directory = Path(parts_dir) / variant
+    out: dict = {"part": part, "autotune": tuned, "reused": (directory / f"{part}.pt2").exists()}
+    if not out["reused"]:
+        directory.mkdir(parents=True, exist_ok=True)
+        configs, out["cxx"] = aot.build_configs(tuned)
+        partial = directory / f"{part}.partial.pt2"  # a call cut off mid-build leaves no package behind
+        out["build_s"] = aot.compile_step(step, inputs, partial, configs)
+        partial.rename(directory / f"{part}.pt2")
+    runners = {variant: aot.bound_step(directory, part, step, models.device)}
+    engine = aot.find_engine_for(models.unet, models.vae, size)
+    if engine is not None:
+        runners["engine"] = aot.bound_step(engine, part, step, models.device)
+        out["engine"] = engine.name
+    for key, runner in runners.items():
+
+        def run(x, runner=runner):
+            return runner.run([x, *inputs[1:]])[0]
+
+        make = lambda: torch.randn_like(inputs[0])  # noqa: E731
+        ms = graph_ms(run, make) if br.cuda() else cpu_ms(run, make)
+        out[f"{key}_ms_per_frame"] = round(ms / size, 4)
+    print(json.dumps(out))
+
+
+def cpu_ms(fn, make_input, iters: int = 3) -> float:
+    """Median ms of ``fn`` on the CPU, after one warm-up call."""
+    x = make_input()
+    fn(x)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
 
 
 def compile_child(variant: str, models_root: str) -> None:
@@ -534,6 +606,7 @@ def main() -> None:
     parser.add_argument("--sections", type=lambda v: v.split(","))
     parser.add_argument("--variants", type=lambda v: v.split(","))
     parser.add_argument("--engines", type=Path, help="AOT engines of an earlier run to reuse")
+    parser.add_argument("--parts", type=Path, help="aot_parts: packages of an earlier call ($OUT/parts)")
     parser.add_argument(
         "--encoder-configs",
         type=lambda v: [tuple(map(int, c.split("x"))) for c in v.split(",")],
@@ -542,7 +615,7 @@ def main() -> None:
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        compile_child(*args.child)
+        {"compile": compile_child, "part": part_child}[args.child[0]](*args.child[1:])
         return
     work = Path(tempfile.mkdtemp(prefix="musetalk-probe-"))
     os.environ["MUSETALK_CACHE"] = str(work / "cache")

@@ -200,7 +200,8 @@ class _DecodeStep(torch.nn.Module):
         return decode_latents.__wrapped__(self.vae, latents)  # without its inference-mode decorator
 
 
-def _steps(unet: UNet, vae: VAE) -> dict[str, torch.nn.Module]:
+def engine_steps(unet: UNet, vae: VAE) -> dict[str, torch.nn.Module]:
+    """The two steps an engine compiles, by package name."""
     return {"unet": _UNetStep(unet).eval(), "vae": _DecodeStep(vae).eval()}
 
 
@@ -231,12 +232,58 @@ def _bind(runner, weights: dict[str, torch.Tensor], path: Path, name: str) -> No
     runner.load_constants({fqn: weights[fqn] for fqn in needed if fqn in weights}, False, True, True)
 
 
+def example_inputs(
+    batch: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Zero inputs of each step at ``batch``, contiguous as the generator's buffers (an engine assumes
+    its example inputs' strides)."""
+    return {
+        "unet": (
+            torch.zeros((batch, 8, 32, 32), device=device, dtype=dtype),
+            torch.zeros((batch, 50, 384), device=device, dtype=dtype),
+        ),
+        "vae": (torch.zeros((batch, 4, 32, 32), device=device, dtype=dtype),),
+    }
+
+
+def build_configs(autotune: bool) -> tuple[dict, str | None]:
+    """Inductor settings of a build, and the C++ compiler they name (None: Inductor's default)."""
+    cxx = engine_compiler()
+    configs = {
+        **BUILD_CONFIG,
+        **(AUTOTUNE_CONFIG if autotune else {}),
+        **({"cpp.cxx": (None, cxx)} if cxx else {}),
+    }
+    return configs, cxx
+
+
+def compile_step(
+    step: torch.nn.Module, inputs: tuple[torch.Tensor, ...], package: Path, configs: dict
+) -> float:
+    """Export ``step`` and compile it into the AOTInductor package ``package``; returns the seconds."""
+    # Imported here: export and Inductor cost seconds to import, and only a build needs them.
+    from torch._inductor import aoti_compile_and_package
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        exported = torch.export.export(step, inputs)
+        aoti_compile_and_package(exported, package_path=str(package), inductor_configs=configs)
+    return round(time.perf_counter() - start, 1)
+
+
+def bound_step(path: Path, name: str, step: torch.nn.Module, device: torch.device):
+    """The runner of ``path``'s package ``name``, bound to ``step``'s own weights (not copied)."""
+    runner = _loader(path, name, device)
+    _bind(runner, _weights(step), path, name)
+    return runner
+
+
 def check_engine(path: Path, unet: UNet, vae: VAE, batch: int) -> None:
     """Load ``path``'s packages in a fresh interpreter, bind zero weights of the models' shapes and run
     each step once; raise ``EngineError`` (naming the signal of a crash) if that fails."""
     shapes = {
         name: {fqn: list(t.shape) for fqn, t in _weights(step).items()}
-        for name, step in _steps(unet, vae).items()
+        for name, step in engine_steps(unet, vae).items()
     }
     write_json(
         path / CHECK,
@@ -267,19 +314,13 @@ def _check_main(path: Path) -> None:
         os.kill(os.getpid(), signal.Signals[f"SIG{fault}"])
     check = json.loads((path / CHECK).read_text())
     device, dtype, batch = torch.device(check["device"]), DTYPES[check["dtype"]], check["batch"]
-    inputs = {
-        "unet": [
-            torch.zeros((batch, 8, 32, 32), device=device, dtype=dtype),
-            torch.zeros((batch, 50, 384), device=device, dtype=dtype),
-        ],
-        "vae": [torch.zeros((batch, 4, 32, 32), device=device, dtype=dtype)],
-    }
+    inputs = example_inputs(batch, device, dtype)
     expected = {"unet": (batch, 4, 32, 32), "vae": (batch, 256, 256, 3)}
     for name, shapes in check["shapes"].items():
         runner = _loader(path, name, device)
         weights = {fqn: torch.zeros(shape, device=device, dtype=dtype) for fqn, shape in shapes.items()}
         _bind(runner, weights, path, name)
-        (out,) = runner.run(inputs[name])
+        (out,) = runner.run(list(inputs[name]))
         if tuple(out.shape) != expected[name]:
             raise SystemExit(f"{name} returned {tuple(out.shape)}, expected {expected[name]}")
 
@@ -300,9 +341,6 @@ def build_engine(
     found = find_engine(spec, root)
     if found is not None:
         return found
-    # Imported here: export and Inductor cost seconds to import, and only a build needs them.
-    from torch._inductor import aoti_compile_and_package
-
     final = engines_dir(root) / spec.key
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.parent / f".{spec.key}.{os.getpid()}.tmp"
@@ -310,31 +348,12 @@ def build_engine(
     staging.mkdir()
     seconds: dict[str, float] = {}
     try:
-        device, dtype = unet.device, unet.dtype
-        # contiguous, as the generator's buffers: an engine assumes its example inputs' strides
-        inputs = {
-            "unet": (
-                torch.zeros((batch, 8, 32, 32), device=device, dtype=dtype),
-                torch.zeros((batch, 50, 384), device=device, dtype=dtype),
-            ),
-            "vae": (torch.zeros((batch, 4, 32, 32), device=device, dtype=dtype),),
-        }
-        cxx = engine_compiler()
-        configs = {
-            **BUILD_CONFIG,
-            **(AUTOTUNE_CONFIG if autotune else {}),
-            **({"cpp.cxx": (None, cxx)} if cxx else {}),
-        }
+        inputs = example_inputs(batch, unet.device, unet.dtype)
+        configs, cxx = build_configs(autotune)
         log(f"C++ compiler for the wrappers: {cxx or 'Inductor default ($CXX, else g++)'}")
-        with torch.no_grad():
-            for name, step in _steps(unet, vae).items():
-                log(f"compiling the {name} for batch {batch} on {spec.device} (minutes)")
-                start = time.perf_counter()
-                exported = torch.export.export(step, inputs[name])
-                aoti_compile_and_package(
-                    exported, package_path=str(staging / f"{name}.pt2"), inductor_configs=configs
-                )
-                seconds[name] = round(time.perf_counter() - start, 1)
+        for name, step in engine_steps(unet, vae).items():
+            log(f"compiling the {name} for batch {batch} on {spec.device} (minutes)")
+            seconds[name] = compile_step(step, inputs[name], staging / f"{name}.pt2", configs)
         manifest = {
             "format": ENGINE_FORMAT,
             "spec": asdict(spec),
@@ -367,10 +386,9 @@ def load_engine(path: str | os.PathLike, unet: UNet, vae: VAE) -> Engine:
     """Load the engine in ``path`` and bind it to the weights of ``unet`` and ``vae`` (not copied: the
     engine reads the models' own tensors, which must stay alive and unchanged)."""
     path = Path(path)
-    runners = {}
-    for name, step in _steps(unet, vae).items():
-        runners[name] = _loader(path, name, unet.device)
-        _bind(runners[name], _weights(step), path, name)
+    runners = {
+        name: bound_step(path, name, step, unet.device) for name, step in engine_steps(unet, vae).items()
+    }
     unet_runner, vae_runner = runners["unet"], runners["vae"]
     device = unet.device
     return Engine(
