@@ -57,7 +57,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 START = time.time()
@@ -491,11 +491,18 @@ def chunk_child(models_root: str, cache: str, features_file: str, frames: str, o
     print(json.dumps({"done": True}))
 
 
-def decoded(path: Path) -> np.ndarray:
+def decoded(path: Path, pixel_format: str = "rgb24") -> np.ndarray:
+    """A video's frames, decoded: RGB [n,H,W,3], or packed YUV 4:2:0 [n,H·3/2,W] with "yuv420p"."""
     import av
 
     with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        return np.stack([f.to_ndarray(format=pixel_format) for f in container.decode(video=0)])
+
+
+def psnr_db(frames: Iterable[np.ndarray], expected: Iterable[np.ndarray]) -> float:
+    """PSNR of ``frames`` against ``expected`` (uint8, frame by frame, same shapes)."""
+    mse = np.mean([np.mean((a.astype(np.float32) - b) ** 2) for a, b in zip(frames, expected, strict=True)])
+    return round(float(10 * np.log10(255**2 / max(mse, 1e-9))), 2)
 
 
 def cpu_seconds() -> float:
@@ -510,8 +517,6 @@ def encode_alone(
     handed over already converted (``write_yuv``, as the fast path does), else RGB converted by
     swscale on the encoder threads (``write``, the reference path). Bytes per frame and the PSNR of
     the first segment's decoded YUV against its input say what a setting costs in quality."""
-    import av
-
     from musetalk_ops.blend import frame_indices
     from musetalk_ops.video import SegmentWriter
     from musetalk_ops.yuv import i420, rgb_to_yuv420
@@ -541,16 +546,11 @@ def encode_alone(
     for th in threads:
         th.join()
     seconds, cpu = time.perf_counter() - t, cpu_seconds() - cpu
-    with av.open(str(paths[0])) as container:
-        decoded = [f.to_ndarray(format="yuv420p") for f in container.decode(video=0)]
-    mse = np.mean(
-        [np.mean((d.astype(np.float32) - converted[k]) ** 2) for d, k in zip(decoded, order, strict=True)]
-    )
     return {
         "fps": round(per * writers / seconds, 1),
         "cpu_cores_busy": round(cpu / seconds, 1),
         "kbytes_per_frame": round(paths[0].stat().st_size / per / 1024, 2),
-        "psnr_yuv_db": round(float(10 * np.log10(255**2 / max(mse, 1e-9))), 2),
+        "psnr_yuv_db": psnr_db(decoded(paths[0], "yuv420p"), (converted[k] for k in order)),
         "swscale_rgb_to_yuv_ms_one_thread": round(convert_ms, 2),
     }
 

@@ -276,10 +276,7 @@ class Probe(br.Bench):
                 "cores_busy": round((br.cpu_seconds() + children_cpu_seconds() - cpu) / seconds, 1),
                 "kbytes_per_frame": round(paths[0].stat().st_size / per / 1024, 1),
             }
-            decoded = br.decoded(paths[0])
-            ref = np.stack([frames[k] for k in order])
-            mse = np.mean((decoded.astype(np.float32) - ref.astype(np.float32)) ** 2)
-            out["psnr_rgb_db"] = round(float(10 * np.log10(255**2 / max(mse, 1e-9))), 2)
+            out["psnr_rgb_db"] = br.psnr_db(br.decoded(paths[0]), (frames[k] for k in order))
             return out
 
         for repeat in range(2):
@@ -289,7 +286,6 @@ class Probe(br.Bench):
                 print(key, s[key], flush=True)
 
     def bframes(self, s: dict) -> None:
-        import av
         import cv2
 
         from musetalk_ops.video import SegmentWriter
@@ -329,15 +325,10 @@ class Probe(br.Bench):
                     for planes in yuv:
                         writer.write_yuv(planes)
                 cpu = br.cpu_seconds() - cpu
-                with av.open(str(path)) as container:
-                    decoded = [f.to_ndarray(format="yuv420p") for f in container.decode(video=0)]
-                mse = np.mean(
-                    [np.mean((d.astype(np.float32) - y) ** 2) for d, y in zip(decoded, yuv, strict=True)]
-                )
                 s[f"{kind}/b{bframes}"] = {
                     "cpu_ms_per_frame": round(1000 * cpu / count, 2),
                     "kbytes_per_frame": round(path.stat().st_size / count / 1024, 2),
-                    "psnr_yuv_db": round(float(10 * np.log10(255**2 / max(mse, 1e-9))), 2),
+                    "psnr_yuv_db": br.psnr_db(br.decoded(path, "yuv420p"), yuv),
                 }
                 print(kind, bframes, s[f"{kind}/b{bframes}"], flush=True)
 
