@@ -519,7 +519,6 @@ def encode_alone(
     the first segment's decoded YUV against its input say what a setting costs in quality."""
     from musetalk_ops.blend import frame_indices
     from musetalk_ops.video import SegmentWriter
-    from musetalk_ops.yuv import i420, rgb_to_yuv420
 
     per = count // writers
     order = frame_indices(0, per, len(frames), "pingpong")
@@ -528,7 +527,7 @@ def encode_alone(
     converted = [swscale_yuv(f) for f in frames]
     convert_ms = (time.perf_counter() - t) / len(frames) * 1000
     if yuv:
-        converted = [i420(*(p.numpy() for p in rgb_to_yuv420(torch.from_numpy(f)))) for f in frames]
+        converted = [packed_yuv(f) for f in frames]
     paths = [directory / f"enc{n}.mp4" for n in range(writers)]
 
     def run(n: int) -> None:
@@ -555,6 +554,23 @@ def encode_alone(
     }
 
 
+def work_dir(prefix: str, engines: Path | None) -> Path:
+    """A fresh working directory, made this process's ``$MUSETALK_CACHE``; with the AOT ``engines`` of an
+    earlier run copied in, so that they are found instead of built."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ["MUSETALK_CACHE"] = str(work / "cache")
+    if engines:
+        shutil.copytree(engines, work / "cache" / "engines")
+    return work
+
+
+def packed_yuv(frame: np.ndarray) -> np.ndarray:
+    """An RGB frame as the fast path hands it to x264: converted by ``yuv.py``, packed ``[H·3/2, W]``."""
+    from musetalk_ops.yuv import i420, rgb_to_yuv420
+
+    return i420(*(p.numpy() for p in rgb_to_yuv420(torch.from_numpy(frame))))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=1000, help="frames per chunk of our path")
@@ -578,10 +594,7 @@ def main() -> None:
         return
     global CHILD_LOGS
     CHILD_LOGS = args.out
-    work = Path(tempfile.mkdtemp(prefix="musetalk-bench-"))
-    os.environ["MUSETALK_CACHE"] = str(work / "cache")
-    if args.engines:
-        shutil.copytree(args.engines, work / "cache" / "engines")
+    work = work_dir("musetalk-bench-", args.engines)
     report = Report(args.out, args.budget, sys.argv, args.sections)
     Bench(args, work, report).run()
     print_table(report.data)

@@ -245,11 +245,10 @@ class Probe(br.Bench):
     def x264(self, s: dict) -> None:
         from musetalk_ops.blend import frame_indices
         from musetalk_ops.video import SegmentWriter
-        from musetalk_ops.yuv import i420, rgb_to_yuv420
 
         frames = self.templates["1080p"].frames
         height, width = frames.shape[1:3]
-        yuv = [i420(*(p.numpy() for p in rgb_to_yuv420(torch.from_numpy(f)))) for f in frames]
+        yuv = [br.packed_yuv(f) for f in frames]
         count = 480
 
         def encode(writers: int, threads: int, preset: str, processes: bool = False) -> dict:
@@ -286,12 +285,12 @@ class Probe(br.Bench):
                 print(key, s[key], flush=True)
 
     def bframes(self, s: dict) -> None:
+        import assets
         import cv2
 
         from musetalk_ops.video import SegmentWriter
-        from musetalk_ops.yuv import i420, rgb_to_yuv420
 
-        image, rng, count = assets_astronaut(), np.random.default_rng(0), 150
+        image, rng, count = assets.astronaut(), np.random.default_rng(0), 150
 
         def noisy(frame: np.ndarray, sigma: float) -> np.ndarray:
             noise = rng.normal(0, sigma, frame.shape).round().astype(np.int16)
@@ -316,7 +315,7 @@ class Probe(br.Bench):
         }
         for kind, make in kinds.items():
             frames = [make(i) for i in range(count)]
-            yuv = [i420(*(p.numpy() for p in rgb_to_yuv420(torch.from_numpy(f)))) for f in frames]
+            yuv = [br.packed_yuv(f) for f in frames]
             height, width = frames[0].shape[:2]
             for bframes in (0, 3):
                 path = self.work / f"bframes{bframes}.mp4"
@@ -429,7 +428,8 @@ class Probe(br.Bench):
                 ms = event.device_time_total / 1000 / iters / batch  # µs over all calls → ms per frame
                 if ms <= 0:
                     continue
-                kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + ms
+                kind = kernel_kind(event.key)
+                kinds[kind] = kinds.get(kind, 0.0) + ms
                 kernels.append((ms, event.count // iters, event.key[:90]))
             kernels.sort(reverse=True)
             s[name] = {
@@ -470,12 +470,6 @@ class Probe(br.Bench):
                 s[name] = {"error": "timed out"}
             print(name, json.dumps(s[name]), flush=True)
             self.report.save()
-
-
-def assets_astronaut() -> np.ndarray:
-    import assets
-
-    return assets.astronaut()
 
 
 def kernel_kind(name: str) -> str:
@@ -608,10 +602,7 @@ def main() -> None:
     if args.child:
         {"compile": compile_child, "part": part_child}[args.child[0]](*args.child[1:])
         return
-    work = Path(tempfile.mkdtemp(prefix="musetalk-probe-"))
-    os.environ["MUSETALK_CACHE"] = str(work / "cache")
-    if args.engines:
-        shutil.copytree(args.engines, work / "cache" / "engines")
+    work = br.work_dir("musetalk-probe-", args.engines)
     report = br.Report(args.out, args.budget, sys.argv, args.sections, filename="probe.json")
     Probe(args, work, report).run()
     report.save()
