@@ -47,27 +47,51 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import bench_render as br
 import numpy as np
 import torch
 
-# name: (batch, Inductor freezing, cuDNN autotuning, torch.compile mode, models[, other Inductor
-# settings]); the models as load_models returns them (upsamplers folded). Probes 2–3 ran the freezing
-# ones as generator_bNN, when the generator still froze.
+
+class Variant(NamedTuple):
+    """How ``compile_variants`` compiles the models (as load_models returns them: upsamplers folded)."""
+
+    batch: int
+    freezing: bool
+    cudnn_benchmark: bool
+    mode: str  # torch.compile's
+    models: tuple[str, ...]
+    inductor: dict | None = None  # other Inductor settings
+    channel_norm: bool = False  # every GroupNorm as layers.group_norm (statistics from channel moments)
+
+
+# Probes 2–3 ran the freezing ones as generator_bNN, when the generator still froze. Inductor's own
+# kernels (group norms, pointwise) hold 43 % of the engine's VAE time (profile_aot, session 6).
 COMPILE_VARIANTS = {
-    "plain": (20, False, False, "default", ("unet", "vae")),
-    "generator": (32, False, True, "default", ("unet", "vae")),  # what FaceGenerator's compiled mode does
-    "freeze_b20": (20, True, True, "default", ("unet", "vae")),
-    "freeze_b32": (32, True, True, "default", ("unet", "vae")),
-    "freeze_b48": (48, True, True, "default", ("unet", "vae")),
-    "vae_max_autotune": (32, False, True, "max-autotune-no-cudagraphs", ("vae",)),
-    "unet_max_autotune": (32, False, True, "max-autotune-no-cudagraphs", ("unet",)),
-    # Inductor's own kernels (group norms, pointwise) hold 43 % of the engine's VAE time (profile_aot)
-    "vae_default": (32, False, True, "default", ("vae",)),
-    "vae_coordinate_descent": (32, False, True, "default", ("vae",), {"coordinate_descent_tuning": True}),
-    "unet_coordinate_descent": (32, False, True, "default", ("unet",), {"coordinate_descent_tuning": True}),
+    "plain": Variant(20, False, False, "default", ("unet", "vae")),
+    "generator": Variant(32, False, True, "default", ("unet", "vae")),  # FaceGenerator's compiled mode
+    "freeze_b20": Variant(20, True, True, "default", ("unet", "vae")),
+    "freeze_b32": Variant(32, True, True, "default", ("unet", "vae")),
+    "freeze_b48": Variant(48, True, True, "default", ("unet", "vae")),
+    "vae_max_autotune": Variant(32, False, True, "max-autotune-no-cudagraphs", ("vae",)),
+    "unet_max_autotune": Variant(32, False, True, "max-autotune-no-cudagraphs", ("unet",)),
+    "vae_default": Variant(32, False, True, "default", ("vae",)),
+    "unet_default": Variant(32, False, True, "default", ("unet",)),
+    "vae_coordinate_descent": Variant(
+        32, False, True, "default", ("vae",), {"coordinate_descent_tuning": True}
+    ),
+    "unet_coordinate_descent": Variant(
+        32, False, True, "default", ("unet",), {"coordinate_descent_tuning": True}
+    ),
+    "vae_layout_off": Variant(32, False, True, "default", ("vae",), {"layout_optimization": False}),
+    "vae_channel_norm": Variant(32, False, True, "default", ("vae",), channel_norm=True),
+    "unet_channel_norm": Variant(32, False, True, "default", ("unet",), channel_norm=True),
+    "vae_channel_norm_coordinate_descent": Variant(
+        32, False, True, "default", ("vae",), {"coordinate_descent_tuning": True}, channel_norm=True
+    ),
 }
 
 
@@ -402,8 +426,6 @@ class Probe(br.Bench):
     def profile_aot(self, s: dict) -> None:
         """Kernel times of the engine's UNet and VAE decode, called directly (no graph, so each kernel is
         seen), batch ``--batch``: ms per frame by kind, and the largest kernels."""
-        from torch.profiler import ProfilerActivity, profile
-
         from musetalk_ops import aot
 
         unet, vae, batch = self.models.unet, self.models.vae, self.batch
@@ -414,30 +436,7 @@ class Probe(br.Bench):
         steps = {"unet": lambda: engine.unet(latents, tokens), "vae": lambda: engine.vae(pred)}
         pred = engine.unet(latents, tokens)
         for name, step in steps.items():
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-            iters = 3
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(iters):
-                    step()
-                torch.cuda.synchronize()
-            kinds: dict[str, float] = {}
-            kernels = []
-            for event in prof.key_averages():
-                ms = event.device_time_total / 1000 / iters / batch  # µs over all calls → ms per frame
-                if ms <= 0:
-                    continue
-                kind = kernel_kind(event.key)
-                kinds[kind] = kinds.get(kind, 0.0) + ms
-                kernels.append((ms, event.count // iters, event.key[:90]))
-            kernels.sort(reverse=True)
-            s[name] = {
-                "ms_per_frame": round(sum(kinds.values()), 4),
-                "by_kind": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-                "kernels_per_call": sum(n for _, n, _ in kernels),
-                "largest": [[round(ms, 4), n, key] for ms, n, key in kernels[:25]],
-            }
+            s[name] = kernel_profile(step, batch)
             print(name, json.dumps(s[name]["by_kind"]), s[name]["ms_per_frame"], flush=True)
 
     def aot_parts(self, s: dict) -> None:
@@ -470,6 +469,36 @@ class Probe(br.Bench):
                 s[name] = {"error": "timed out"}
             print(name, json.dumps(s[name]), flush=True)
             self.report.save()
+
+
+def kernel_profile(step: Callable[[], object], batch: int, iters: int = 3) -> dict:
+    """CUDA kernel times of ``step()`` (warm, not in a graph, so each kernel is seen): ms per frame in
+    all and by kind, and the largest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    kernels = []
+    for event in prof.key_averages():
+        ms = event.device_time_total / 1000 / iters / batch  # µs over all calls → ms per frame
+        if ms <= 0:
+            continue
+        kind = kernel_kind(event.key)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+        kernels.append((ms, event.count // iters, event.key[:90]))
+    kernels.sort(reverse=True)
+    return {
+        "ms_per_frame": round(sum(kinds.values()), 4),
+        "by_kind": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "kernels_per_call": sum(n for _, n, _ in kernels),
+        "largest": [[round(ms, 4), n, key] for ms, n, key in kernels[:25]],
+    }
 
 
 def kernel_kind(name: str) -> str:
@@ -546,36 +575,44 @@ def cpu_ms(fn, make_input, iters: int = 3) -> float:
 
 
 def compile_child(variant: str, models_root: str) -> None:
-    """UNet + VAE compiled with ``variant``'s settings in this fresh process; build seconds and warm
-    ms/frame of each model (CUDA graphs of the compiled code, as the generator runs it)."""
+    """UNet and/or VAE compiled with ``variant``'s settings in this fresh process: build seconds, warm
+    ms/frame of each (CUDA graphs of the compiled code, as the generator runs it) and its kernels."""
     import torch._inductor.config as inductor
 
     from musetalk_ops.models import load_models
+    from musetalk_ops.models.layers import group_norm
     from musetalk_ops.models.vae import decode_latents
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix=f"inductor-{variant}-"))
-    batch, inductor.freezing, bench, mode, which, *extra = COMPILE_VARIANTS[variant]
-    for name, value in (extra[0] if extra else {}).items():
+    v = COMPILE_VARIANTS[variant]
+    inductor.freezing = v.freezing
+    for name, value in v.inductor.items():
         setattr(inductor, name, value)
+    if v.channel_norm:
+        torch.nn.GroupNorm.forward = lambda self, x: group_norm(x, self)
+    batch = v.batch
     models = load_models(models_root, device="cuda", dtype=torch.float16, components=("unet", "vae"))
     unet, vae = models.unet, models.vae
     t = torch.zeros((1,), dtype=torch.int64, device="cuda")
     tokens = torch.randn(batch, 50, 384, device="cuda", dtype=torch.float16)
     decode = decode_latents.__wrapped__
-    fu = torch.compile(lambda x: unet(x, t, tokens), dynamic=False, mode=mode)
-    fv = torch.compile(lambda x: decode(vae, x), dynamic=False, mode=mode)
-    out = {"batch": batch, "freezing": inductor.freezing, "cudnn_benchmark": bench, "mode": mode}
-    out["inductor"] = extra[0] if extra else {}
-    runs = {"unet": (fu, (batch, 8, 32, 32)), "vae": (fv, (batch, 4, 32, 32))}
-    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, benchmark=bench):
-        for name, (fn, shape) in ((name, runs[name]) for name in which):
+    runs = {
+        "unet": (torch.compile(lambda x: unet(x, t, tokens), dynamic=False, mode=v.mode), (batch, 8, 32, 32)),
+        "vae": (torch.compile(lambda x: decode(vae, x), dynamic=False, mode=v.mode), (batch, 4, 32, 32)),
+    }
+    out = {**v._asdict(), "models": list(v.models)}
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, benchmark=v.cudnn_benchmark):
+        for name in v.models:
+            fn, shape = runs[name]
+            x = torch.randn(*shape, device="cuda", dtype=torch.float16)
             start = time.perf_counter()
-            fn(torch.randn(*shape, device="cuda", dtype=torch.float16))
+            fn(x)
             torch.cuda.synchronize()
             out[f"{name}_build_s"] = round(time.perf_counter() - start, 1)
             ms = graph_ms(fn, lambda shape=shape: torch.randn(*shape, device="cuda", dtype=torch.float16))
             out[f"{name}_ms_per_frame"] = round(ms / batch, 3)
-    if len(which) == 2:
+            out[f"{name}_kernels"] = kernel_profile(lambda fn=fn, x=x: fn(x), batch)
+    if len(v.models) == 2:
         out["fps"] = round(1000 / (out["unet_ms_per_frame"] + out["vae_ms_per_frame"]), 1)
     out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(json.dumps(out))
