@@ -65,7 +65,7 @@ class Variant(NamedTuple):
     mode: str  # torch.compile's
     models: tuple[str, ...]
     inductor: dict | None = None  # other Inductor settings
-    channel_norm: bool = False  # every GroupNorm as layers.group_norm (statistics from channel moments)
+    torch_norm: bool = False  # group norms as torch computes them (before session 7), not layers.GroupNorm
 
 
 # Probes 2–3 ran the freezing ones as generator_bNN, when the generator still froze. Inductor's own
@@ -87,11 +87,8 @@ COMPILE_VARIANTS = {
         32, False, True, "default", ("unet",), {"coordinate_descent_tuning": True}
     ),
     "vae_layout_off": Variant(32, False, True, "default", ("vae",), {"layout_optimization": False}),
-    "vae_channel_norm": Variant(32, False, True, "default", ("vae",), channel_norm=True),
-    "unet_channel_norm": Variant(32, False, True, "default", ("unet",), channel_norm=True),
-    "vae_channel_norm_coordinate_descent": Variant(
-        32, False, True, "default", ("vae",), {"coordinate_descent_tuning": True}, channel_norm=True
-    ),
+    "vae_torch_norm": Variant(32, False, True, "default", ("vae",), torch_norm=True),
+    "unet_torch_norm": Variant(32, False, True, "default", ("unet",), torch_norm=True),
 }
 
 
@@ -542,7 +539,8 @@ def part_child(variant: str, models_root: str, parts_dir: str, batch: str) -> No
     out: dict = {"part": part, "autotune": tuned, "reused": (directory / f"{part}.pt2").exists()}
     if not out["reused"]:
         directory.mkdir(parents=True, exist_ok=True)
-        configs, out["cxx"] = aot.build_configs(tuned)
+        out["cxx"] = aot.engine_compiler()
+        configs = aot.build_configs(part, tuned, out["cxx"])
         partial = directory / f"{part}.partial.pt2"  # a call cut off mid-build leaves no package behind
         out["build_s"] = aot.compile_step(step, inputs, partial, configs)
         partial.rename(directory / f"{part}.pt2")
@@ -579,17 +577,16 @@ def compile_child(variant: str, models_root: str) -> None:
     ms/frame of each (CUDA graphs of the compiled code, as the generator runs it) and its kernels."""
     import torch._inductor.config as inductor
 
-    from musetalk_ops.models import load_models
-    from musetalk_ops.models.layers import group_norm
+    from musetalk_ops.models import layers, load_models
     from musetalk_ops.models.vae import decode_latents
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix=f"inductor-{variant}-"))
     v = COMPILE_VARIANTS[variant]
     inductor.freezing = v.freezing
-    for name, value in v.inductor.items():
+    for name, value in (v.inductor or {}).items():
         setattr(inductor, name, value)
-    if v.channel_norm:
-        torch.nn.GroupNorm.forward = lambda self, x: group_norm(x, self)
+    if v.torch_norm:
+        layers.GroupNorm.forward = torch.nn.GroupNorm.forward
     batch = v.batch
     models = load_models(models_root, device="cuda", dtype=torch.float16, components=("unet", "vae"))
     unet, vae = models.unet, models.vae

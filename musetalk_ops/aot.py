@@ -50,7 +50,9 @@ from musetalk_ops.models.unet_model import UNet
 from musetalk_ops.models.vae import decode_latents
 from musetalk_ops.models.vae_model import VAE
 
-ENGINE_FORMAT = 1
+# 2: group norms from per-channel moments (layers.GroupNorm), the VAE's kernels tuned in every build.
+# Part of an engine's spec (and key): an engine of older model code is never found.
+ENGINE_FORMAT = 2
 MANIFEST = "engine.json"
 CHECK = "check.json"  # what the fresh-process check needs: device, batch, the weights' shapes
 # Test hook: the check process kills itself with this signal (e.g. SEGV) before loading, as a broken
@@ -58,17 +60,20 @@ CHECK = "check.json"  # what the fresh-process check needs: device, batch, the w
 FAULT_CHECK_SIGNAL = "MUSETALK_FAULT_ENGINE_CHECK"
 # A C++ compiler for engine builds, used as given (``engine_compiler`` picks one otherwise).
 ENGINE_CXX = "MUSETALK_ENGINE_CXX"
-# Inductor settings of a build: always runtime constant folding and weights left out (see above).
-# ``autotune`` adds max-autotune (Triton templates benchmarked against cuDNN/cuBLAS per shape) and
-# coordinate-descent tuning of Inductor's own kernels, which hold 43 % of the engine's VAE time (group
-# norms and pointwise; cuDNN convolutions the rest). Each alone sped up the JIT-compiled VAE decode:
-# max-autotune 1.43 → 1.27 ms/frame (H100), coordinate descent 1.37 → 1.24 (H200; bench/RESULTS.md,
-# sessions 3 and 6). An engine built with both is not measured yet: the UNet under either compiled for
-# more than 6 minutes, longer than a lent-GPU call, so a tuned engine is a job for k8s/engine.yaml.
+# Inductor settings of every build: runtime constant folding and weights left out (see above).
 BUILD_CONFIG = {
     "aot_inductor.package_constants_in_so": False,
     "aot_inductor.use_runtime_constant_folding": True,
 }
+# Per step, in every build: the VAE decode's own kernels (group norms, pointwise: a third of its time)
+# are tuned by coordinate descent, which took the compiled decode from X to Y ms/frame for Z s more
+# build (H200; bench/RESULTS.md, session 7). The UNet's took more than 160 s to tune, for at most its
+# 0.15 ms/frame of such kernels.
+STEP_CONFIGS = {"unet": {}, "vae": {"coordinate_descent_tuning": True}}
+# ``autotune`` adds max-autotune (Triton templates benchmarked against cuDNN/cuBLAS per shape) and
+# coordinate descent for both steps. Max-autotune alone took the JIT-compiled VAE decode from 1.43 to
+# 1.27 ms/frame (H100, session 3); an engine built with it is not measured: the UNet under it compiled
+# for more than 6 minutes, longer than a lent-GPU call, so a tuned engine is a job for k8s/engine.yaml.
 AUTOTUNE_CONFIG = {"max_autotune": True, "coordinate_descent_tuning": True}
 
 
@@ -76,6 +81,7 @@ AUTOTUNE_CONFIG = {"max_autotune": True, "coordinate_descent_tuning": True}
 class EngineSpec:
     """Everything a compiled engine depends on except the weights' values."""
 
+    format: int  # ENGINE_FORMAT: how this code builds the steps
     device: str  # "NVIDIA H100 80GB HBM3 sm90", or "cpu"
     torch: str  # torch and CUDA versions
     dtype: str
@@ -104,6 +110,7 @@ def engine_spec(unet: UNet, vae: VAE, batch: int, *, autotune: bool = False) -> 
         for key, value in model.state_dict().items():
             structure.update(f"{key}:{tuple(value.shape)}:{value.dtype};".encode())
     return EngineSpec(
+        format=ENGINE_FORMAT,
         device=name,
         torch=f"{torch.__version__} cuda {torch.version.cuda}",
         dtype=dtype_name(unet.dtype),
@@ -246,15 +253,15 @@ def example_inputs(
     }
 
 
-def build_configs(autotune: bool) -> tuple[dict, str | None]:
-    """Inductor settings of a build, and the C++ compiler they name (None: Inductor's default)."""
-    cxx = engine_compiler()
-    configs = {
+def build_configs(step: str, autotune: bool, cxx: str | None) -> dict:
+    """Inductor settings of a build of ``step`` ("unet" or "vae") with the C++ compiler ``cxx``
+    (``engine_compiler``'s choice; None: Inductor's default)."""
+    return {
         **BUILD_CONFIG,
+        **STEP_CONFIGS[step],
         **(AUTOTUNE_CONFIG if autotune else {}),
         **({"cpp.cxx": (None, cxx)} if cxx else {}),
     }
-    return configs, cxx
 
 
 def compile_step(
@@ -349,10 +356,11 @@ def build_engine(
     seconds: dict[str, float] = {}
     try:
         inputs = example_inputs(batch, unet.device, unet.dtype)
-        configs, cxx = build_configs(autotune)
+        cxx = engine_compiler()
         log(f"C++ compiler for the wrappers: {cxx or 'Inductor default ($CXX, else g++)'}")
         for name, step in engine_steps(unet, vae).items():
             log(f"compiling the {name} for batch {batch} on {spec.device} (minutes)")
+            configs = build_configs(name, autotune, cxx)
             seconds[name] = compile_step(step, inputs[name], staging / f"{name}.pt2", configs)
         manifest = {
             "format": ENGINE_FORMAT,

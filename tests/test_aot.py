@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -228,24 +229,30 @@ def test_an_engine_whose_runtime_crashes_is_refused(aot_cache, demo_models, tmp_
 
 @pytest.mark.parametrize("autotune", [False, True])
 def test_a_build_asks_inductor_for_tuned_kernels_only_when_told(demo_models, tmp_path, monkeypatch, autotune):
-    """What reaches Inductor: weights left out and refolded at load always; max-autotune and
-    coordinate-descent tuning with ``autotune`` only. A failing compile leaves no engine behind."""
+    """What reaches Inductor per step: weights left out and refolded at load always; the VAE's kernels
+    tuned by coordinate descent always; max-autotune, and coordinate descent for the UNet, with
+    ``autotune`` only. A failing compile leaves no engine behind."""
     import torch._inductor
 
-    seen = []
+    seen = {}
 
     def compile_and_package(exported, package_path, inductor_configs):
-        seen.append(inductor_configs)
-        raise RuntimeError("compiler stopped here")
+        seen[Path(package_path).stem] = inductor_configs
+        if len(seen) == 2:
+            raise RuntimeError("compiler stopped here")
+        Path(package_path).write_bytes(b"")
 
     monkeypatch.setattr(torch.export, "export", lambda step, inputs: step)
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
     models = cpu_models(demo_models)
     with pytest.raises(RuntimeError, match="compiler stopped here"):
         aot.build_engine(models.unet, models.vae, BATCH, autotune=autotune, root=tmp_path)
-    (configs,) = seen
-    assert aot.BUILD_CONFIG.items() <= configs.items()
-    assert all(configs.get(key, False) is autotune for key in ("max_autotune", "coordinate_descent_tuning"))
+    assert set(seen) == {"unet", "vae"}
+    for configs in seen.values():
+        assert aot.BUILD_CONFIG.items() <= configs.items()
+        assert configs.get("max_autotune", False) is autotune
+    assert seen["unet"].get("coordinate_descent_tuning", False) is autotune
+    assert seen["vae"]["coordinate_descent_tuning"] is True
     assert list(tmp_path.iterdir()) == []
 
 

@@ -14,7 +14,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 
 from musetalk_ops.errors import ModelFilesError
 from musetalk_ops.models import load_models
-from musetalk_ops.models.layers import Timesteps, Upsample2D
+from musetalk_ops.models.layers import GroupNorm, Timesteps, Upsample2D
 from musetalk_ops.models.layout import ModelLayout, read_json, read_state_dict
 from musetalk_ops.models.unet import OFFICIAL_UNET_CONFIG, build_unet
 from musetalk_ops.models.unet_model import UNetConfig
@@ -278,6 +278,30 @@ print(",".join(m for m in {heavy!r} if m in sys.modules))
     )
     assert out.stdout.strip() == ""
     assert (tmp_path / "out.mp4").stat().st_size > 0
+
+
+# --- group norm from channel moments -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups", "offset"),
+    [((2, 32, 8, 8), 8, 0.0), ((3, 20, 5, 7), 4, 0.0), ((2, 12, 6, 6), 12, 0.0), ((2, 16, 9), 2, 1e3)],
+)
+def test_group_norm_from_channel_moments_is_torchs(shape, groups, offset):
+    """Channel moments pooled per group give torch's group norm (float64: only rounding differs), on
+    channels-last input too, and stay exact when the mean dwarfs the spread (no E[x²] − E[x]²)."""
+    torch.manual_seed(len(shape) + groups)
+    ours = GroupNorm(groups, shape[1], eps=1e-6).double()
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+    # per-channel means differ within a group, so the pooled variance needs its between-channel term
+    x = torch.randn(shape, dtype=torch.float64) + offset + torch.randn(shape[:2] + (1,) * (len(shape) - 2))
+    want = torch.nn.functional.group_norm(x, groups, ours.weight, ours.bias, 1e-6)
+    inputs = [x, x.to(memory_format=torch.channels_last)] if x.ndim == 4 else [x]
+    with torch.no_grad():
+        for given in inputs:
+            assert max_diff(ours(given), want) <= 1e-9 * (1 + offset)
 
 
 # --- folded upsampling ---------------------------------------------------------------------------------

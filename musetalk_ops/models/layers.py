@@ -63,24 +63,28 @@ class Net(nn.Module):
         return next(self.parameters()).dtype
 
 
-def group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
-    """``norm(x)`` computed from each channel's mean and variance over H·W, which are then pooled per group
-    (the group's variance is the mean of its channels' variances plus the variance of their means: exact,
-    and as stable as one variance).
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters and result) computed from each channel's mean and variance over
+    the positions, which are then pooled per group: the group's variance is the mean of its channels'
+    variances plus the variance of their means (exact, and as stable as one variance).
 
-    Why: on channels-last feature maps (where compiled convolutions put them) a group's values are a few
-    channels of every pixel, and Inductor reduces them at a quarter of the memory bandwidth; per-channel
-    moments reduce across whole pixels. Statistics in float32, as ``F.group_norm`` on CUDA.
+    Why: compiled convolutions leave feature maps channels-last, where a group's values are a few
+    channels of every pixel, strided; Inductor reduces those slowly, and per-channel moments across
+    whole pixels fast (bench/RESULTS.md, session 7). Statistics in float32 at least, as ``F.group_norm``
+    on CUDA.
     """
-    b, c = x.shape[:2]
-    var, mean = torch.var_mean(x.float(), dim=tuple(range(2, x.ndim)), correction=0)  # [B, C]
-    mean, var = mean.view(b, norm.num_groups, -1), var.view(b, norm.num_groups, -1)
-    group_mean = mean.mean(-1, keepdim=True)
-    group_var = (var + (mean - group_mean).square()).mean(-1, keepdim=True)
-    scale = torch.rsqrt(group_var + norm.eps) * norm.weight.float().view(norm.num_groups, -1)  # [B, G, C/G]
-    shift = norm.bias.float().view(norm.num_groups, -1) - group_mean * scale
-    trailing = (1,) * (x.ndim - 2)
-    return (x * scale.view(b, c, *trailing) + shift.view(b, c, *trailing)).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, groups = x.shape[0], x.shape[1], self.num_groups
+        exact = torch.promote_types(x.dtype, torch.float32)
+        var, mean = torch.var_mean(x.to(exact), dim=tuple(range(2, x.ndim)), correction=0)  # [B, C]
+        mean, var = mean.view(b, groups, -1), var.view(b, groups, -1)
+        group_mean = mean.mean(-1, keepdim=True)
+        group_var = (var + (mean - group_mean).square()).mean(-1, keepdim=True)
+        scale = torch.rsqrt(group_var + self.eps) * self.weight.to(exact).view(groups, -1)  # [B, G, C/G]
+        shift = self.bias.to(exact).view(groups, -1) - group_mean * scale
+        trailing = (1,) * (x.ndim - 2)
+        return (x * scale.view(b, c, *trailing) + shift.view(b, c, *trailing)).to(x.dtype)
 
 
 class ResnetBlock2D(nn.Module):
@@ -94,10 +98,10 @@ class ResnetBlock2D(nn.Module):
         self, in_channels: int, out_channels: int, *, groups: int, eps: float, temb_channels: int | None
     ) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 

@@ -20,6 +20,7 @@ from torch import nn
 from musetalk_ops.models.layers import (
     Attention,
     Downsample2D,
+    GroupNorm,
     Net,
     NetConfig,
     ResnetBlock2D,
@@ -175,7 +176,7 @@ class Transformer2D(nn.Module):
 
     def __init__(self, channels: int, config: UNetConfig) -> None:
         super().__init__()
-        self.norm = nn.GroupNorm(config.norm_num_groups, channels, eps=1e-6)
+        self.norm = GroupNorm(config.norm_num_groups, channels, eps=1e-6)
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             [TransformerBlock(channels, config.attention_head_dim, config.cross_attention_dim)]
@@ -324,7 +325,7 @@ class UNet(Net):
             )
             for i, kind in enumerate(config.up_block_types)
         )
-        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
+        self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
 
     def forward(

@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from musetalk_ops.models.layers import Attention, Downsample2D, Net, NetConfig, ResnetBlock2D, Upsample2D
+from musetalk_ops.models.layers import (
+    Attention,
+    Downsample2D,
+    GroupNorm,
+    Net,
+    NetConfig,
+    ResnetBlock2D,
+    Upsample2D,
+)
 
 DOWN_BLOCK, UP_BLOCK = "DownEncoderBlock2D", "UpDecoderBlock2D"
 EPS = 1e-6
@@ -70,7 +78,7 @@ class SpatialSelfAttention(Attention):
 
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__(channels, heads=1, dim_head=channels, bias=True)
-        self.group_norm = nn.GroupNorm(groups, channels, eps=EPS)
+        self.group_norm = GroupNorm(groups, channels, eps=EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -143,7 +151,7 @@ class Encoder(nn.Module):
             for i in range(len(channels))
         )
         self.mid_block = MidBlock(channels[-1], groups)
-        self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=EPS)
+        self.conv_norm_out = GroupNorm(groups, channels[-1], eps=EPS)
         self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,7 +185,7 @@ class Decoder(nn.Module):
             )
             for i in range(len(channels))
         )
-        self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=EPS)
+        self.conv_norm_out = GroupNorm(groups, channels[0], eps=EPS)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
