@@ -66,9 +66,9 @@ BUILD_CONFIG = {
     "aot_inductor.use_runtime_constant_folding": True,
 }
 # Per step, in every build: the VAE decode's own kernels (group norms, pointwise: a third of its time)
-# are tuned by coordinate descent, which took the compiled decode from X to Y ms/frame for Z s more
-# build (H200; bench/RESULTS.md, session 7). The UNet's took more than 160 s to tune, for at most its
-# 0.15 ms/frame of such kernels.
+# are tuned by coordinate descent. With layers.GroupNorm, that took the engine's decode from 1.33–1.37 to
+# 1.13–1.14 ms/frame for 182 s of build instead of 28 (H200; bench/RESULTS.md, session 7). The UNet's
+# took more than 160 s to tune (JIT) for at most its 0.15 ms/frame of such kernels, so it is not tuned.
 STEP_CONFIGS = {"unet": {}, "vae": {"coordinate_descent_tuning": True}}
 # ``autotune`` adds max-autotune (Triton templates benchmarked against cuDNN/cuBLAS per shape) and
 # coordinate descent for both steps. Max-autotune alone took the JIT-compiled VAE decode from 1.43 to
