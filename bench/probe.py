@@ -514,7 +514,7 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-# name: (engine step, tuned as ``musetalk engine build --autotune``)
+# name: (engine step, built as ``musetalk engine build --autotune`` if tuned, else as without it)
 AOT_PARTS = {
     "vae_tuned": ("vae", True),
     "unet_tuned": ("unet", True),
