@@ -66,6 +66,7 @@ class Variant(NamedTuple):
     models: tuple[str, ...]
     inductor: dict | None = None  # other Inductor settings
     torch_norm: bool = False  # group norms as torch computes them (before session 7), not layers.GroupNorm
+    micro: tuple[int, int] | None = None  # VAE decoder: (first up block, frames) run per micro-batch
 
 
 # Probes 2–3 ran the freezing ones as generator_bNN, when the generator still froze. Inductor's own
@@ -89,6 +90,12 @@ COMPILE_VARIANTS = {
     "vae_layout_off": Variant(32, False, True, "default", ("vae",), {"layout_optimization": False}),
     "vae_torch_norm": Variant(32, False, True, "default", ("vae",), torch_norm=True),
     "unet_torch_norm": Variant(32, False, True, "default", ("unet",), torch_norm=True),
+    # The decoder's high-resolution blocks per micro-batch: a frame's 256² activations (16-32 MB) stay in
+    # L2 (50 MB) between a convolution and the group norm that reads its output
+    "vae_micro1": Variant(32, False, True, "default", ("vae",), micro=(2, 1)),
+    "vae_micro1_last": Variant(32, False, True, "default", ("vae",), micro=(3, 1)),
+    "vae_micro2": Variant(32, False, True, "default", ("vae",), micro=(2, 2)),
+    "vae_micro8": Variant(32, False, True, "default", ("vae",), micro=(2, 8)),
 }
 
 
@@ -169,6 +176,7 @@ class Probe(br.Bench):
         run("bframes", self.bframes, needs=60)
         run("aot_parts", self.aot_parts, needs=100)
         if br.cuda():
+            run("overlap", self.overlap, needs=30)
             run("encoders", self.encoders, needs=40)
             run("profile_aot", self.profile_aot, needs=30)
             run("vae_variants", self.vae_variants, needs=30)
@@ -420,6 +428,73 @@ class Probe(br.Bench):
             s.setdefault(key, []).append({k: row[k] for k in keys})
             print(key, json.dumps(s[key][-1]), flush=True)
 
+    def overlap(self, s: dict) -> None:
+        """The engine's UNet of one batch beside the VAE decode of the previous one, on two streams, vs
+        one after the other on one stream (as the generator runs them): CUDA graphs, two buffer sets,
+        frames/s over 24 batches. Whether the decode's memory-bound norms fill the UNet's gaps."""
+        from musetalk_ops import aot
+
+        batch, count = self.batch, 24
+        engine = aot.engine_for(self.models.unet, self.models.vae, batch)
+        sets = []
+        for _ in range(2):
+            latents = torch.randn(batch, 8, 32, 32, device="cuda", dtype=torch.float16)
+            tokens = torch.randn(batch, 50, 384, device="cuda", dtype=torch.float16)
+            for _ in range(2):  # warm: cuDNN plans, lazy loading
+                engine.vae(engine.unet(latents, tokens))
+            torch.cuda.synchronize()
+            graphs = [torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()]  # each its own memory pool
+            with torch.cuda.graph(graphs[0]):
+                pred = engine.unet(latents, tokens)
+            with torch.cuda.graph(graphs[1]):
+                faces = engine.vae(pred)
+            sets.append((*graphs, pred, faces))  # the buffers stay referenced
+        torch.cuda.synchronize()
+
+        def timed(launch) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            launch()
+            torch.cuda.current_stream().wait_stream(unet_stream)
+            torch.cuda.current_stream().wait_stream(vae_stream)
+            end.record()
+            end.synchronize()
+            return round(count * batch * 1000 / start.elapsed_time(end), 1)
+
+        def one_stream() -> None:
+            for i in range(count):
+                sets[i % 2][0].replay()
+                sets[i % 2][1].replay()
+
+        def two_streams() -> None:
+            main = torch.cuda.current_stream()
+            unet_stream.wait_stream(main)
+            vae_stream.wait_stream(main)
+            unet_done = [torch.cuda.Event(), torch.cuda.Event()]
+            vae_done = [torch.cuda.Event(), torch.cuda.Event()]
+            for i in range(count):
+                k = i % 2
+                with torch.cuda.stream(unet_stream):
+                    if i >= 2:
+                        unet_stream.wait_event(vae_done[k])  # its buffer's decode is done
+                    sets[k][0].replay()
+                    unet_done[k].record()
+                with torch.cuda.stream(vae_stream):
+                    vae_stream.wait_event(unet_done[k])
+                    sets[k][1].replay()
+                    vae_done[k].record()
+
+        for priorities in ((0, 0), (-1, 0), (0, -1)):  # lower is higher priority
+            unet_stream = torch.cuda.Stream(priority=priorities[0])
+            vae_stream = torch.cuda.Stream(priority=priorities[1])
+            for _ in range(3):
+                s.setdefault("one_stream_fps", []).append(timed(one_stream))
+                s.setdefault(f"two_streams_fps/unet{priorities[0]}_vae{priorities[1]}", []).append(
+                    timed(two_streams)
+                )
+        print(json.dumps(s), flush=True)
+
     def profile_aot(self, s: dict) -> None:
         """Kernel times of the engine's UNet and VAE decode, called directly (no graph, so each kernel is
         seen), batch ``--batch``: ms per frame by kind, and the largest kernels."""
@@ -572,6 +647,28 @@ def cpu_ms(fn, make_input, iters: int = 3) -> float:
     return statistics.median(times)
 
 
+def micro_batched_decoder(first: int, frames: int) -> None:
+    """Make every VAE decoder run its up blocks from ``first`` on, and its output layers, ``frames`` at
+    a time (the same function)."""
+    from torch.nn import functional as F
+
+    from musetalk_ops.models.vae_model import Decoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks[:first]:
+            x = block(x)
+
+        def tail(x: torch.Tensor) -> torch.Tensor:
+            for block in self.up_blocks[first:]:
+                x = block(x)
+            return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+        return torch.cat([tail(part) for part in x.split(frames)])
+
+    Decoder.forward = forward
+
+
 def compile_child(variant: str, models_root: str) -> None:
     """UNet and/or VAE compiled with ``variant``'s settings in this fresh process: build seconds, warm
     ms/frame of each (CUDA graphs of the compiled code, as the generator runs it) and its kernels."""
@@ -587,6 +684,8 @@ def compile_child(variant: str, models_root: str) -> None:
         setattr(inductor, name, value)
     if v.torch_norm:
         layers.GroupNorm.forward = torch.nn.GroupNorm.forward
+    if v.micro:
+        micro_batched_decoder(*v.micro)
     batch = v.batch
     models = load_models(models_root, device="cuda", dtype=torch.float16, components=("unet", "vae"))
     unet, vae = models.unet, models.vae
