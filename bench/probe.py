@@ -496,25 +496,19 @@ class Probe(br.Bench):
                 times.append(time.perf_counter() - t)
             return round(batch / statistics.median(times), 1)
 
-        # SM clock and power while it runs: does sustained work slow the clock?
-        query = ["--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "100"]
-        smi = subprocess.Popen(["nvidia-smi", *query], stdout=subprocess.PIPE, text=True)
-        for priorities in ((0, 0), (-1, 0), (0, -1)):  # lower is higher priority
-            unet_stream = torch.cuda.Stream(priority=priorities[0])
-            vae_stream = torch.cuda.Stream(priority=priorities[1])
-            for _ in range(3):
-                s.setdefault("one_batch_fps", []).append(one_batch())
-                s.setdefault("one_stream_fps", []).append(timed(one_stream))
-                s.setdefault(f"two_streams_fps/unet{priorities[0]}_vae{priorities[1]}", []).append(
-                    timed(two_streams)
-                )
-        count = 240  # ten seconds of one stream
-        s["one_stream_240_batches_fps"] = timed(one_stream)
-        smi.terminate()
-        samples = [line.split(",") for line in smi.communicate()[0].splitlines() if line.count(",") == 1]
-        clocks = [float(c) for c, _ in samples]
-        s["sm_clock_mhz"] = {"samples": len(clocks), "min": min(clocks), "median": statistics.median(clocks)}
-        s["power_w"] = {"max": max(float(w) for _, w in samples)}
+        with br.GpuClock() as gpu:  # does sustained work slow the clock?
+            for priorities in ((0, 0), (-1, 0), (0, -1)):  # lower is higher priority
+                unet_stream = torch.cuda.Stream(priority=priorities[0])
+                vae_stream = torch.cuda.Stream(priority=priorities[1])
+                for _ in range(3):
+                    s.setdefault("one_batch_fps", []).append(one_batch())
+                    s.setdefault("one_stream_fps", []).append(timed(one_stream))
+                    s.setdefault(f"two_streams_fps/unet{priorities[0]}_vae{priorities[1]}", []).append(
+                        timed(two_streams)
+                    )
+            count = 240  # ten seconds of one stream
+            s["one_stream_240_batches_fps"] = timed(one_stream)
+        s["gpu"] = gpu.summary
         print(json.dumps(s), flush=True)
 
     def profile_aot(self, s: dict) -> None:
