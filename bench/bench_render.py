@@ -6,7 +6,8 @@ of speech-like audio. Then, each section timed and saved as it finishes (a faili
 recorded and the rest still run), in this order (the last ones are skipped first when ``--budget``
 runs out):
 
-* ``ceiling``: measured fp16 matmul rate → physical limit in frames/s at 800 GFLOP/frame;
+* ``ceiling``: measured fp16 matmul rate → physical limit in frames/s at 800 GFLOP/frame, on a cold
+  GPU (a burst) and sustained (after ``HOT_SECONDS`` of matmuls: a power-capped GPU lowers its clock);
 * ``prepare``: template preparation per stage (issue 3's GPU timing with a manual box);
 * ``ours_<template>_<path>``: ``render_chunk`` (features in → encoded H.264 segment out), cold (first
   chunk of the path in the process: capture included) and warm; design.md timing schema, frames/s,
@@ -33,7 +34,8 @@ runs out):
 * ``encoding``: chunks with 2 and 8 encoders and two presets;
 * ``encoder_alone``: x264 alone on the templates' frames (segments at once, with and without B-frames,
   presets, RGB vs YUV input; bytes and PSNR);
-* ``generator``: UNet + VAE decode alone per path and batch size;
+* ``generator``: UNet + VAE decode alone per path and batch size (here and in ``aot``/``compiled``: a
+  batch at a time, then sustained, with the SM clock and power it ran at);
 * ``cpu_reference``: the GPU fp16 fast path vs the CPU fp32 reference path on the same frames.
 
     python bench/bench_render.py [--frames 1000] [--baseline-frames 150] [--batch 20] [--budget 540]
@@ -990,6 +992,30 @@ class Bench:
         s["gpu_fp16_graphs_vs_cpu_fp32_reference_512"] = png_dir_stats(a, b)
 
 
+def print_generators(r: dict, ceiling: dict) -> None:
+    """UNet + VAE alone per path: a cold GPU's burst and, where measured, the sustained rate of a hot,
+    power-capped one; each as a share of the limit measured the same way."""
+    rows = {
+        f"{path} (cuDNN autotuning)" if key.endswith("cudnn_benchmark") else path: g
+        for path in ("aot", "compiled")
+        for key, g in r.get(path, {}).items()
+        if key.startswith("generator") and isinstance(g, dict)
+    }
+    rows |= {key: g for key, g in r.get("generator", {}).items() if isinstance(g, dict) and "fps" in g}
+    if not rows:
+        return
+
+    def share(fps: float | None, limit: str) -> str:
+        return f"{fps} ({100 * fps / ceiling[limit]:.0f} %)" if fps and limit in ceiling else str(fps or "-")
+
+    print("| UNet + VAE alone | frames/s (of limit) | sustained | sustained SM MHz | UNet / VAE ms/frame |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, g in rows.items():
+        mhz = g.get("sustained_gpu", {}).get("sm_mhz_median", "-")
+        burst, hot = share(g["fps"], "limit_fps"), share(g.get("sustained_fps"), "limit_fps_sustained")
+        print(f"| {name} | {burst} | {hot} | {mhz} | {g['unet_ms_per_frame']} / {g['vae_ms_per_frame']} |")
+
+
 def print_table(r: dict) -> None:
     """The headline numbers: ours vs baseline per template, the limits and cold starts."""
     env = r.get("env", {})
@@ -999,6 +1025,13 @@ def print_table(r: dict) -> None:
     ceiling = r.get("ceiling", {})
     if "limit_fps" in ceiling:
         print(f"fp16 matmul {ceiling['fp16_matmul_tflops']} TFLOP/s -> limit {ceiling['limit_fps']} frames/s")
+    if "limit_fps_sustained" in ceiling:
+        mhz = ceiling["sustained_gpu"]["sm_mhz_median"]
+        print(
+            f"sustained (after {HOT_SECONDS:.0f} s of matmuls, SM {mhz} MHz): fp16 matmul "
+            f"{ceiling['fp16_matmul_tflops_sustained']} TFLOP/s -> limit {ceiling['limit_fps_sustained']}"
+        )
+    print_generators(r, ceiling)
     cols = ["template", "path", "frames/s", "rtf", "unet s", "vae s", "composite s", "encode s", "build s"]
     cols += ["peak GB", "x base"]
     print("| " + " | ".join(cols) + " |")
