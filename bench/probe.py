@@ -17,7 +17,9 @@ as it finishes:
 * ``vae_variants``: VAE decode alone in CUDA graphs: channels-last, cuDNN autotuning, and the ×2
   upsample folded into four 2×2 phase convolutions (the same function, 16/36 of those convs' work);
 * ``compile_variants``: UNet + VAE compiled per variant (Inductor freezing, cuDNN autotuning, batch
-  size; ``COMPILE_VARIANTS``), each in its own process;
+  size, norm formulation, decoder micro-batches; ``COMPILE_VARIANTS``), each in its own process;
+* ``overlap``: the engine's UNet of one batch beside the VAE decode of the previous one on two streams vs
+  one stream, a batch at a time and sustained, with the SM clock and power (``bench_render.GpuClock``);
 * ``encoders``: a warm 1080p chunk on the AOT engine per number of sub-segment encoders and x264
   threads per encoder (``render.X264_THREADS``): what feeds x264 best on this host;
 * ``aot_parts``: one engine step (UNet or VAE decode) compiled on its own, plain or tuned
