@@ -14,7 +14,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 
 from musetalk_ops.errors import ModelFilesError
 from musetalk_ops.models import load_models
-from musetalk_ops.models.layers import GroupNorm, Timesteps, Upsample2D
+from musetalk_ops.models.layers import GroupNorm, Timesteps, Upsample2D, group_norm_from_channel_moments
 from musetalk_ops.models.layout import ModelLayout, read_json, read_state_dict
 from musetalk_ops.models.unet import OFFICIAL_UNET_CONFIG, build_unet
 from musetalk_ops.models.unet_model import UNetConfig
@@ -291,17 +291,27 @@ def test_group_norm_from_channel_moments_is_torchs(shape, groups, offset):
     """Channel moments pooled per group give torch's group norm (float64: only rounding differs), on
     channels-last input too, and stay exact when the mean dwarfs the spread (no E[x²] − E[x]²)."""
     torch.manual_seed(len(shape) + groups)
-    ours = GroupNorm(groups, shape[1], eps=1e-6).double()
-    with torch.no_grad():
-        ours.weight.normal_()
-        ours.bias.normal_()
+    weight, bias = torch.randn(shape[1], dtype=torch.float64), torch.randn(shape[1], dtype=torch.float64)
     # per-channel means differ within a group, so the pooled variance needs its between-channel term
     x = torch.randn(shape, dtype=torch.float64) + offset + torch.randn(shape[:2] + (1,) * (len(shape) - 2))
-    want = torch.nn.functional.group_norm(x, groups, ours.weight, ours.bias, 1e-6)
+    want = torch.nn.functional.group_norm(x, groups, weight, bias, 1e-6)
     inputs = [x, x.to(memory_format=torch.channels_last)] if x.ndim == 4 else [x]
+    for given in inputs:
+        got = group_norm_from_channel_moments(given, groups, weight, bias, 1e-6)
+        assert max_diff(got, want) <= 1e-9 * (1 + offset)
+
+
+def test_group_norm_uses_channel_moments_only_when_compiled():
+    """Exported (as an engine build traces it) the norm is per-channel moments, no fused group-norm op;
+    run eagerly it is torch's own kernel, bit for bit."""
+    torch.manual_seed(0)
+    norm = GroupNorm(4, 16, eps=1e-6)
+    x = torch.randn(2, 16, 5, 6)
     with torch.no_grad():
-        for given in inputs:
-            assert max_diff(ours(given), want) <= 1e-9 * (1 + offset)
+        assert torch.equal(norm(x), torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, 1e-6))
+        ops = {str(n.target) for n in torch.export.export(norm, (x,)).graph.nodes if n.op == "call_function"}
+    assert any("var_mean" in op for op in ops), ops
+    assert not any("group_norm" in op for op in ops), ops
 
 
 # --- folded upsampling ---------------------------------------------------------------------------------

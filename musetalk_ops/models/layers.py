@@ -63,29 +63,42 @@ class Net(nn.Module):
         return next(self.parameters()).dtype
 
 
+def group_norm_from_channel_moments(
+    x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``F.group_norm`` computed from each channel's mean and variance over the positions, pooled per
+    group: the group's variance is the mean of its channels' variances plus the variance of their means
+    (exact, and as stable as one variance). Statistics in float32 at least, as ``F.group_norm`` on CUDA.
+    """
+    b, c = x.shape[0], x.shape[1]
+    exact = torch.promote_types(x.dtype, torch.float32)
+    var, mean = torch.var_mean(x.to(exact), dim=tuple(range(2, x.ndim)), correction=0)  # [B, C]
+    mean, var = mean.view(b, groups, -1), var.view(b, groups, -1)
+    group_mean = mean.mean(-1, keepdim=True)
+    group_var = (var + (mean - group_mean).square()).mean(-1, keepdim=True)
+    scale = torch.rsqrt(group_var + eps) * weight.to(exact).view(groups, -1)  # [B, G, C/G]
+    shift = bias.to(exact).view(groups, -1) - group_mean * scale
+    trailing = (1,) * (x.ndim - 2)
+    return (x * scale.view(b, c, *trailing) + shift.view(b, c, *trailing)).to(x.dtype)
+
+
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same parameters and result) computed from each channel's mean and variance over
-    the positions, which are then pooled per group: the group's variance is the mean of its channels'
-    variances plus the variance of their means (exact, and as stable as one variance).
+    """``nn.GroupNorm`` (same parameters and result), which compiled code computes from per-channel
+    moments (``group_norm_from_channel_moments``).
 
     Why: compiled convolutions leave feature maps channels-last, where a group's values are a few
     channels of every pixel, strided. Inductor read those at about 1 TB/s on an H200, and per-channel
     moments, across whole pixels, at twice that; with the rest of the norm the engine's VAE decode went
-    from 1.36 to 1.13 ms/frame (with its kernels tuned; bench/RESULTS.md, session 7). Statistics in
-    float32 at least, as ``F.group_norm`` on CUDA.
+    from 1.36 to 1.13 ms/frame (with its kernels tuned; bench/RESULTS.md, session 7). Uncompiled (eager,
+    CUDA graphs, the CPU reference) the same formula is several kernels where torch has one fused kernel:
+    with it the graphs path's VAE decode took 3.43 ms/frame instead of 2.61 (session 8), so there torch's
+    own norm runs.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, groups = x.shape[0], x.shape[1], self.num_groups
-        exact = torch.promote_types(x.dtype, torch.float32)
-        var, mean = torch.var_mean(x.to(exact), dim=tuple(range(2, x.ndim)), correction=0)  # [B, C]
-        mean, var = mean.view(b, groups, -1), var.view(b, groups, -1)
-        group_mean = mean.mean(-1, keepdim=True)
-        group_var = (var + (mean - group_mean).square()).mean(-1, keepdim=True)
-        scale = torch.rsqrt(group_var + self.eps) * self.weight.to(exact).view(groups, -1)  # [B, G, C/G]
-        shift = self.bias.to(exact).view(groups, -1) - group_mean * scale
-        trailing = (1,) * (x.ndim - 2)
-        return (x * scale.view(b, c, *trailing) + shift.view(b, c, *trailing)).to(x.dtype)
+        if not torch.compiler.is_compiling():  # eager, graphs, reference: torch's fused kernel
+            return super().forward(x)
+        return group_norm_from_channel_moments(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 class ResnetBlock2D(nn.Module):
