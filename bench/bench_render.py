@@ -201,6 +201,18 @@ def generator_fps(models, mode: str, batch: int, cudnn_benchmark: bool) -> dict:
     return result
 
 
+def synced_seconds(step: Callable[[int], object], iters: int) -> list[float]:
+    """Wall seconds of ``step(i)`` for i in range(iters), each alone: the device synced before and after."""
+    times = []
+    for i in range(iters):
+        sync()
+        t = time.perf_counter()
+        step(i)
+        sync()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def measure_generator(gen, models, batch: int, iters: int = 8) -> dict:
     from musetalk_ops.generator import StageClock
 
@@ -217,13 +229,8 @@ def measure_generator(gen, models, batch: int, iters: int = 8) -> dict:
     first = time.perf_counter() - t
     for i in range(2):
         gen(*inputs[i % 2], StageClock(models.device))
-    times, clock = [], StageClock(models.device)
-    for i in range(iters):
-        sync()
-        t = time.perf_counter()
-        gen(*inputs[i % 2], clock)
-        sync()
-        times.append(time.perf_counter() - t)
+    clock = StageClock(models.device)
+    times = synced_seconds(lambda i: gen(*inputs[i % 2], clock), iters)
     split = clock.totals()
     result = {
         "fps": round(batch / statistics.median(times), 1),

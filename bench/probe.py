@@ -487,15 +487,8 @@ class Probe(br.Bench):
                     sets[k][1].replay()
                     vae_done[k].record()
 
-        def one_batch() -> float:  # bench_render's generator measurement: a batch at a time, synced
-            times = []
-            for _ in range(8):
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                sets[0][0].replay()
-                sets[0][1].replay()
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - t)
+        def one_batch() -> float:  # as bench_render measures the generator: a batch at a time, synced
+            times = br.synced_seconds(lambda _: (sets[0][0].replay(), sets[0][1].replay()), 8)
             return round(batch / statistics.median(times), 1)
 
         with br.GpuClock() as gpu:  # does sustained work slow the clock?
