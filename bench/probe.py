@@ -453,29 +453,28 @@ class Probe(br.Bench):
             sets.append((*graphs, pred, faces))  # the buffers stay referenced
         torch.cuda.synchronize()
 
-        def timed(launch) -> float:
+        def timed(launch: Callable[[int], None], batches: int) -> float:
+            """Frames/s of ``launch(batches)``, which leaves its work ordered before the current stream's."""
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
             start.record()
-            launch()
-            torch.cuda.current_stream().wait_stream(unet_stream)
-            torch.cuda.current_stream().wait_stream(vae_stream)
+            launch(batches)
             end.record()
             end.synchronize()
-            return round(count * batch * 1000 / start.elapsed_time(end), 1)
+            return round(batches * batch * 1000 / start.elapsed_time(end), 1)
 
-        def one_stream() -> None:
-            for i in range(count):
+        def one_stream(batches: int) -> None:
+            for i in range(batches):
                 sets[i % 2][0].replay()
                 sets[i % 2][1].replay()
 
-        def two_streams() -> None:
+        def two_streams(batches: int, unet_stream: torch.cuda.Stream, vae_stream: torch.cuda.Stream) -> None:
             main = torch.cuda.current_stream()
             unet_stream.wait_stream(main)
             vae_stream.wait_stream(main)
             unet_done = [torch.cuda.Event(), torch.cuda.Event()]
             vae_done = [torch.cuda.Event(), torch.cuda.Event()]
-            for i in range(count):
+            for i in range(batches):
                 k = i % 2
                 with torch.cuda.stream(unet_stream):
                     if i >= 2:
@@ -486,6 +485,7 @@ class Probe(br.Bench):
                     vae_stream.wait_event(unet_done[k])
                     sets[k][1].replay()
                     vae_done[k].record()
+            main.wait_stream(vae_stream)  # the last decode follows the last UNet
 
         def one_batch() -> float:  # as bench_render measures the generator: a batch at a time, synced
             times = br.synced_seconds(lambda _: (sets[0][0].replay(), sets[0][1].replay()), 8)
@@ -493,16 +493,14 @@ class Probe(br.Bench):
 
         with br.GpuClock() as gpu:  # does sustained work slow the clock?
             for priorities in ((0, 0), (-1, 0), (0, -1)):  # lower is higher priority
-                unet_stream = torch.cuda.Stream(priority=priorities[0])
-                vae_stream = torch.cuda.Stream(priority=priorities[1])
+                streams = [torch.cuda.Stream(priority=p) for p in priorities]
                 for _ in range(3):
                     s.setdefault("one_batch_fps", []).append(one_batch())
-                    s.setdefault("one_stream_fps", []).append(timed(one_stream))
+                    s.setdefault("one_stream_fps", []).append(timed(one_stream, count))
                     s.setdefault(f"two_streams_fps/unet{priorities[0]}_vae{priorities[1]}", []).append(
-                        timed(two_streams)
+                        timed(lambda n, streams=streams: two_streams(n, *streams), count)
                     )
-            count = 240  # ten seconds of one stream
-            s["one_stream_240_batches_fps"] = timed(one_stream)
+            s["one_stream_240_batches_fps"] = timed(one_stream, 240)  # ten seconds
         s["gpu"] = gpu.summary
         print(json.dumps(s), flush=True)
 
