@@ -37,6 +37,7 @@ Writes ``$OUT/probe.json`` (or ``./bench-out/``).
 """
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -69,6 +70,7 @@ class Variant(NamedTuple):
     inductor: dict | None = None  # other Inductor settings
     torch_norm: bool = False  # group norms as torch computes them (before session 7), not layers.GroupNorm
     micro: tuple[int, int] | None = None  # VAE decoder: (first up block, frames) run per micro-batch
+    fused: bool = False  # attention projections fused: self-attention q/k/v and cross-attention k/v
 
 
 # Probes 2–3 ran the freezing ones as generator_bNN, when the generator still froze. Inductor's own
@@ -98,6 +100,14 @@ COMPILE_VARIANTS = {
     "vae_micro1_last": Variant(32, False, True, "default", ("vae",), micro=(3, 1)),
     "vae_micro2": Variant(32, False, True, "default", ("vae",), micro=(2, 2)),
     "vae_micro8": Variant(32, False, True, "default", ("vae",), micro=(2, 8)),
+    # The UNet is the less efficient step (~46 % of the matmul rate vs the VAE's ~60 %): its 4² and 8²
+    # levels give a b32 GEMM 512–2048 rows, fewer output tiles than the GPU has SMs, and its 739 kernels
+    # per call each pay a fixed cost. A larger batch or fewer, wider GEMMs would amortise both.
+    "unet_b48": Variant(48, False, True, "default", ("unet",)),
+    "unet_b64": Variant(64, False, True, "default", ("unet",)),
+    "unet_fused": Variant(32, False, True, "default", ("unet",), fused=True),
+    "unet_fused_b64": Variant(64, False, True, "default", ("unet",), fused=True),
+    "unet_1x1_mm": Variant(32, False, True, "default", ("unet",), {"conv_1x1_as_mm": True}),
 }
 
 
@@ -135,8 +145,9 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def graph_ms(fn, make_input, iters: int = 10) -> float:
-    """Median ms of ``fn`` replayed as a CUDA graph."""
+def graph_ms(fn, make_input, iters: int = 10, hot: bool = False) -> float:
+    """Median ms of ``fn`` replayed as a CUDA graph: a batch at a time, or (``hot``) after replaying it
+    back to back for ``bench_render.HOT_SECONDS``."""
     x = make_input()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -147,6 +158,8 @@ def graph_ms(fn, make_input, iters: int = 10) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn(x)
+    if hot:
+        br.heat(g.replay)
     times = []
     for _ in range(iters):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -678,6 +691,35 @@ def micro_batched_decoder(first: int, frames: int) -> None:
     Decoder.forward = forward
 
 
+def fuse_attention_projections(model: torch.nn.Module) -> None:
+    """Give every self-attention one q/k/v GEMM and every cross-attention one k/v GEMM (the same
+    function: the weights concatenated along the output dimension), as diffusers' ``fuse_qkv_projections``."""
+    from torch.nn import functional as F
+
+    from musetalk_ops.models.layers import Attention
+    from musetalk_ops.models.unet_model import TransformerBlock
+
+    def fused(*linears: torch.nn.Linear) -> torch.Tensor:
+        return torch.cat([linear.weight for linear in linears]).detach()
+
+    for block in (m for m in model.modules() if isinstance(m, TransformerBlock)):
+        block.attn1.qkv = fused(block.attn1.to_q, block.attn1.to_k, block.attn1.to_v)
+        block.attn2.kv = fused(block.attn2.to_k, block.attn2.to_v)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+        if context is None:
+            q, k, v = F.linear(x, self.qkv).chunk(3, dim=-1)
+        else:
+            q, (k, v) = self.to_q(x), F.linear(context, self.kv).chunk(2, dim=-1)
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+        return self.to_out[0](out.transpose(1, 2).flatten(2))
+
+    Attention.forward = forward
+
+
 def compile_child(variant: str, models_root: str) -> None:
     """UNet and/or VAE compiled with ``variant``'s settings in this fresh process: build seconds, warm
     ms/frame of each (CUDA graphs of the compiled code, as the generator runs it) and its kernels."""
@@ -698,6 +740,8 @@ def compile_child(variant: str, models_root: str) -> None:
     batch = v.batch
     models = load_models(models_root, device="cuda", dtype=torch.float16, components=("unet", "vae"))
     unet, vae = models.unet, models.vae
+    if v.fused:
+        fuse_attention_projections(unet)
     t = torch.zeros((1,), dtype=torch.int64, device="cuda")
     tokens = torch.randn(batch, 50, 384, device="cuda", dtype=torch.float16)
     decode = decode_latents.__wrapped__
@@ -714,8 +758,9 @@ def compile_child(variant: str, models_root: str) -> None:
             fn(x)
             torch.cuda.synchronize()
             out[f"{name}_build_s"] = round(time.perf_counter() - start, 1)
-            ms = graph_ms(fn, lambda shape=shape: torch.randn(*shape, device="cuda", dtype=torch.float16))
-            out[f"{name}_ms_per_frame"] = round(ms / batch, 3)
+            make = functools.partial(torch.randn, *shape, device="cuda", dtype=torch.float16)
+            out[f"{name}_ms_per_frame"] = round(graph_ms(fn, make) / batch, 3)
+            out[f"{name}_ms_per_frame_sustained"] = round(graph_ms(fn, make, hot=True) / batch, 3)
             out[f"{name}_kernels"] = kernel_profile(lambda fn=fn, x=x: fn(x), batch)
     if len(v.models) == 2:
         out["fps"] = round(1000 / (out["unet_ms_per_frame"] + out["vae_ms_per_frame"]), 1)
