@@ -26,6 +26,10 @@ as it finishes:
   (``AOT_PARTS``; ``musetalk engine build --autotune``'s settings), each in its own process, timed in
   CUDA graphs beside the same step of the ``--engines`` engine: a tuned engine's parts can be measured
   one device call at a time. Packages are kept in ``$OUT/parts`` and reused from ``--parts``;
+* ``engine_batches``: the AOT engine at each of ``--engine-batches`` (built here where ``--engines`` has
+  none; kept in ``$OUT/engines``), UNet + VAE through the generator a batch at a time and sustained, the
+  batch sizes measured in turn for two rounds so that the GPU's drift falls on each alike; each engine's
+  kernels by kind: what a larger batch bucket buys;
 * ``profile_aot``: the AOT engine's kernels (``--engines`` of an earlier run, else built), per model and
   kind (convolution, GEMM, attention, Inductor's reductions and pointwise kernels), in ms per frame:
   what a faster engine would have to win.
@@ -193,6 +197,7 @@ class Probe(br.Bench):
         if br.cuda():
             run("overlap", self.overlap, needs=30)
             run("encoders", self.encoders, needs=40)
+            run("engine_batches", self.engine_batches, needs=60)
             run("profile_aot", self.profile_aot, needs=30)
             run("vae_variants", self.vae_variants, needs=30)
             run("compile_variants", self.compile_variants, needs=150)
@@ -518,20 +523,29 @@ class Probe(br.Bench):
         print(json.dumps(s), flush=True)
 
     def profile_aot(self, s: dict) -> None:
-        """Kernel times of the engine's UNet and VAE decode, called directly (no graph, so each kernel is
-        seen), batch ``--batch``: ms per frame by kind, and the largest kernels."""
-        from musetalk_ops import aot
-
-        unet, vae, batch = self.models.unet, self.models.vae, self.batch
-        engine = aot.engine_for(unet, vae, batch)
-        s["engine"] = engine.path.name
-        latents = torch.randn(batch, 8, 32, 32, device="cuda", dtype=torch.float16)
-        tokens = torch.randn(batch, 50, 384, device="cuda", dtype=torch.float16)
-        steps = {"unet": lambda: engine.unet(latents, tokens), "vae": lambda: engine.vae(pred)}
-        pred = engine.unet(latents, tokens)
-        for name, step in steps.items():
-            s[name] = kernel_profile(step, batch)
+        s.update(engine_kernels(self.models.unet, self.models.vae, self.batch))
+        for name in ("unet", "vae"):
             print(name, json.dumps(s[name]["by_kind"]), s[name]["ms_per_frame"], flush=True)
+
+    def engine_batches(self, s: dict) -> None:
+        from musetalk_ops import aot, render
+
+        unet, vae, batches = self.models.unet, self.models.vae, self.args.engine_batches or (self.batch,)
+        for round_ in range(2):
+            for b in batches:
+                if round_ == 0:
+                    t = time.perf_counter()
+                    path = aot.build_engine(unet, vae, b, log=lambda m: print(m, flush=True))
+                    s[f"b{b}/engine"] = {"name": path.name, "ready_s": round(time.perf_counter() - t, 1)}
+                    # Kept at once: a call that runs out of time still returns the engine for the next
+                    shutil.copytree(path, self.args.out / "engines" / path.name, dirs_exist_ok=True)
+                gen = render._generator(unet, vae, "aot", b)
+                s.setdefault(f"b{b}", []).append(br.measure_generator(gen, self.models, b))
+                print(f"b{b}", json.dumps(s[f"b{b}"][-1]), flush=True)
+                self.report.save()
+        for b in batches:
+            s[f"b{b}/kernels"] = engine_kernels(unet, vae, b)
+            self.report.save()
 
     def aot_parts(self, s: dict) -> None:
         parts = self.args.out / "parts"
@@ -563,6 +577,22 @@ class Probe(br.Bench):
                 s[name] = {"error": "timed out"}
             print(name, json.dumps(s[name]), flush=True)
             self.report.save()
+
+
+def engine_kernels(unet, vae, batch: int) -> dict:
+    """Kernel times of the AOT engine's UNet and VAE decode at ``batch`` (found, else built), called
+    directly (no graph, so each kernel is seen): ``kernel_profile`` per step."""
+    from musetalk_ops import aot
+
+    engine = aot.engine_for(unet, vae, batch)
+    latents = torch.randn(batch, 8, 32, 32, device="cuda", dtype=torch.float16)
+    tokens = torch.randn(batch, 50, 384, device="cuda", dtype=torch.float16)
+    pred = engine.unet(latents, tokens)
+    return {
+        "engine": engine.path.name,
+        "unet": kernel_profile(lambda: engine.unet(latents, tokens), batch),
+        "vae": kernel_profile(lambda: engine.vae(pred), batch),
+    }
 
 
 def kernel_profile(step: Callable[[], object], batch: int, iters: int = 3) -> dict:
@@ -778,6 +808,9 @@ def main() -> None:
     parser.add_argument("--sections", type=lambda v: v.split(","))
     parser.add_argument("--variants", type=lambda v: v.split(","))
     parser.add_argument("--engines", type=Path, help="AOT engines of an earlier run to reuse")
+    parser.add_argument(
+        "--engine-batches", type=lambda v: [int(b) for b in v.split(",")], help="engine_batches: 32,64"
+    )
     parser.add_argument("--parts", type=Path, help="aot_parts: packages of an earlier call ($OUT/parts)")
     parser.add_argument(
         "--encoder-configs",
