@@ -822,7 +822,7 @@ class Bench:
     def generator(self, s: dict) -> None:
         sizes = {"graphs": (8, 20, 48), "eager": (20, 48)} if cuda() else {"eager": (4,)}
         for mode, batches in sizes.items():
-            for b in batches:
+            for b in sorted({*batches, self.batch}):  # and the render batch size
                 s[f"{mode}/b{b}"] = generator_fps(self.models, mode, b, False)
 
     def encoder_alone(self, s: dict) -> None:
