@@ -377,6 +377,7 @@ def child_failure(kind: str, stderr: str) -> str:
 
 def cold_start(
     mode: str,
+    batch: int,
     models_root: Path,
     cache: Path,
     wav: Path,
@@ -392,7 +393,7 @@ def cold_start(
     runs = []
     for _ in range(repeats):
         started = time.time()
-        proc = cold_start_process(mode, models_root, cache, wav, out, *features, env=env)
+        proc = cold_start_process(mode, batch, models_root, cache, wav, out, *features, env=env)
         if proc.returncode != 0:
             raise RuntimeError(child_failure(f"cold-start-{mode}", proc.stderr))
         result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -402,10 +403,10 @@ def cold_start(
     return {**runs[len(runs) // 2], "runs_first_frame_s": [run["first_frame_s"] for run in runs]}
 
 
-def import_profile(models_root: Path, cache: Path, wav: Path, out: Path, features: Path) -> None:
+def import_profile(batch: int, models_root: Path, cache: Path, wav: Path, out: Path, features: Path) -> None:
     """One render step's ``-X importtime`` report, kept beside the report (not timed: it slows imports)."""
     proc = cold_start_process(
-        "default", models_root, cache, wav, out, features, python_flags=("-X", "importtime")
+        "default", batch, models_root, cache, wav, out, features, python_flags=("-X", "importtime")
     )
     (CHILD_LOGS / "importtime-render-step.log").write_text(proc.stderr)
 
@@ -444,11 +445,12 @@ def import_torch_seconds(repeats: int = 3) -> dict:
 
 
 def cold_start_process(
-    mode: str, *paths: Path, python_flags: tuple[str, ...] = (), env: dict | None = None
+    mode: str, batch: int, *paths: Path, python_flags: tuple[str, ...] = (), env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """bench/cold_start.py in a fresh interpreter (see its docstring for the arguments)."""
+    script = str(Path(__file__).parent / "cold_start.py")
     return subprocess.run(
-        [sys.executable, *python_flags, str(Path(__file__).parent / "cold_start.py"), mode, *map(str, paths)],
+        [sys.executable, *python_flags, script, mode, str(batch), *map(str, paths)],
         capture_output=True,
         text=True,
         timeout=400,
@@ -805,7 +807,7 @@ class Bench:
 
         step_features = self.work / "short-features.safetensors"
         compute_features(self.models, self.short_wav).save(step_features)
-        args = (self.models_root, self.prepared["512"], self.short_wav, self.work / "c.mp4")
+        args = (self.batch, self.models_root, self.prepared["512"], self.short_wav, self.work / "c.mp4")
         for mode in ("default", *self.modes):
             s[f"{mode}/render_step"] = cold_start(mode, *args, step_features, repeats=self.args.cold_repeats)
         s["default/cli"] = cold_start("default", *args, repeats=self.args.cold_repeats)
@@ -943,7 +945,12 @@ class Bench:
                 "cold": s["512_cold"],
             }
         s["cold_start_warm_cache"] = cold_start(
-            "compiled", self.models_root, self.prepared["512"], self.short_wav, self.work / "cc.mp4"
+            "compiled",
+            self.batch,
+            self.models_root,
+            self.prepared["512"],
+            self.short_wav,
+            self.work / "cc.mp4",
         )
 
     def aot(self, s: dict, autotune: bool) -> None:
@@ -967,6 +974,7 @@ class Bench:
         for mode in ("aot", "default"):
             s[f"cold_start_{mode}/render_step"] = cold_start(
                 mode,
+                self.batch,
                 self.models_root,
                 self.prepared["512"],
                 self.short_wav,

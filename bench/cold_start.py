@@ -1,8 +1,9 @@
 """One cold start: a fresh interpreter renders a short clip; prints when each step was done (JSON).
 
-    python bench/cold_start.py MODE MODELS TEMPLATE_CACHE WAV OUT [FEATURES]
+    python bench/cold_start.py MODE BATCH MODELS TEMPLATE_CACHE WAV OUT [FEATURES]
 
-MODE is a render mode, or ``default`` for the one RenderSettings picks.
+MODE is a render mode, or ``default`` for the one RenderSettings picks; BATCH the render batch size (an
+``aot`` render needs an engine built for it).
 
 With ``FEATURES`` (an audio step's ``features.safetensors``) the process is a render step: UNet and VAE
 only, no whisper; without, it is the CLI (whisper computes the features in the process). Imports only
@@ -23,9 +24,13 @@ from musetalk_ops.cache import load_template  # noqa: E402
 from musetalk_ops.render import RenderSettings, compute_features, load_engine, render_chunk  # noqa: E402
 
 
-def main(mode: str, models_root: str, cache: str, wav: str, out: str, features_file: str = "") -> None:
+def main(
+    mode: str, batch: str, models_root: str, cache: str, wav: str, out: str, features_file: str = ""
+) -> None:
     MARKS["imports"] = time.time()
-    settings = RenderSettings(models_root=Path(models_root), mode=None if mode == "default" else mode)
+    settings = RenderSettings(
+        models_root=Path(models_root), mode=None if mode == "default" else mode, batch_size=int(batch)
+    )
     template = load_template(cache)
     MARKS["template"] = time.time()
     components = ("unet", "vae") if features_file else ("unet", "vae", "whisper")
