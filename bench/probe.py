@@ -26,10 +26,11 @@ as it finishes:
   (``AOT_PARTS``; ``musetalk engine build --autotune``'s settings), each in its own process, timed in
   CUDA graphs beside the same step of the ``--engines`` engine: a tuned engine's parts can be measured
   one device call at a time. Packages are kept in ``$OUT/parts`` and reused from ``--parts``;
-* ``engine_batches``: the AOT engine at each of ``--engine-batches`` (built here where ``--engines`` has
-  none; kept in ``$OUT/engines``), UNet + VAE through the generator a batch at a time and sustained, the
+* ``engine_batches``: the AOT engine at each of ``--engine-batches`` (the step packages ``--engines`` lacks
+  are built first, each in its own process, all at once: a UNet per batch size, one VAE decode for the
+  batches that share its slice), UNet + VAE through the generator a batch at a time and sustained, the
   batch sizes measured in turn for two rounds so that the GPU's drift falls on each alike; each engine's
-  kernels by kind: what a larger batch bucket buys;
+  kernels by kind: what a larger batch buys;
 * ``profile_aot``: the AOT engine's kernels (``--engines`` of an earlier run, else built), per model and
   kind (convolution, GEMM, attention, Inductor's reductions and pointwise kernels), in ms per frame:
   what a faster engine would have to win.
@@ -531,21 +532,44 @@ class Probe(br.Bench):
         from musetalk_ops import aot, render
 
         unet, vae, batches = self.models.unet, self.models.vae, self.args.engine_batches or (self.batch,)
-        for round_ in range(2):
+        missing = {}
+        for b in batches:
+            for name, spec in aot.engine_specs(unet, vae, b).items():
+                if aot.find_step(spec) is None:
+                    missing[spec.key] = (name, b)
+        s["builds"] = self.build_children(list(missing.values()))
+        for _ in range(2):
             for b in batches:
-                if round_ == 0:
-                    t = time.perf_counter()
-                    path = aot.build_engine(unet, vae, b, log=lambda m: print(m, flush=True))
-                    s[f"b{b}/engine"] = {"name": path.name, "ready_s": round(time.perf_counter() - t, 1)}
-                    # Kept at once: a call that runs out of time still returns the engine for the next
-                    shutil.copytree(path, self.args.out / "engines" / path.name, dirs_exist_ok=True)
                 gen = render._generator(unet, vae, "aot", b)
+                s[f"b{b}/engine"] = gen.engine
                 s.setdefault(f"b{b}", []).append(br.measure_generator(gen, self.models, b))
                 print(f"b{b}", json.dumps(s[f"b{b}"][-1]), flush=True)
                 self.report.save()
         for b in batches:
             s[f"b{b}/kernels"] = engine_kernels(unet, vae, b)
             self.report.save()
+
+    def build_children(self, steps: list[tuple[str, int]]) -> dict:
+        """``(step, render batch)`` packages built at once, each in its own process (``--child build``):
+        the seconds each took and the wall time, or a child's error."""
+        t = time.perf_counter()
+        procs = {
+            f"{step}@b{batch}": subprocess.Popen(
+                [sys.executable, __file__, "--child", "build", step, str(self.models_root), str(batch)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for step, batch in steps
+        }
+        built = {}
+        for name, proc in procs.items():
+            out, err = proc.communicate()
+            ok = proc.returncode == 0
+            built[name] = json.loads(out.strip().splitlines()[-1]) if ok else {"error": err[-600:]}
+            print(name, json.dumps(built[name]), flush=True)
+        built["wall_s"] = round(time.perf_counter() - t, 1)
+        return built
 
     def aot_parts(self, s: dict) -> None:
         parts = self.args.out / "parts"
@@ -583,15 +607,16 @@ def engine_kernels(unet, vae, batch: int) -> dict:
     """Kernel times of the AOT engine's UNet and VAE decode at ``batch`` (found, else built), called
     directly (no graph, so each kernel is seen): ``kernel_profile`` per step."""
     from musetalk_ops import aot
+    from musetalk_ops.models.vae import decode_sliced
 
     engine = aot.engine_for(unet, vae, batch)
     latents = torch.randn(batch, 8, 32, 32, device="cuda", dtype=torch.float16)
     tokens = torch.randn(batch, 50, 384, device="cuda", dtype=torch.float16)
     pred = engine.unet(latents, tokens)
     return {
-        "engine": engine.path.name,
+        "engine": engine.name,
         "unet": kernel_profile(lambda: engine.unet(latents, tokens), batch),
-        "vae": kernel_profile(lambda: engine.vae(pred), batch),
+        "vae": kernel_profile(lambda: decode_sliced(engine.vae, pred), batch),
     }
 
 
@@ -650,32 +675,41 @@ AOT_PARTS = {
 }
 
 
+def build_child(step: str, models_root: str, batch: str) -> None:
+    """One engine step's package for render ``batch`` (``aot.build_step``), where it is missing."""
+    from musetalk_ops import aot, render
+
+    settings = render.RenderSettings(models_root=Path(models_root))
+    models = render.load_engine(settings, components=("unet", "vae"))
+    spec = aot.engine_specs(models.unet, models.vae, int(batch))[step]
+    t = time.perf_counter()
+    path = aot.build_step(spec, aot.engine_steps(models.unet, models.vae)[step], models.device)
+    print(json.dumps({"package": path.name, "s": round(time.perf_counter() - t, 1)}))
+
+
 def part_child(variant: str, models_root: str, parts_dir: str, batch: str) -> None:
-    """Compile one engine step as ``variant`` says (unless ``parts_dir`` has it from an earlier call),
-    then time it and the same step of the engine already there, if any, both in CUDA graphs."""
+    """Build one engine step as ``variant`` says into ``parts_dir`` (unless an earlier call did), then
+    time it and the same step of the engine already there, if any, both in CUDA graphs."""
+    from dataclasses import replace
+
     from musetalk_ops import aot
     from musetalk_ops.models import load_models
 
     part, tuned = AOT_PARTS[variant]
-    size = int(batch)
     device, dtype = ("cuda", torch.float16) if br.cuda() else ("cpu", torch.float32)
     models = load_models(models_root, device=device, dtype=dtype, components=("unet", "vae"))
     step = aot.engine_steps(models.unet, models.vae)[part]
-    inputs = aot.example_inputs(size, models.device, dtype)[part]
-    directory = Path(parts_dir) / variant
-    out: dict = {"part": part, "autotune": tuned, "reused": (directory / f"{part}.pt2").exists()}
-    if not out["reused"]:
-        directory.mkdir(parents=True, exist_ok=True)
-        out["cxx"] = aot.engine_compiler()
-        configs = aot.build_configs(part, tuned, out["cxx"])
-        partial = directory / f"{part}.partial.pt2"  # a call cut off mid-build leaves no package behind
-        out["build_s"] = aot.compile_step(step, inputs, partial, configs)
-        partial.rename(directory / f"{part}.pt2")
-    runners = {variant: aot.bound_step(directory, part, step, models.device)}
-    engine = aot.find_engine_for(models.unet, models.vae, size)
+    spec = replace(aot.engine_specs(models.unet, models.vae, int(batch))[part], autotune=tuned)
+    out: dict = {"part": part, "autotune": tuned, "reused": aot.find_step(spec, parts_dir) is not None}
+    t = time.perf_counter()
+    path = aot.build_step(spec, step, models.device, root=parts_dir)
+    out["build_s"] = round(time.perf_counter() - t, 1)
+    runners = {variant: aot.bound_step(path, part, step, models.device)}
+    engine = aot.find_engine_for(models.unet, models.vae, int(batch))
     if engine is not None:
-        runners["engine"] = aot.bound_step(engine, part, step, models.device)
-        out["engine"] = engine.name
+        runners["engine"] = aot.bound_step(engine[part], part, step, models.device)
+        out["engine"] = engine[part].name
+    inputs = aot.step_inputs(spec, models.device, dtype)
     for key, runner in runners.items():
 
         def run(x, runner=runner):
@@ -683,7 +717,7 @@ def part_child(variant: str, models_root: str, parts_dir: str, batch: str) -> No
 
         make = lambda: torch.randn_like(inputs[0])  # noqa: E731
         ms = graph_ms(run, make) if br.cuda() else cpu_ms(run, make)
-        out[f"{key}_ms_per_frame"] = round(ms / size, 4)
+        out[f"{key}_ms_per_frame"] = round(ms / spec.batch, 4)
     print(json.dumps(out))
 
 
@@ -820,7 +854,7 @@ def main() -> None:
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        {"compile": compile_child, "part": part_child}[args.child[0]](*args.child[1:])
+        {"compile": compile_child, "part": part_child, "build": build_child}[args.child[0]](*args.child[1:])
         return
     work = br.work_dir("musetalk-probe-", args.engines)
     report = br.Report(args.out, args.budget, sys.argv, args.sections, filename="probe.json")

@@ -17,14 +17,17 @@ image sets ``CXX`` to a GCC of its own whose libstdc++ ends up linked statically
 it then dies of SIGSEGV in the wrapper's first ``std::regex`` (two copies of libstdc++'s locale tables;
 bench/RESULTS.md, session 4). So a build picks the compiler itself (``engine_compiler``): one whose
 libstdc++ is the file this process has mapped. And a new engine is published only after a fresh
-interpreter has loaded it, bound weights and run it once (``check_engine``): a runtime that still
+interpreter has loaded it, bound weights and run it once (``check_step``): a runtime that still
 crashes leaves no engine behind, and renders keep to the ``graphs`` path instead of crashing.
 
-An engine is valid for one GPU type, torch/CUDA version, dtype, batch size and model structure;
-``EngineSpec.key`` names all of them, and the engine lives in ``<root>/<key>/`` (``engine.json`` last, the
-directory renamed into place, so a half-built engine is never found). ``root`` defaults to
-``$MUSETALK_CACHE/engines``. A render on CUDA runs the engine for its GPU and batch size wherever there is
-one (``render.resolve_mode``); it never builds one unasked. k8s/engine.yaml builds it on the GPU node.
+An engine is two packages, one per step, each built, checked and stored on its own: the UNet at the
+render batch size, the VAE decode at its slice of that batch (``vae.decode_slices``: at most 32 frames,
+so engines for 32 and 64 share one decode). A step's package is valid for one GPU type, torch/CUDA
+version, dtype, batch size and model structure; ``StepSpec.key`` names all of them, and the package lives
+in ``<root>/<key>/`` (``engine.json`` last, the directory renamed into place, so a half-built one is
+never found). ``root`` defaults to ``$MUSETALK_CACHE/engines``. A render on CUDA runs the engine for its
+GPU and batch size wherever both steps are there (``render.resolve_mode``); it never builds one unasked.
+k8s/engine.yaml builds it on the GPU node.
 """
 
 import hashlib
@@ -47,14 +50,16 @@ from musetalk_ops.config import DTYPES, cache_dir, dtype_name
 from musetalk_ops.errors import EngineError
 from musetalk_ops.files import write_json
 from musetalk_ops.models.unet_model import UNet
-from musetalk_ops.models.vae import decode_latents
+from musetalk_ops.models.vae import decode_latents, decode_slices
 from musetalk_ops.models.vae_model import VAE
 
 # 2: group norms from per-channel moments (layers.GroupNorm), the VAE's kernels tuned in every build.
-# Part of an engine's spec (and key): an engine of older model code is never found.
-ENGINE_FORMAT = 2
+# 3: a package per step, the VAE decode at its slice of the batch (vae.decode_slices).
+# Part of a step's spec (and key): a package of older model code is never found.
+ENGINE_FORMAT = 3
+STEPS = ("unet", "vae")
 MANIFEST = "engine.json"
-CHECK = "check.json"  # what the fresh-process check needs: device, batch, the weights' shapes
+CHECK = "check.json"  # what the fresh-process check needs: device, dtype, the weights' shapes
 # Test hook: the check process kills itself with this signal (e.g. SEGV) before loading, as a broken
 # AOTInductor runtime does.
 FAULT_CHECK_SIGNAL = "MUSETALK_FAULT_ENGINE_CHECK"
@@ -78,46 +83,52 @@ AUTOTUNE_CONFIG = {"max_autotune": True, "coordinate_descent_tuning": True}
 
 
 @dataclass(frozen=True)
-class EngineSpec:
-    """Everything a compiled engine depends on except the weights' values."""
+class StepSpec:
+    """Everything a step's compiled package depends on except the weights' values."""
 
     format: int  # ENGINE_FORMAT: how this code builds the steps
+    step: str  # "unet" or "vae"
     device: str  # "NVIDIA H100 80GB HBM3 sm90", or "cpu"
     torch: str  # torch and CUDA versions
     dtype: str
-    batch: int
+    batch: int  # frames per call: the render batch for the UNet, its decode slice for the VAE
     autotune: bool
-    structure: str  # hash of both models' parameter names, shapes and dtypes, and their configs
+    structure: str  # hash of the step's model: parameter names, shapes and dtypes, and its config
 
     @property
     def key(self) -> str:
         digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
         device = re.sub(r"[^a-z0-9]+", "-", self.device.lower()).strip("-")[:40]
-        return f"{device}-{self.dtype}-b{self.batch}{'-autotune' if self.autotune else ''}-{digest}"
+        tuned = "-autotune" if self.autotune else ""
+        return f"{device}-{self.dtype}-{self.step}-b{self.batch}{tuned}-{digest}"
 
 
-def engine_spec(unet: UNet, vae: VAE, batch: int, *, autotune: bool = False) -> EngineSpec:
-    """The spec an engine for these models (on their device and dtype) at ``batch`` would have."""
+def _structure(model: UNet | VAE) -> str:
+    digest = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True, default=str).encode())
+    for key, value in model.state_dict().items():
+        digest.update(f"{key}:{tuple(value.shape)}:{value.dtype};".encode())
+    return digest.hexdigest()[:16]
+
+
+def engine_specs(unet: UNet, vae: VAE, batch: int, *, autotune: bool = False) -> dict[str, StepSpec]:
+    """The specs of an engine's steps for these models (on their device and dtype) at render ``batch``."""
     device = unet.device
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         name = f"{torch.cuda.get_device_name(device)} sm{major}{minor}"
     else:
         name = device.type
-    structure = hashlib.sha256()
-    for model in (unet, vae):
-        structure.update(json.dumps(asdict(model.config), sort_keys=True, default=str).encode())
-        for key, value in model.state_dict().items():
-            structure.update(f"{key}:{tuple(value.shape)}:{value.dtype};".encode())
-    return EngineSpec(
-        format=ENGINE_FORMAT,
-        device=name,
-        torch=f"{torch.__version__} cuda {torch.version.cuda}",
-        dtype=dtype_name(unet.dtype),
-        batch=batch,
-        autotune=autotune,
-        structure=structure.hexdigest()[:16],
-    )
+    common = {
+        "format": ENGINE_FORMAT,
+        "device": name,
+        "torch": f"{torch.__version__} cuda {torch.version.cuda}",
+        "dtype": dtype_name(unet.dtype),
+        "autotune": autotune,
+    }
+    return {
+        "unet": StepSpec(step="unet", batch=batch, structure=_structure(unet), **common),
+        "vae": StepSpec(step="vae", batch=decode_slices(batch)[1], structure=_structure(vae), **common),
+    }
 
 
 def _libstdcxx(path: str) -> Path | None:
@@ -154,7 +165,7 @@ def compiler_libstdcxx(compiler: str) -> Path | None:
 def engine_compiler() -> str | None:
     """The C++ compiler for an engine's wrapper: ``$MUSETALK_ENGINE_CXX`` as given, else the first of
     ``$CXX``, g++, c++ and clang++ whose libstdc++ is the one this process has mapped; None (Inductor's
-    default) when none is (``check_engine`` still guards the result)."""
+    default) when none is (``check_step`` still guards the result)."""
     if os.environ.get(ENGINE_CXX):
         return os.environ[ENGINE_CXX]
     loaded = loaded_libstdcxx()
@@ -172,8 +183,8 @@ def engines_dir(root: str | os.PathLike | None = None) -> Path:
     return Path(root) if root is not None else cache_dir() / "engines"
 
 
-def find_engine(spec: EngineSpec, root: str | os.PathLike | None = None) -> Path | None:
-    """The directory of a complete engine for ``spec`` under ``root``, or None."""
+def find_step(spec: StepSpec, root: str | os.PathLike | None = None) -> Path | None:
+    """The directory of a complete package for ``spec`` under ``root``, or None."""
     path = engines_dir(root) / spec.key
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -212,6 +223,21 @@ def engine_steps(unet: UNet, vae: VAE) -> dict[str, torch.nn.Module]:
     return {"unet": _UNetStep(unet).eval(), "vae": _DecodeStep(vae).eval()}
 
 
+def step_inputs(spec: StepSpec, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Zero inputs of ``spec``'s step, contiguous as the generator's buffers (a package assumes its
+    example inputs' strides)."""
+    if spec.step == "unet":
+        return (
+            torch.zeros((spec.batch, 8, 32, 32), device=device, dtype=dtype),
+            torch.zeros((spec.batch, 50, 384), device=device, dtype=dtype),
+        )
+    return (torch.zeros((spec.batch, 4, 32, 32), device=device, dtype=dtype),)
+
+
+def step_output_shape(spec: StepSpec) -> tuple[int, ...]:
+    return (spec.batch, 4, 32, 32) if spec.step == "unet" else (spec.batch, 256, 256, 3)
+
+
 def _weights(step: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(step.named_parameters()), **dict(step.named_buffers())}
 
@@ -237,20 +263,6 @@ def _bind(runner, weights: dict[str, torch.Tensor], path: Path, name: str) -> No
     if missing:
         raise EngineError(f"engine {path} does not match the loaded {name}: it needs {missing[0]}")
     runner.load_constants({fqn: weights[fqn] for fqn in needed if fqn in weights}, False, True, True)
-
-
-def example_inputs(
-    batch: int, device: torch.device, dtype: torch.dtype
-) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Zero inputs of each step at ``batch``, contiguous as the generator's buffers (an engine assumes
-    its example inputs' strides)."""
-    return {
-        "unet": (
-            torch.zeros((batch, 8, 32, 32), device=device, dtype=dtype),
-            torch.zeros((batch, 50, 384), device=device, dtype=dtype),
-        ),
-        "vae": (torch.zeros((batch, 4, 32, 32), device=device, dtype=dtype),),
-    }
 
 
 def build_configs(step: str, autotune: bool, cxx: str | None) -> dict:
@@ -285,16 +297,16 @@ def bound_step(path: Path, name: str, step: torch.nn.Module, device: torch.devic
     return runner
 
 
-def check_engine(path: Path, unet: UNet, vae: VAE, batch: int) -> None:
-    """Load ``path``'s packages in a fresh interpreter, bind zero weights of the models' shapes and run
-    each step once; raise ``EngineError`` (naming the signal of a crash) if that fails."""
-    shapes = {
-        name: {fqn: list(t.shape) for fqn, t in _weights(step).items()}
-        for name, step in engine_steps(unet, vae).items()
-    }
+def check_step(path: Path, spec: StepSpec, step: torch.nn.Module, device: torch.device) -> None:
+    """Load ``path``'s package in a fresh interpreter, bind zero weights of the step's shapes and run it
+    once; raise ``EngineError`` (naming the signal of a crash) if that fails."""
     write_json(
         path / CHECK,
-        {"device": str(unet.device), "dtype": dtype_name(unet.dtype), "batch": batch, "shapes": shapes},
+        {
+            "spec": asdict(spec),
+            "device": str(device),
+            "shapes": {fqn: list(t.shape) for fqn, t in _weights(step).items()},
+        },
     )
     try:
         proc = subprocess.run(
@@ -309,27 +321,69 @@ def check_engine(path: Path, unet: UNet, vae: VAE, batch: int) -> None:
             else f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}"
         )
         raise EngineError(
-            f"the engine built for {unet.device} does not load and run in a fresh process ({how}); "
+            f"the engine built for {device} does not load and run in a fresh process ({how}); "
             "nothing was kept, renders use the graphs path"
         )
 
 
 def _check_main(path: Path) -> None:
-    """``check_engine``'s fresh process."""
+    """``check_step``'s fresh process."""
     fault = os.environ.get(FAULT_CHECK_SIGNAL)
     if fault:
         os.kill(os.getpid(), signal.Signals[f"SIG{fault}"])
     check = json.loads((path / CHECK).read_text())
-    device, dtype, batch = torch.device(check["device"]), DTYPES[check["dtype"]], check["batch"]
-    inputs = example_inputs(batch, device, dtype)
-    expected = {"unet": (batch, 4, 32, 32), "vae": (batch, 256, 256, 3)}
-    for name, shapes in check["shapes"].items():
-        runner = _loader(path, name, device)
-        weights = {fqn: torch.zeros(shape, device=device, dtype=dtype) for fqn, shape in shapes.items()}
-        _bind(runner, weights, path, name)
-        (out,) = runner.run(list(inputs[name]))
-        if tuple(out.shape) != expected[name]:
-            raise SystemExit(f"{name} returned {tuple(out.shape)}, expected {expected[name]}")
+    spec, device = StepSpec(**check["spec"]), torch.device(check["device"])
+    dtype = DTYPES[spec.dtype]
+    runner = _loader(path, spec.step, device)
+    weights = {fqn: torch.zeros(shape, device=device, dtype=dtype) for fqn, shape in check["shapes"].items()}
+    _bind(runner, weights, path, spec.step)
+    (out,) = runner.run(list(step_inputs(spec, device, dtype)))
+    if tuple(out.shape) != step_output_shape(spec):
+        raise SystemExit(f"{spec.step} returned {tuple(out.shape)}, expected {step_output_shape(spec)}")
+
+
+def build_step(
+    spec: StepSpec,
+    step: torch.nn.Module,
+    device: torch.device,
+    root: str | os.PathLike | None = None,
+    log: Callable[[str], None] = lambda _message: None,
+) -> Path:
+    """Export and compile ``step`` for ``spec``, check it in a fresh process and store it; returns its
+    directory. Takes minutes on a GPU; a complete package already there is reused."""
+    found = find_step(spec, root)
+    if found is not None:
+        return found
+    final = engines_dir(root) / spec.key
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{spec.key}.{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        cxx = engine_compiler()
+        log(f"C++ compiler for the wrapper: {cxx or 'Inductor default ($CXX, else g++)'}")
+        log(f"compiling the {spec.step} for batch {spec.batch} on {spec.device} (minutes)")
+        inputs = step_inputs(spec, device, DTYPES[spec.dtype])
+        seconds = compile_step(
+            step, inputs, staging / f"{spec.step}.pt2", build_configs(spec.step, spec.autotune, cxx)
+        )
+        manifest = {
+            "format": ENGINE_FORMAT,
+            "spec": asdict(spec),
+            "build_seconds": seconds,
+            "cxx": cxx,  # None: Inductor's default
+            "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        check_step(staging, spec, step, device)
+        write_json(staging / MANIFEST, manifest)
+        try:
+            staging.rename(final)
+        except OSError:  # another process finished the same package first: keep theirs
+            if find_step(spec, root) is None:
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
 
 
 def build_engine(
@@ -340,67 +394,36 @@ def build_engine(
     autotune: bool = False,
     root: str | os.PathLike | None = None,
     log: Callable[[str], None] = lambda _message: None,
-) -> Path:
-    """Export and compile both steps for ``batch`` and store the engine; returns its directory.
-
-    Takes minutes on a GPU (more with ``autotune``); a complete engine already there is reused."""
-    spec = engine_spec(unet, vae, batch, autotune=autotune)
-    found = find_engine(spec, root)
-    if found is not None:
-        return found
-    final = engines_dir(root) / spec.key
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".{spec.key}.{os.getpid()}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    seconds: dict[str, float] = {}
-    try:
-        inputs = example_inputs(batch, unet.device, unet.dtype)
-        cxx = engine_compiler()
-        log(f"C++ compiler for the wrappers: {cxx or 'Inductor default ($CXX, else g++)'}")
-        for name, step in engine_steps(unet, vae).items():
-            log(f"compiling the {name} for batch {batch} on {spec.device} (minutes)")
-            configs = build_configs(name, autotune, cxx)
-            seconds[name] = compile_step(step, inputs[name], staging / f"{name}.pt2", configs)
-        manifest = {
-            "format": ENGINE_FORMAT,
-            "spec": asdict(spec),
-            "build_seconds": seconds,
-            "cxx": cxx,  # None: Inductor's default
-            "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        check_engine(staging, unet, vae, batch)
-        write_json(staging / MANIFEST, manifest)
-        try:
-            staging.rename(final)
-        except OSError:  # another process finished the same engine first: keep theirs
-            if find_engine(spec, root) is None:
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+) -> dict[str, Path]:
+    """Both steps' packages for render ``batch``, each built first where there is none (minutes on a
+    GPU, more with ``autotune``); returns their directories by step."""
+    specs = engine_specs(unet, vae, batch, autotune=autotune)
+    steps = engine_steps(unet, vae)
+    return {name: build_step(specs[name], steps[name], unet.device, root, log) for name in STEPS}
 
 
 @dataclass
 class Engine:
-    """The loaded steps, called like the models: ``unet(latents, tokens)``, ``vae(latents)``."""
+    """The loaded steps, called like the models: ``unet(latents, tokens)``, ``vae(latents)`` (the VAE
+    at its own batch: ``vae.decode_sliced`` feeds it)."""
 
-    path: Path
+    paths: dict[str, Path]
     unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     vae: Callable[[torch.Tensor], torch.Tensor]
 
+    @property
+    def name(self) -> str:
+        return " + ".join(path.name for path in self.paths.values())
 
-def load_engine(path: str | os.PathLike, unet: UNet, vae: VAE) -> Engine:
-    """Load the engine in ``path`` and bind it to the weights of ``unet`` and ``vae`` (not copied: the
-    engine reads the models' own tensors, which must stay alive and unchanged)."""
-    path = Path(path)
-    runners = {
-        name: bound_step(path, name, step, unet.device) for name, step in engine_steps(unet, vae).items()
-    }
-    unet_runner, vae_runner = runners["unet"], runners["vae"]
+
+def load_engine(paths: dict[str, Path], unet: UNet, vae: VAE) -> Engine:
+    """Load the packages in ``paths`` (by step) and bind them to the weights of ``unet`` and ``vae`` (not
+    copied: the engine reads the models' own tensors, which must stay alive and unchanged)."""
+    steps = engine_steps(unet, vae)
+    unet_runner, vae_runner = (bound_step(paths[name], name, steps[name], unet.device) for name in STEPS)
     device = unet.device
     return Engine(
-        path=path,
+        paths=dict(paths),
         unet=lambda latents, tokens: run_step(unet_runner, [latents, tokens], lambda: oom_count(device)),
         vae=lambda latents: run_step(vae_runner, [latents], lambda: oom_count(device)),
     )
@@ -425,21 +448,26 @@ def run_step(runner, inputs: list[torch.Tensor], ooms: Callable[[], int]) -> tor
         raise
 
 
-def find_engine_for(unet: UNet, vae: VAE, batch: int, root: str | os.PathLike | None = None) -> Path | None:
-    """An autotuned engine for these models at ``batch`` where one was built, else the default one."""
-    spec = engine_spec(unet, vae, batch, autotune=True)  # hashes the models' structure once for both
-    for autotune in (True, False):
-        found = find_engine(replace(spec, autotune=autotune), root)
-        if found is not None:
-            return found
-    return None
+def find_engine_for(
+    unet: UNet, vae: VAE, batch: int, root: str | os.PathLike | None = None
+) -> dict[str, Path] | None:
+    """Each step's package for these models at render ``batch`` (an autotuned one where one was built,
+    else the default), or None unless both are there."""
+    specs = engine_specs(unet, vae, batch, autotune=True)  # hashes the models' structure once for both
+    found = {}
+    for name, spec in specs.items():
+        path = find_step(spec, root) or find_step(replace(spec, autotune=False), root)
+        if path is None:
+            return None
+        found[name] = path
+    return found
 
 
 def engine_for(unet: UNet, vae: VAE, batch: int, *, root: str | os.PathLike | None = None) -> Engine:
-    """``find_engine_for``'s engine, loaded; the default one is built first if there is none (minutes,
-    once per GPU type)."""
-    path = find_engine_for(unet, vae, batch, root) or build_engine(unet, vae, batch, root=root)
-    return load_engine(path, unet, vae)
+    """``find_engine_for``'s engine, loaded; missing steps are built first with default settings
+    (minutes, once per GPU type)."""
+    paths = find_engine_for(unet, vae, batch, root) or build_engine(unet, vae, batch, root=root)
+    return load_engine(paths, unet, vae)
 
 
 if __name__ == "__main__":

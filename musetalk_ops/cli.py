@@ -254,12 +254,12 @@ def cmd_engine(args: argparse.Namespace) -> int:
     settings = _render_settings(args, batch_size=args.batch_size)
     models = load_engine(settings, version=args.version or "v15", components=("unet", "vae"))
     start = time.perf_counter()
-    path = aot.build_engine(
+    paths = aot.build_engine(
         models.unet, models.vae, args.batch_size, autotune=args.autotune, root=args.dir, log=log.info
     )
-    print(
-        f"engine for {models.device} at batch {args.batch_size}: {path} ({time.perf_counter() - start:.0f} s)"
-    )
+    print(f"engine for {models.device} at batch {args.batch_size} ({time.perf_counter() - start:.0f} s):")
+    for name, path in paths.items():
+        print(f"  {name}: {path}")
     return 0
 
 

@@ -42,14 +42,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
 from musetalk_ops import aot
 from musetalk_ops.config import cache_dir
 from musetalk_ops.models.unet_model import UNet
-from musetalk_ops.models.vae import decode_latents
+from musetalk_ops.models.vae import decode_latents, decode_sliced
 from musetalk_ops.models.vae_model import VAE
 
 MODES = ("eager", "graphs", "compiled", "aot")
@@ -161,11 +160,11 @@ class FaceGenerator:
             self._unet = torch.compile(self._unet, dynamic=False)
             decode = decode_latents.__wrapped__  # without its inference-mode decorator (see above)
             self._vae = torch.compile(lambda pred: decode(vae, pred), dynamic=False)
-        self.engine: Path | None = None
+        self.engine: str | None = None  # the aot engine's package names
         if mode == "aot":
             start = time.perf_counter()
             engine = aot.engine_for(unet, vae, max_batch, root=engines)
-            self._unet, self._vae, self.engine = engine.unet, engine.vae, engine.path
+            self._unet, self._vae, self.engine = engine.unet, engine.vae, engine.name
             self.build_seconds += time.perf_counter() - start
         self._state: dict[int, _Bucket] = {}
         self._pool = None
@@ -215,7 +214,7 @@ class FaceGenerator:
                     with clock("unet"):
                         pred = self._unet(state.latents, state.tokens)
                     with clock("vae_decode"):
-                        faces = self._vae(pred)
+                        faces = self._decode(pred)
                     state.runs += 1
             return faces[:n]
 
@@ -229,8 +228,13 @@ class FaceGenerator:
             if self.mode == "compiled":
                 self._timed(self._compile_and_capture, state)
             elif self.mode == "eager" and self.device.type == "cuda" and self.cudnn_benchmark:
-                self._timed(lambda s: self._vae(self._unet(s.latents, s.tokens)), state)  # autotune now
+                self._timed(lambda s: self._decode(self._unet(s.latents, s.tokens)), state)  # autotune now
         return state
+
+    def _decode(self, pred: torch.Tensor) -> torch.Tensor:
+        """The VAE decode of a bucket, in slices of at most ``vae.DECODE_BATCH`` frames (one shape per
+        bucket, the engine's own for ``aot``)."""
+        return decode_sliced(self._vae, pred)
 
     def _timed(self, step: Callable[[_Bucket], object], state: _Bucket) -> None:
         start = time.perf_counter()
@@ -243,7 +247,7 @@ class FaceGenerator:
         # Not Inductor's freezing: it took the UNet from 0.638 to 0.585 ms/frame, but frozen graphs bypass
         # the on-disk graph cache, so every process compiled again (first frame 67–75 s instead of 33–35)
         for _ in range(2):  # compile, then let lazy initialisation happen outside the capture
-            self._vae(self._unet(state.latents, state.tokens))
+            self._decode(self._unet(state.latents, state.tokens))
         # Inductor keeps a pool of compile processes; idle, they still cost the encoders' CPUs ~3 %
         from torch._inductor.async_compile import shutdown_compile_workers
 
@@ -259,5 +263,5 @@ class FaceGenerator:
         with torch.cuda.graph(unet_graph, pool=self._pool, capture_error_mode="thread_local"):
             state.pred = self._unet(state.latents, state.tokens)
         with torch.cuda.graph(vae_graph, pool=self._pool, capture_error_mode="thread_local"):
-            state.faces = self._vae(state.pred)
+            state.faces = self._decode(state.pred)
         state.graphs = (unet_graph, vae_graph)

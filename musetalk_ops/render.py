@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,7 @@ from musetalk_ops.generator import GRAPH_MODES, MODES, FaceGenerator, StageClock
 from musetalk_ops.ids import default_template_id
 from musetalk_ops.models import Models, load_models
 from musetalk_ops.models.unet import unet_predict
-from musetalk_ops.models.vae import decode_latents
+from musetalk_ops.models.vae import decode_latents, decode_sliced
 from musetalk_ops.timings import Timings
 from musetalk_ops.video import SegmentWriter, fps_fraction, mux
 from musetalk_ops.yuv import i420_planes, rgb_to_yuv420
@@ -378,7 +378,7 @@ def _render_reference(models: Models, job: _Job, out_path: Path, settings: Rende
                     with timings.stage("unet", device):
                         pred = unet_predict(models.unet, latents[src], tokens)
                     with timings.stage("vae_decode", device):
-                        decoded = decode_latents(models.vae, pred).cpu().numpy()
+                        decoded = decode_sliced(partial(decode_latents, models.vae), pred).cpu().numpy()
                     faces = dict(zip(rows.tolist(), decoded, strict=True))
                 compositor.submit(batch, faces)
         finally:

@@ -18,7 +18,9 @@ from musetalk_ops.cache import load_template
 from musetalk_ops.errors import EngineError
 from musetalk_ops.generator import FaceGenerator, StageClock
 from musetalk_ops.models import load_models
+from musetalk_ops.models import vae as vae_module
 from musetalk_ops.models.demo import write_demo_models
+from musetalk_ops.models.vae import decode_latents, decode_sliced, decode_slices
 from musetalk_ops.render import RenderSettings, _generator, render_chunk, resolve_mode
 
 BATCH = 4  # the aot_cache fixture's engine
@@ -45,20 +47,70 @@ def level_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def test_the_cli_builds_a_complete_engine_once(aot_cache, demo_models):
     models = cpu_models(demo_models)
     engines = aot_cache / "engines"
-    found = aot.find_engine(aot.engine_spec(models.unet, models.vae, BATCH), engines)
-    assert found is not None and sorted(p.name for p in found.iterdir()) == [
-        "engine.json",
-        "unet.pt2",
-        "vae.pt2",
-    ]
-    manifest = json.loads((found / "engine.json").read_text())
-    assert manifest["spec"]["batch"] == BATCH and manifest["spec"]["device"] == "cpu"
-    assert manifest["cxx"] == aot.engine_compiler() == shutil.which("g++")
-    assert not any(p.name.startswith(".") for p in engines.iterdir())  # no staging directory left
-    # A second build finds it: nothing is compiled or rewritten.
-    before = (found / "engine.json").stat().st_mtime_ns
+    found = aot.find_engine_for(models.unet, models.vae, BATCH, engines)
+    assert found is not None and list(found) == ["unet", "vae"]
+    for name, path in found.items():
+        assert sorted(p.name for p in path.iterdir()) == ["engine.json", f"{name}.pt2"]
+        manifest = json.loads((path / "engine.json").read_text())
+        assert manifest["spec"]["step"] == name and manifest["spec"]["batch"] == BATCH
+        assert manifest["spec"]["device"] == "cpu"
+        assert manifest["cxx"] == aot.engine_compiler() == shutil.which("g++")
+    # Nothing else, no staging directory left.
+    assert sorted(p.name for p in engines.iterdir()) == sorted(p.name for p in found.values())
+    # A second build finds both: nothing is compiled or rewritten.
+    before = {name: (path / "engine.json").stat().st_mtime_ns for name, path in found.items()}
     assert aot.build_engine(models.unet, models.vae, BATCH, root=engines) == found
-    assert (found / "engine.json").stat().st_mtime_ns == before
+    assert {name: (path / "engine.json").stat().st_mtime_ns for name, path in found.items()} == before
+
+
+def test_larger_batches_decode_in_equal_slices():
+    assert [decode_slices(n) for n in (1, 20, 32, 33, 48, 64, 65, 96)] == [
+        (1, 1),
+        (1, 20),
+        (1, 32),
+        (2, 17),
+        (2, 24),
+        (2, 32),
+        (3, 22),
+        (3, 32),
+    ]
+
+
+def test_an_engine_for_a_larger_batch_reuses_the_decode_and_slices_it(
+    aot_cache, demo_models, tmp_path, monkeypatch
+):
+    """With decodes of at most 2 frames (as 32 on a GPU), an engine for BATCH runs its UNet at BATCH and
+    its VAE at 2, twice per batch, the last slice padded: only the VAE is built (the UNet's package is
+    the one built for BATCH), and the faces are the eager ones."""
+    models = cpu_models(demo_models)
+    before = aot.find_engine_for(models.unet, models.vae, BATCH, aot_cache / "engines")
+    shutil.copytree(aot_cache / "engines", tmp_path, dirs_exist_ok=True)
+    monkeypatch.setattr(vae_module, "DECODE_BATCH", 2)
+    latents, tokens = inputs(3)
+    got = faces_of(models, "aot", latents, tokens, tmp_path)
+    paths = aot.find_engine_for(models.unet, models.vae, BATCH, tmp_path)
+    assert paths["unet"].name == before["unet"].name and paths["vae"].name != before["vae"].name
+    assert json.loads((paths["vae"] / "engine.json").read_text())["spec"]["batch"] == 2
+    want = faces_of(models, "eager", latents, tokens)
+    assert got.shape == want.shape == (3, 256, 256, 3)
+    diff = level_diff(got, want)
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.001
+
+
+def test_a_sliced_decode_gives_the_whole_batch_decode(demo_models, monkeypatch):
+    """Slices of 3 for 7 latents: three calls of one shape (the last padded), the faces of one call."""
+    vae = cpu_models(demo_models).vae
+    latents = torch.randn(7, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    shapes = []
+
+    def decode(part):
+        shapes.append(tuple(part.shape))
+        return decode_latents(vae, part)
+
+    monkeypatch.setattr(vae_module, "DECODE_BATCH", 3)
+    got = decode_sliced(decode, latents)
+    assert shapes == [(3, 4, 32, 32)] * 3
+    assert level_diff(got, decode_latents(vae, latents)).max() <= 1 and got.shape == (7, 256, 256, 3)
 
 
 def test_the_engine_generates_the_eager_faces(aot_cache, demo_models):
@@ -89,19 +141,19 @@ def test_the_engine_binds_other_weights_of_the_same_architecture(aot_cache, demo
 
 def test_incomplete_or_foreign_engines_are_not_found(aot_cache, demo_models, tmp_path):
     models = cpu_models(demo_models)
-    spec = aot.engine_spec(models.unet, models.vae, BATCH)
-    source = aot.find_engine(spec, aot_cache / "engines")
+    spec = aot.engine_specs(models.unet, models.vae, BATCH)["vae"]
     copy = tmp_path / spec.key
-    shutil.copytree(source, copy)
-    assert aot.find_engine(spec, tmp_path) == copy
-    assert aot.find_engine(aot.engine_spec(models.unet, models.vae, 8), tmp_path) is None  # batch
+    shutil.copytree(aot.find_step(spec, aot_cache / "engines"), copy)
+    assert aot.find_step(spec, tmp_path) == copy
+    assert aot.find_engine_for(models.unet, models.vae, BATCH, tmp_path) is None  # no UNet step
+    assert aot.find_step(aot.engine_specs(models.unet, models.vae, 8)["vae"], tmp_path) is None  # batch
     manifest = json.loads((copy / "engine.json").read_text())
     (copy / "engine.json").write_text(json.dumps({**manifest, "format": 0}))
-    assert aot.find_engine(spec, tmp_path) is None  # another format
+    assert aot.find_step(spec, tmp_path) is None  # another format
     (copy / "engine.json").write_text("{")
-    assert aot.find_engine(spec, tmp_path) is None  # torn manifest
+    assert aot.find_step(spec, tmp_path) is None  # torn manifest
     (copy / "engine.json").unlink()
-    assert aot.find_engine(spec, tmp_path) is None  # still being built
+    assert aot.find_step(spec, tmp_path) is None  # still being built
 
 
 def test_render_chunk_through_the_engine_gives_the_reference_frames(
@@ -216,14 +268,15 @@ def test_an_engine_whose_runtime_crashes_is_refused(aot_cache, demo_models, tmp_
     AOTInductor runtime (simulated: the check process dies of SIGSEGV, as engines built with the lent GPU
     image's own ``$CXX`` do there) is a one-line EngineError naming the signal."""
     models = cpu_models(demo_models)
-    engine = aot.find_engine(aot.engine_spec(models.unet, models.vae, BATCH), aot_cache / "engines")
-    copy = shutil.copytree(engine, tmp_path / "engine")
-    aot.check_engine(copy, models.unet, models.vae, BATCH)
+    spec = aot.engine_specs(models.unet, models.vae, BATCH)["unet"]
+    step = aot.engine_steps(models.unet, models.vae)["unet"]
+    copy = shutil.copytree(aot.find_step(spec, aot_cache / "engines"), tmp_path / "engine")
+    aot.check_step(copy, spec, step, models.device)
     monkeypatch.setenv(aot.FAULT_CHECK_SIGNAL, "SEGV")
     with pytest.raises(
         EngineError, match="does not load and run in a fresh process \\(crashed with SIGSEGV\\)"
     ):
-        aot.check_engine(copy, models.unet, models.vae, BATCH)
+        aot.check_step(copy, spec, step, models.device)
     assert not (copy / aot.CHECK).exists()
 
 
@@ -238,15 +291,16 @@ def test_a_build_asks_inductor_for_tuned_kernels_only_when_told(demo_models, tmp
 
     def compile_and_package(exported, package_path, inductor_configs):
         seen[Path(package_path).stem] = inductor_configs
-        if len(seen) == 2:
-            raise RuntimeError("compiler stopped here")
         Path(package_path).write_bytes(b"")
+        raise RuntimeError("compiler stopped here")
 
     monkeypatch.setattr(torch.export, "export", lambda step, inputs: step)
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
     models = cpu_models(demo_models)
-    with pytest.raises(RuntimeError, match="compiler stopped here"):
-        aot.build_engine(models.unet, models.vae, BATCH, autotune=autotune, root=tmp_path)
+    specs = aot.engine_specs(models.unet, models.vae, BATCH, autotune=autotune)
+    for name, step in aot.engine_steps(models.unet, models.vae).items():
+        with pytest.raises(RuntimeError, match="compiler stopped here"):
+            aot.build_step(specs[name], step, models.device, root=tmp_path)
     assert set(seen) == {"unet", "vae"}
     for configs in seen.values():
         assert aot.BUILD_CONFIG.items() <= configs.items()

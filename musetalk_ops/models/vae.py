@@ -5,6 +5,7 @@ template latents random; the mean is what training used and keeps caches reprodu
 """
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -35,6 +36,12 @@ OFFICIAL_VAE_CONFIG = {  # stabilityai/sd-vae-ft-mse config.json (the official s
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 
+# Frames per VAE decode call: larger batches are decoded in slices of at most this many. The decode
+# gains nothing from more frames per call (H200 engine: 1.185 ms/frame at 64 vs 1.152 at 32), and its
+# 128²–256² activations are what a render's GPU memory holds (1080p, reserved: 12.5 GB at 64 vs 7.5 at
+# 32), while the UNet still gains from the larger batch (0.48 vs 0.52 ms/frame); bench/RESULTS.md,
+# session 9.
+DECODE_BATCH = 32
 VAE_SCALE = 0.18215  # SD 1.x's scaling_factor; VAEConfig rejects a config.json with another
 CROP = 256
 MASK_FROM_ROW = CROP // 2  # rows 128..255 (the mouth half) are hidden from the masked latent
@@ -85,3 +92,22 @@ def decode_latents(vae: VAE, latents: torch.Tensor) -> torch.Tensor:
     images = vae.decode((latents / VAE_SCALE).to(device=vae.device, dtype=vae.dtype))
     images = (images / 2 + 0.5).clamp(0, 1)
     return (images.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8)
+
+
+def decode_slices(n: int) -> tuple[int, int]:
+    """(calls, frames per call) that decode a batch of ``n`` latents: as few equal slices of at most
+    ``DECODE_BATCH`` as hold them (64 → 2 × 32, 48 → 2 × 24, 20 → 1 × 20)."""
+    calls = -(-n // DECODE_BATCH)
+    return calls, -(-n // calls)
+
+
+def decode_sliced(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
+    """``decode`` ([b,4,32,32] → [b,256,256,3]) of ``latents`` in ``decode_slices``' slices. The last
+    slice is padded with zeros to the others' size, so every call has one shape: a compiled decode
+    exists for one, and a padded frame costs less than a second shape."""
+    n = len(latents)
+    calls, size = decode_slices(n)
+    if calls == 1:
+        return decode(latents)
+    padded = torch.nn.functional.pad(latents, (0, 0, 0, 0, 0, 0, 0, calls * size - n))
+    return torch.cat([decode(part) for part in padded.split(size)])[:n]
