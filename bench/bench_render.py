@@ -500,7 +500,12 @@ def aot_child(
     t = time.perf_counter()
     specs = aot.engine_specs(models.unet, models.vae, batch_size, autotune=autotune == "1")
     reused = [name for name, spec in specs.items() if aot.find_step(spec) is not None]
-    paths = aot.build_engine(models.unet, models.vae, batch_size, autotune=autotune == "1", log=say)
+    # As a deployment builds it: the CLI, its missing steps side by side in their own processes
+    build = ["engine", "build", "--models", models_root, "--batch-size", str(batch_size)]
+    subprocess.run(
+        [sys.executable, "-m", "musetalk_ops.cli", *build, *["--autotune"] * (autotune == "1")], check=True
+    )
+    paths = aot.find_engine_for(models.unet, models.vae, batch_size)
     r = {
         "build_s": round(time.perf_counter() - t, 1),
         "engine": {name: path.name for name, path in paths.items()},

@@ -550,12 +550,13 @@ class Probe(br.Bench):
             self.report.save()
 
     def build_children(self, steps: list[tuple[str, int]]) -> dict:
-        """``(step, render batch)`` packages built at once, each in its own process (``--child build``):
-        the seconds each took and the wall time, or a child's error."""
+        """``(step, render batch)`` packages built at once, each in its own process (``musetalk engine
+        build --step``): the seconds each took and the wall time, or a child's error."""
         t = time.perf_counter()
+        cli = [sys.executable, "-m", "musetalk_ops.cli", "engine", "build", "--models", str(self.models_root)]
         procs = {
             f"{step}@b{batch}": subprocess.Popen(
-                [sys.executable, __file__, "--child", "build", step, str(self.models_root), str(batch)],
+                [*cli, "--step", step, "--batch-size", str(batch)],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -566,7 +567,7 @@ class Probe(br.Bench):
         for name, proc in procs.items():
             out, err = proc.communicate()
             ok = proc.returncode == 0
-            built[name] = json.loads(out.strip().splitlines()[-1]) if ok else {"error": err[-600:]}
+            built[name] = {"out": out.strip()} if ok else {"error": err[-600:]}  # out: its seconds, package
             print(name, json.dumps(built[name]), flush=True)
         built["wall_s"] = round(time.perf_counter() - t, 1)
         return built
@@ -673,18 +674,6 @@ AOT_PARTS = {
     "vae_plain": ("vae", False),
     "unet_plain": ("unet", False),
 }
-
-
-def build_child(step: str, models_root: str, batch: str) -> None:
-    """One engine step's package for render ``batch`` (``aot.build_step``), where it is missing."""
-    from musetalk_ops import aot, render
-
-    settings = render.RenderSettings(models_root=Path(models_root))
-    models = render.load_engine(settings, components=("unet", "vae"))
-    spec = aot.engine_specs(models.unet, models.vae, int(batch))[step]
-    t = time.perf_counter()
-    path = aot.build_step(spec, aot.engine_steps(models.unet, models.vae)[step], models.device)
-    print(json.dumps({"package": path.name, "s": round(time.perf_counter() - t, 1)}))
 
 
 def part_child(variant: str, models_root: str, parts_dir: str, batch: str) -> None:
@@ -854,7 +843,7 @@ def main() -> None:
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        {"compile": compile_child, "part": part_child, "build": build_child}[args.child[0]](*args.child[1:])
+        {"compile": compile_child, "part": part_child}[args.child[0]](*args.child[1:])
         return
     work = br.work_dir("musetalk-probe-", args.engines)
     report = br.Report(args.out, args.budget, sys.argv, args.sections, filename="probe.json")

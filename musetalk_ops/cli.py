@@ -7,6 +7,7 @@ A user mistake prints one line and exits 2; an interrupted command exits 130 and
 
 import argparse
 import logging
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="tune kernels (Inductor max-autotune and coordinate descent): faster, builds for many minutes",
     )
     build.add_argument("--dir", type=Path, help="engines directory (default: $MUSETALK_CACHE/engines)")
+    build.add_argument(
+        "--step", choices=("unet", "vae"), help="build only this step (the missing ones run in parallel)"
+    )
 
     t = sub.add_parser("templates", help="manage the templates in the object store")
     tsub = t.add_subparsers(dest="templates_command", required=True, metavar="ACTION")
@@ -246,21 +250,72 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_engine(args: argparse.Namespace) -> int:
+    """Build the engine's missing step packages: one in this process, several at once, each in its own
+    process (``--step``), so that the wall time is the slowest step's, not the sum (H200: three packages
+    side by side in 221 s, the VAE's 212 s the longest; one after the other the two steps took 157 + 182 s
+    in session 7; bench/RESULTS.md, session 10)."""
     import time
 
     from musetalk_ops import aot
+    from musetalk_ops.config import dtype_name
     from musetalk_ops.render import load_engine
 
     settings = _render_settings(args, batch_size=args.batch_size)
     models = load_engine(settings, version=args.version or "v15", components=("unet", "vae"))
-    start = time.perf_counter()
-    paths = aot.build_engine(
-        models.unet, models.vae, args.batch_size, autotune=args.autotune, root=args.dir, log=log.info
+    specs = aot.engine_specs(models.unet, models.vae, args.batch_size, autotune=args.autotune)
+    missing = (
+        [args.step] if args.step else [n for n, s in specs.items() if aot.find_step(s, args.dir) is None]
     )
+    start = time.perf_counter()
+    if len(missing) == 1:
+        step = aot.engine_steps(models.unet, models.vae)[missing[0]]
+        aot.build_step(specs[missing[0]], step, models.device, args.dir, log=log.info)
+    elif missing:
+        flags = ["--batch-size", str(args.batch_size), "--device", str(models.device)]
+        flags += ["--dtype", dtype_name(models.dtype), "--version", args.version or "v15"]
+        if args.models:
+            flags += ["--models", str(args.models)]
+        if args.dir:
+            flags += ["--dir", str(args.dir)]
+        if args.autotune:
+            flags.append("--autotune")
+        log.info(f"building the {' and the '.join(missing)} side by side, each in its own process (minutes)")
+        _run_children(
+            [
+                [sys.executable, "-m", "musetalk_ops.cli", "engine", "build", *flags, "--step", name]
+                for name in missing
+            ]
+        )
     print(f"engine for {models.device} at batch {args.batch_size} ({time.perf_counter() - start:.0f} s):")
-    for name, path in paths.items():
-        print(f"  {name}: {path}")
+    for name in [args.step] if args.step else specs:
+        print(f"  {name}: {aot.find_step(specs[name], args.dir)}")
     return 0
+
+
+def _run_children(commands: list[list[str]]) -> None:
+    """Run ``commands`` at once, their stderr (progress) passed on to this one's; a failure raises the
+    first failing one's last line (its one-line error) as this command's error."""
+    import threading
+
+    from musetalk_ops.errors import EngineError
+
+    procs = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for command in commands]
+    last: dict[int, str] = {}
+
+    def relay(i: int, stream) -> None:
+        for line in stream:
+            sys.stderr.write(line)
+            last[i] = line.strip()
+
+    relays = [threading.Thread(target=relay, args=(i, p.stderr)) for i, p in enumerate(procs)]
+    for thread in relays:
+        thread.start()
+    for proc, thread in zip(procs, relays, strict=True):
+        proc.wait()
+        thread.join()
+    for i, proc in enumerate(procs):
+        if proc.returncode != 0:
+            raise EngineError(last.get(i, f"exit {proc.returncode}").removeprefix("musetalk: error: "))
 
 
 def cmd_templates(args: argparse.Namespace) -> int:

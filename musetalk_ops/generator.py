@@ -4,7 +4,9 @@ ahead-of-time compiled.
 Why fixed shapes: every new batch shape costs cuDNN algorithm selection, and a CUDA graph or compiled
 kernel exists per shape. Batches are therefore padded up to a small set of bucket sizes (the largest is
 the render batch size; a bucket already used is preferred), so a chunk never meets a new shape after
-its first batch. Modes:
+its first batch. The VAE decode runs in slices of at most ``vae.DECODE_BATCH`` frames, one graph each,
+and a partial batch decodes only the slices that hold its frames: a larger bucket speeds up the UNet
+without holding more decode memory or decoding its padding. Modes:
 
 * ``eager``: the models as they are (launch-bound at small batches);
 * ``graphs``: each bucket's UNet and VAE decode captured once into CUDA graphs and replayed; removes the
@@ -48,7 +50,7 @@ import torch
 from musetalk_ops import aot
 from musetalk_ops.config import cache_dir
 from musetalk_ops.models.unet_model import UNet
-from musetalk_ops.models.vae import decode_latents, decode_sliced
+from musetalk_ops.models.vae import decode_latents, decode_slices
 from musetalk_ops.models.vae_model import VAE
 
 MODES = ("eager", "graphs", "compiled", "aot")
@@ -109,16 +111,23 @@ class StageClock:
 
 
 class _Bucket:
-    """Static input/output buffers of one batch shape, and its graphs once captured."""
+    """Static buffers of one batch shape, and its graphs once captured: the UNet's, and one per decode
+    slice (``vae.decode_slices``), so a partial batch decodes only the slices that hold its frames."""
 
     def __init__(self, size: int, device: torch.device, dtype: torch.dtype) -> None:
         self.size = size
+        self.slices, self.slice = decode_slices(size)
+        padded = self.slices * self.slice  # > size where the slices do not divide it: zero rows
         self.latents = torch.zeros((size, 8, 32, 32), device=device, dtype=dtype)
         self.tokens = torch.zeros((size, 50, 384), device=device, dtype=dtype)
-        self.pred: torch.Tensor | None = None
-        self.faces: torch.Tensor | None = None
-        self.graphs: tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph] | None = None
+        self.pred = torch.zeros((padded, 4, 32, 32), device=device, dtype=dtype)
+        self.faces = torch.zeros((padded, 256, 256, 3), device=device, dtype=torch.uint8)
+        self.graphs: tuple[torch.cuda.CUDAGraph, list[torch.cuda.CUDAGraph]] | None = None
         self.runs = 0  # batches run without graphs
+
+    def rows(self, i: int) -> slice:
+        """Decode slice ``i``'s rows."""
+        return slice(i * self.slice, (i + 1) * self.slice)
 
 
 class FaceGenerator:
@@ -201,6 +210,7 @@ class FaceGenerator:
             state = self._state.get(size) or self._prepare(size)
             state.latents[:n].copy_(latents)
             state.tokens[:n].copy_(tokens)
+            slices = -(-n // state.slice)  # the decode slices holding the n frames
             with self._cudnn():
                 if state.graphs is None and state.runs and self.capture:
                     self._timed(self._capture, state)
@@ -208,15 +218,16 @@ class FaceGenerator:
                     with clock("unet"):
                         state.graphs[0].replay()
                     with clock("vae_decode"):
-                        state.graphs[1].replay()
-                    faces = state.faces
+                        for graph in state.graphs[1][:slices]:
+                            graph.replay()
                 else:
                     with clock("unet"):
-                        pred = self._unet(state.latents, state.tokens)
+                        self._run_unet(state)
                     with clock("vae_decode"):
-                        faces = self._decode(pred)
+                        for i in range(slices):
+                            self._run_decode(state, i)
                     state.runs += 1
-            return faces[:n]
+            return state.faces[:n]
 
     def _prepare(self, size: int) -> _Bucket:
         """Allocate a bucket. Its first batch runs as is (graphs: captured at the second, so a clip of
@@ -228,13 +239,22 @@ class FaceGenerator:
             if self.mode == "compiled":
                 self._timed(self._compile_and_capture, state)
             elif self.mode == "eager" and self.device.type == "cuda" and self.cudnn_benchmark:
-                self._timed(lambda s: self._decode(self._unet(s.latents, s.tokens)), state)  # autotune now
+                self._timed(self._run, state)  # autotune now
         return state
 
-    def _decode(self, pred: torch.Tensor) -> torch.Tensor:
-        """The VAE decode of a bucket, in slices of at most ``vae.DECODE_BATCH`` frames (one shape per
-        bucket, the engine's own for ``aot``)."""
-        return decode_sliced(self._vae, pred)
+    def _run_unet(self, state: _Bucket) -> None:
+        state.pred[: state.size].copy_(self._unet(state.latents, state.tokens))
+
+    def _run_decode(self, state: _Bucket, i: int) -> None:
+        """Decode slice ``i`` of the bucket (one shape per bucket: the engine's own for ``aot``)."""
+        rows = state.rows(i)
+        state.faces[rows].copy_(self._vae(state.pred[rows]))
+
+    def _run(self, state: _Bucket) -> None:
+        """The whole bucket: UNet, then every decode slice."""
+        self._run_unet(state)
+        for i in range(state.slices):
+            self._run_decode(state, i)
 
     def _timed(self, step: Callable[[_Bucket], object], state: _Bucket) -> None:
         start = time.perf_counter()
@@ -247,7 +267,7 @@ class FaceGenerator:
         # Not Inductor's freezing: it took the UNet from 0.638 to 0.585 ms/frame, but frozen graphs bypass
         # the on-disk graph cache, so every process compiled again (first frame 67–75 s instead of 33–35)
         for _ in range(2):  # compile, then let lazy initialisation happen outside the capture
-            self._decode(self._unet(state.latents, state.tokens))
+            self._run(state)
         # Inductor keeps a pool of compile processes; idle, they still cost the encoders' CPUs ~3 %
         from torch._inductor.async_compile import shutdown_compile_workers
 
@@ -255,13 +275,19 @@ class FaceGenerator:
         self._capture(state)
 
     def _capture(self, state: _Bucket) -> None:
-        """Capture the bucket's UNet and VAE decode; its kernels have run before (warm-up done)."""
+        """Capture the bucket's UNet and each decode slice; their kernels have run before (warm-up done).
+        Every graph writes into the bucket's static buffers, so nothing of one lives on in the shared pool
+        when the next replays."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # buckets never replay at once: share memory
-        unet_graph, vae_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        # thread_local: encoder threads of a running chunk may wait on CUDA events meanwhile
-        with torch.cuda.graph(unet_graph, pool=self._pool, capture_error_mode="thread_local"):
-            state.pred = self._unet(state.latents, state.tokens)
-        with torch.cuda.graph(vae_graph, pool=self._pool, capture_error_mode="thread_local"):
-            state.faces = self._decode(state.pred)
-        state.graphs = (unet_graph, vae_graph)
+
+        def captured(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: encoder threads of a running chunk may wait on CUDA events meanwhile
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                step()
+            return graph
+
+        unet_graph = captured(lambda: self._run_unet(state))
+        decode_graphs = [captured(lambda i=i: self._run_decode(state, i)) for i in range(state.slices)]
+        state.graphs = (unet_graph, decode_graphs)

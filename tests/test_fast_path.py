@@ -15,6 +15,8 @@ from musetalk_ops.device_paste import DevicePaster, pil_blend_, resize_linear
 from musetalk_ops.errors import InputError
 from musetalk_ops.generator import FaceGenerator, StageClock, bucket_sizes
 from musetalk_ops.models import load_models
+from musetalk_ops.models import vae as vae_module
+from musetalk_ops.models.vae import decode_latents
 from musetalk_ops.render import (
     RenderSettings,
     _interleave,
@@ -162,6 +164,25 @@ def test_a_partial_batch_reuses_a_bucket_already_used(demo_models):
     assert generator.bucket(3) == 8
     partial = generator(torch.zeros(3, 8, 32, 32), torch.zeros(3, 50, 384), StageClock(models.device))
     assert partial.shape[0] == 3 and torch.equal(partial, faces[:3])  # same inputs, padded batch
+
+
+def test_a_bucket_decodes_only_the_slices_that_hold_its_frames(demo_models, monkeypatch):
+    """Decodes of at most 4 frames (as 32 on a GPU): a bucket of 6 decodes in two slices of 3; a batch of
+    2 padded to it decodes only the first, and its faces are the full batch's."""
+    models = load_models(demo_models, device="cpu", dtype=torch.float32, components=("unet", "vae"))
+    monkeypatch.setattr(vae_module, "DECODE_BATCH", 4)
+    decoded, decode = [], models.vae.decode
+    monkeypatch.setattr(models.vae, "decode", lambda z: decoded.append(len(z)) or decode(z))
+    generator = FaceGenerator(models.unet, models.vae, mode="eager", max_batch=6)
+    g = torch.Generator().manual_seed(0)
+    latents, tokens = torch.randn(6, 8, 32, 32, generator=g), torch.randn(6, 50, 384, generator=g)
+    faces = generator(latents, tokens, StageClock(models.device)).clone()
+    assert decoded == [3, 3] and faces.shape == (6, 256, 256, 3)
+    whole = decode_latents(models.vae, generator._unet(latents, tokens))
+    assert (faces.int() - whole.int()).abs().max() <= 1  # two slices or one call: the same faces
+    decoded.clear()
+    partial = generator(latents[:2], tokens[:2], StageClock(models.device))
+    assert decoded == [3] and torch.equal(partial, faces[:2])
 
 
 def test_interleave_feeds_every_encoder_in_order():
