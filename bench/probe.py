@@ -31,6 +31,9 @@ as it finishes:
   batches that share its slice), UNet + VAE through the generator a batch at a time and sustained, the
   batch sizes measured in turn for two rounds so that the GPU's drift falls on each alike; each engine's
   kernels by kind: what a larger batch buys;
+* ``short_chunks``: a conversational reply (3 s, 75 frames, 512²) rendered warm through the AOT engine at
+  each of ``--engine-batches`` in turn, five rounds: what a larger batch costs a short clip (its last
+  batch's padding) against what it gains a long one;
 * ``profile_aot``: the AOT engine's kernels (``--engines`` of an earlier run, else built), per model and
   kind (convolution, GEMM, attention, Inductor's reductions and pointwise kernels), in ms per frame:
   what a faster engine would have to win.
@@ -199,6 +202,7 @@ class Probe(br.Bench):
             run("overlap", self.overlap, needs=30)
             run("encoders", self.encoders, needs=40)
             run("engine_batches", self.engine_batches, needs=60)
+            run("short_chunks", self.short_chunks, needs=30)
             run("profile_aot", self.profile_aot, needs=30)
             run("vae_variants", self.vae_variants, needs=30)
             run("compile_variants", self.compile_variants, needs=150)
@@ -548,6 +552,21 @@ class Probe(br.Bench):
         for b in batches:
             s[f"b{b}/kernels"] = engine_kernels(unet, vae, b)
             self.report.save()
+
+    def short_chunks(self, s: dict) -> None:
+        batches, frames = self.args.engine_batches or (self.batch,), 75
+        keys = ("total", "unet", "vae_decode", "fps")
+        for round_ in range(6):  # the first warms each batch size's graphs up; not kept
+            for b in batches:
+                t = self.templates["512"]
+                row = br.render_once(
+                    self.models, t, self.features, frames, self.work / "o.mp4", batch_size=b, mode="aot"
+                )
+                if round_:
+                    s.setdefault(f"b{b}", []).append({k: row[k] for k in keys})
+                    print(f"b{b}", json.dumps(s[f"b{b}"][-1]), flush=True)
+        for b in batches:
+            s[f"b{b}/median_total_s"] = statistics.median(r["total"] for r in s[f"b{b}"])
 
     def build_children(self, steps: list[tuple[str, int]]) -> dict:
         """``(step, render batch)`` packages built at once, each in its own process (``musetalk engine
