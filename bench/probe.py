@@ -555,10 +555,9 @@ class Probe(br.Bench):
 
     def short_chunks(self, s: dict) -> None:
         batches, frames = self.args.engine_batches or (self.batch,), 75
-        keys = ("total", "unet", "vae_decode", "fps")
+        keys, t = ("total", "unet", "vae_decode", "fps"), self.templates["512"]
         for round_ in range(6):  # the first warms each batch size's graphs up; not kept
             for b in batches:
-                t = self.templates["512"]
                 row = br.render_once(
                     self.models, t, self.features, frames, self.work / "o.mp4", batch_size=b, mode="aot"
                 )
