@@ -26,14 +26,15 @@ as it finishes:
   (``AOT_PARTS``; ``musetalk engine build --autotune``'s settings), each in its own process, timed in
   CUDA graphs beside the same step of the ``--engines`` engine: a tuned engine's parts can be measured
   one device call at a time. Packages are kept in ``$OUT/parts`` and reused from ``--parts``;
-* ``engine_batches``: the AOT engine at each of ``--engine-batches`` (the step packages ``--engines`` lacks
-  are built first, each in its own process, all at once: a UNet per batch size, one VAE decode for the
-  batches that share its slice), UNet + VAE through the generator a batch at a time and sustained, the
-  batch sizes measured in turn for two rounds so that the GPU's drift falls on each alike; each engine's
-  kernels by kind: what a larger batch buys;
-* ``short_chunks``: a conversational reply (3 s, 75 frames, 512²) rendered warm through the AOT engine at
-  each of ``--engine-batches`` in turn, five rounds: what a larger batch costs a short clip (its last
-  batch's padding) against what it gains a long one;
+* ``engine_batches``: the AOT engine at each batch size of ``--engine-batches`` (the packages
+  ``--engines`` lacks are built first, each in its own process, all at once: a UNet per batch size, one
+  VAE decode for the batches that share its slice), UNet + VAE through the generator a batch at a time
+  and sustained, the batch sizes measured in turn for two rounds so that the GPU's drift falls on each
+  alike; each engine's kernels by kind: what a larger batch buys;
+* ``short_chunks``: chunks of each of ``--chunk-frames`` (default 75: a 3 s conversational reply) at
+  512², rendered warm through the AOT engine at each of ``--engine-batches`` in turn, five rounds after
+  a first: what a larger batch costs a short clip against what it gains a long one. ``64whole`` is
+  the engine of 64 with every batch on its UNet of 64 (no tail bucket), as before session 11;
 * ``profile_aot``: the AOT engine's kernels (``--engines`` of an earlier run, else built), per model and
   kind (convolution, GEMM, attention, Inductor's reductions and pointwise kernels), in ms per frame:
   what a faster engine would have to win.
@@ -535,12 +536,13 @@ class Probe(br.Bench):
     def engine_batches(self, s: dict) -> None:
         from musetalk_ops import aot, render
 
-        unet, vae, batches = self.models.unet, self.models.vae, self.args.engine_batches or (self.batch,)
+        unet, vae = self.models.unet, self.models.vae
+        batches = sorted({b for b, _ in self.engine_batches_arg()})
         missing = {}
         for b in batches:
-            for name, spec in aot.engine_specs(unet, vae, b).items():
+            for part, spec in aot.engine_specs(unet, vae, b).items():
                 if aot.find_step(spec) is None:
-                    missing[spec.key] = (name, b)
+                    missing[spec.key] = (part, b)
         s["builds"] = self.build_children(list(missing.values()))
         for _ in range(2):
             for b in batches:
@@ -553,33 +555,45 @@ class Probe(br.Bench):
             s[f"b{b}/kernels"] = engine_kernels(unet, vae, b)
             self.report.save()
 
-    def short_chunks(self, s: dict) -> None:
-        batches, frames = self.args.engine_batches or (self.batch,), 75
-        keys, t = ("total", "unet", "vae_decode", "fps"), self.templates["512"]
-        for round_ in range(6):  # the first warms each batch size's graphs up; not kept
-            for b in batches:
-                row = br.render_once(
-                    self.models, t, self.features, frames, self.work / "o.mp4", batch_size=b, mode="aot"
-                )
-                if round_:
-                    s.setdefault(f"b{b}", []).append({k: row[k] for k in keys})
-                    print(f"b{b}", json.dumps(s[f"b{b}"][-1]), flush=True)
-        for b in batches:
-            s[f"b{b}/median_total_s"] = statistics.median(r["total"] for r in s[f"b{b}"])
+    def engine_batches_arg(self) -> list[tuple[int, bool]]:
+        """``--engine-batches`` as (batch, whole): ``64`` runs the engine as built (a tail that one decode
+        slice holds on the UNet of that slice), ``64whole`` every batch on the UNet of 64."""
+        labels = self.args.engine_batches or [str(self.batch)]
+        return [(int(label.removesuffix("whole")), label.endswith("whole")) for label in labels]
 
-    def build_children(self, steps: list[tuple[str, int]]) -> dict:
-        """``(step, render batch)`` packages built at once, each in its own process (``musetalk engine
-        build --step``): the seconds each took and the wall time, or a child's error."""
+    def short_chunks(self, s: dict) -> None:
+        from musetalk_ops import aot, render
+
+        keys, t = ("total", "unet", "vae_decode", "fps", "peak_gpu_gb"), self.templates["512"]
+        for frames in self.args.chunk_frames:
+            for round_ in range(6):  # the first is each configuration's first chunk; not in the median
+                for b, whole in self.engine_batches_arg():
+                    gen = render._generator(self.models.unet, self.models.vae, "aot", b)
+                    gen.buckets = (b,) if whole else aot.unet_batches(b)
+                    row = br.render_once(
+                        self.models, t, self.features, frames, self.work / "o.mp4", batch_size=b, mode="aot"
+                    )
+                    key = f"{frames}/b{b}{'whole' if whole else ''}"
+                    s.setdefault(key if round_ else f"{key}/first", []).append({k: row[k] for k in keys})
+                    print(key, round_, json.dumps(row), flush=True)
+            for b, whole in self.engine_batches_arg():
+                key = f"{frames}/b{b}{'whole' if whole else ''}"
+                s[f"{key}/median_total_s"] = statistics.median(r["total"] for r in s[key])
+            self.report.save()
+
+    def build_children(self, parts: list[tuple[str, int]]) -> dict:
+        """``(part, render batch)`` packages built at once, each in its own process (``musetalk engine
+        build --part``): the seconds each took and the wall time, or a child's error."""
         t = time.perf_counter()
         cli = [sys.executable, "-m", "musetalk_ops.cli", "engine", "build", "--models", str(self.models_root)]
         procs = {
-            f"{step}@b{batch}": subprocess.Popen(
-                [*cli, "--step", step, "--batch-size", str(batch)],
+            f"{part}@b{batch}": subprocess.Popen(
+                [*cli, "--part", part, "--batch-size", str(batch)],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            for step, batch in steps
+            for part, batch in parts
         }
         built = {}
         for name, proc in procs.items():
@@ -706,7 +720,9 @@ def part_child(variant: str, models_root: str, parts_dir: str, batch: str) -> No
     device, dtype = ("cuda", torch.float16) if br.cuda() else ("cpu", torch.float32)
     models = load_models(models_root, device=device, dtype=dtype, components=("unet", "vae"))
     step = aot.engine_steps(models.unet, models.vae)[part]
-    spec = replace(aot.engine_specs(models.unet, models.vae, int(batch))[part], autotune=tuned)
+    specs = aot.engine_specs(models.unet, models.vae, int(batch))
+    own = max((spec for spec in specs.values() if spec.step == part), key=lambda spec: spec.batch)
+    spec = replace(own, autotune=tuned)  # the UNet at the render batch, or the VAE
     out: dict = {"part": part, "autotune": tuned, "reused": aot.find_step(spec, parts_dir) is not None}
     t = time.perf_counter()
     path = aot.build_step(spec, step, models.device, root=parts_dir)
@@ -714,8 +730,8 @@ def part_child(variant: str, models_root: str, parts_dir: str, batch: str) -> No
     runners = {variant: aot.bound_step(path, part, step, models.device)}
     engine = aot.find_engine_for(models.unet, models.vae, int(batch))
     if engine is not None:
-        runners["engine"] = aot.bound_step(engine[part], part, step, models.device)
-        out["engine"] = engine[part].name
+        runners["engine"] = aot.bound_step(engine[own.part], part, step, models.device)
+        out["engine"] = engine[own.part].name
     inputs = aot.step_inputs(spec, models.device, dtype)
     for key, runner in runners.items():
 
@@ -850,7 +866,13 @@ def main() -> None:
     parser.add_argument("--variants", type=lambda v: v.split(","))
     parser.add_argument("--engines", type=Path, help="AOT engines of an earlier run to reuse")
     parser.add_argument(
-        "--engine-batches", type=lambda v: [int(b) for b in v.split(",")], help="engine_batches: 32,64"
+        "--engine-batches", type=lambda v: v.split(","), help="engine_batches, short_chunks: 32,64,64whole"
+    )
+    parser.add_argument(
+        "--chunk-frames",
+        type=lambda v: [int(n) for n in v.split(",")],
+        default=[75],
+        help="short_chunks: 75,1000",
     )
     parser.add_argument("--parts", type=Path, help="aot_parts: packages of an earlier call ($OUT/parts)")
     parser.add_argument(

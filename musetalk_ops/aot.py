@@ -20,14 +20,16 @@ libstdc++ is the file this process has mapped. And a new engine is published onl
 interpreter has loaded it, bound weights and run it once (``check_step``): a runtime that still
 crashes leaves no engine behind, and renders keep to the ``graphs`` path instead of crashing.
 
-An engine is two packages, one per step, each built, checked and stored on its own: the UNet at the
-render batch size, the VAE decode at its slice of that batch (``vae.decode_slices``: at most 32 frames,
-so engines for 32 and 64 share one decode). A step's package is valid for one GPU type, torch/CUDA
-version, dtype, batch size and model structure; ``StepSpec.key`` names all of them, and the package lives
-in ``<root>/<key>/`` (``engine.json`` last, the directory renamed into place, so a half-built one is
-never found). ``root`` defaults to ``$MUSETALK_CACHE/engines``. A render on CUDA runs the engine for its
-GPU and batch size wherever both steps are there (``render.resolve_mode``); it never builds one unasked.
-k8s/engine.yaml builds it on the GPU node.
+An engine is a few packages, one per step and batch size ("part"), each built, checked and stored on
+its own: the VAE decode at its slice of the render batch (``vae.decode_slices``: at most 32 frames), and
+the UNet at the render batch and, where that is larger, at the slice too (``unet_batches``: 64 → 32 and
+64), so that a chunk's last batch which one slice holds runs a UNet of that size instead of a whole
+padded batch. Engines for 32 and 64 so share the decode and the UNet at 32. A part is valid for one GPU
+type, torch/CUDA version, dtype, batch size and model structure; ``StepSpec.key`` names all of them, and
+the package lives in ``<root>/<key>/`` (``engine.json`` last, the directory renamed into place, so a
+half-built one is never found). ``root`` defaults to ``$MUSETALK_CACHE/engines``. A render on CUDA runs
+the engine for its GPU and batch size wherever all its parts are there (``render.resolve_mode``); it
+never builds one unasked. k8s/engine.yaml builds it on the GPU node.
 """
 
 import hashlib
@@ -96,6 +98,11 @@ class StepSpec:
     structure: str  # hash of the step's model: parameter names, shapes and dtypes, and its config
 
     @property
+    def part(self) -> str:
+        """The part of an engine this is: ``unet-b64``, ``vae-b32``."""
+        return f"{self.step}-b{self.batch}"
+
+    @property
     def key(self) -> str:
         digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
         device = re.sub(r"[^a-z0-9]+", "-", self.device.lower()).strip("-")[:40]
@@ -110,8 +117,16 @@ def _structure(model: UNet | VAE) -> str:
     return digest.hexdigest()[:16]
 
 
+def unet_batches(batch: int) -> tuple[int, ...]:
+    """The UNet's batch sizes in an engine for render ``batch``: the batch, and its decode slice where
+    that is smaller (64 → (32, 64); 48 → (24, 48); 32 → (32,)). The slice costs one more UNet build and
+    no decode of its own (the VAE runs at the slice anyway)."""
+    return tuple(sorted({decode_slices(batch)[1], batch}))
+
+
 def engine_specs(unet: UNet, vae: VAE, batch: int, *, autotune: bool = False) -> dict[str, StepSpec]:
-    """The specs of an engine's steps for these models (on their device and dtype) at render ``batch``."""
+    """The specs of an engine's parts for these models (on their device and dtype) at render ``batch``,
+    by part name: the UNet at each of ``unet_batches``, the VAE decode at its slice."""
     device = unet.device
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
@@ -125,10 +140,10 @@ def engine_specs(unet: UNet, vae: VAE, batch: int, *, autotune: bool = False) ->
         "dtype": dtype_name(unet.dtype),
         "autotune": autotune,
     }
-    return {
-        "unet": StepSpec(step="unet", batch=batch, structure=_structure(unet), **common),
-        "vae": StepSpec(step="vae", batch=decode_slices(batch)[1], structure=_structure(vae), **common),
-    }
+    unet_structure = _structure(unet)
+    specs = [StepSpec(step="unet", batch=b, structure=unet_structure, **common) for b in unet_batches(batch)]
+    specs.append(StepSpec(step="vae", batch=decode_slices(batch)[1], structure=_structure(vae), **common))
+    return {spec.part: spec for spec in specs}
 
 
 def _libstdcxx(path: str) -> Path | None:
@@ -187,12 +202,19 @@ def find_step(spec: StepSpec, root: str | os.PathLike | None = None) -> Path | N
     """The directory of a complete package for ``spec`` under ``root``, or None."""
     path = engines_dir(root) / spec.key
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
+        found = step_spec(path)
+    except (OSError, ValueError, TypeError, KeyError):
         return None
-    if manifest.get("format") != ENGINE_FORMAT or manifest.get("spec") != asdict(spec):
-        return None
-    return path
+    return path if found == spec else None
+
+
+def step_spec(path: Path) -> StepSpec:
+    """The spec a complete package was built for, from its manifest (OSError or ValueError if there is
+    none or it is torn; TypeError if it is of another format)."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("format") != ENGINE_FORMAT:
+        raise TypeError(f"{path} is an engine of format {manifest.get('format')}, not {ENGINE_FORMAT}")
+    return StepSpec(**manifest["spec"])
 
 
 class _UNetStep(torch.nn.Module):
@@ -219,7 +241,7 @@ class _DecodeStep(torch.nn.Module):
 
 
 def engine_steps(unet: UNet, vae: VAE) -> dict[str, torch.nn.Module]:
-    """The two steps an engine compiles, by package name."""
+    """The two steps an engine compiles, by step (also the name of a step's package file)."""
     return {"unet": _UNetStep(unet).eval(), "vae": _DecodeStep(vae).eval()}
 
 
@@ -395,19 +417,23 @@ def build_engine(
     root: str | os.PathLike | None = None,
     log: Callable[[str], None] = lambda _message: None,
 ) -> dict[str, Path]:
-    """Both steps' packages for render ``batch``, each built first where there is none (minutes on a
-    GPU, more with ``autotune``); returns their directories by step."""
-    specs = engine_specs(unet, vae, batch, autotune=autotune)
+    """The packages of an engine for render ``batch``, each built first where there is none (minutes on
+    a GPU, more with ``autotune``); returns their directories by part."""
     steps = engine_steps(unet, vae)
-    return {name: build_step(specs[name], steps[name], unet.device, root, log) for name in STEPS}
+    return {
+        part: build_step(spec, steps[spec.step], unet.device, root, log)
+        for part, spec in engine_specs(unet, vae, batch, autotune=autotune).items()
+    }
 
 
 @dataclass
 class Engine:
-    """The loaded steps, called like the models: ``unet(latents, tokens)``, ``vae(latents)`` (the VAE
-    at its own batch: ``vae.decode_sliced`` feeds it)."""
+    """The loaded packages, called like the models: ``unet(latents, tokens)`` at any of ``batches`` (the
+    package built for that batch size runs), ``vae(latents)`` at its slice (``vae.decode_sliced`` feeds
+    it)."""
 
     paths: dict[str, Path]
+    batches: tuple[int, ...]
     unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     vae: Callable[[torch.Tensor], torch.Tensor]
 
@@ -417,14 +443,29 @@ class Engine:
 
 
 def load_engine(paths: dict[str, Path], unet: UNet, vae: VAE) -> Engine:
-    """Load the packages in ``paths`` (by step) and bind them to the weights of ``unet`` and ``vae`` (not
+    """Load the packages in ``paths`` (by part) and bind them to the weights of ``unet`` and ``vae`` (not
     copied: the engine reads the models' own tensors, which must stay alive and unchanged)."""
-    steps = engine_steps(unet, vae)
-    unet_runner, vae_runner = (bound_step(paths[name], name, steps[name], unet.device) for name in STEPS)
-    device = unet.device
+    steps, device = engine_steps(unet, vae), unet.device
+    unets, vaes = {}, []
+    for path in paths.values():
+        spec = step_spec(path)
+        runner = bound_step(path, spec.step, steps[spec.step], device)
+        if spec.step == "unet":
+            unets[spec.batch] = runner
+        else:
+            vaes.append(runner)
+    (vae_runner,) = vaes
+
+    def run_unet(latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        runner = unets.get(len(latents))
+        if runner is None:
+            raise ValueError(f"the engine's UNet runs batches of {sorted(unets)}, not {len(latents)}")
+        return run_step(runner, [latents, tokens], lambda: oom_count(device))
+
     return Engine(
         paths=dict(paths),
-        unet=lambda latents, tokens: run_step(unet_runner, [latents, tokens], lambda: oom_count(device)),
+        batches=tuple(sorted(unets)),
+        unet=run_unet,
         vae=lambda latents: run_step(vae_runner, [latents], lambda: oom_count(device)),
     )
 
@@ -451,20 +492,20 @@ def run_step(runner, inputs: list[torch.Tensor], ooms: Callable[[], int]) -> tor
 def find_engine_for(
     unet: UNet, vae: VAE, batch: int, root: str | os.PathLike | None = None
 ) -> dict[str, Path] | None:
-    """Each step's package for these models at render ``batch`` (an autotuned one where one was built,
-    else the default), or None unless both are there."""
-    specs = engine_specs(unet, vae, batch, autotune=True)  # hashes the models' structure once for both
+    """Each part's package for these models at render ``batch`` (an autotuned one where one was built,
+    else the default), by part; None unless every part is there."""
+    specs = engine_specs(unet, vae, batch, autotune=True)  # hashes the models' structure once for all
     found = {}
-    for name, spec in specs.items():
+    for part, spec in specs.items():
         path = find_step(spec, root) or find_step(replace(spec, autotune=False), root)
         if path is None:
             return None
-        found[name] = path
+        found[part] = path
     return found
 
 
 def engine_for(unet: UNet, vae: VAE, batch: int, *, root: str | os.PathLike | None = None) -> Engine:
-    """``find_engine_for``'s engine, loaded; missing steps are built first with default settings
+    """``find_engine_for``'s engine, loaded; missing parts are built first with default settings
     (minutes, once per GPU type)."""
     paths = find_engine_for(unet, vae, batch, root) or build_engine(unet, vae, batch, root=root)
     return load_engine(paths, unet, vae)

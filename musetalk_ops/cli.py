@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--dir", type=Path, help="engines directory (default: $MUSETALK_CACHE/engines)")
     build.add_argument(
-        "--step", choices=("unet", "vae"), help="build only this step (the missing ones run in parallel)"
+        "--part", help="build only this part, e.g. unet-b64 (the missing ones are built in parallel)"
     )
 
     t = sub.add_parser("templates", help="manage the templates in the object store")
@@ -250,8 +250,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_engine(args: argparse.Namespace) -> int:
-    """Build the engine's missing step packages: one in this process, several at once, each in its own
-    process (``--step``), so that the wall time is the slowest step's, not the sum (H200: three packages
+    """Build the engine's missing packages: one in this process, several at once, each in its own
+    process (``--part``), so that the wall time is the slowest part's, not the sum (H200: three packages
     side by side in 221 s, the VAE's 212 s the longest; one after the other the two steps took 157 + 182 s
     in session 7; bench/RESULTS.md, session 10)."""
     import time
@@ -263,13 +263,18 @@ def cmd_engine(args: argparse.Namespace) -> int:
     settings = _render_settings(args, batch_size=args.batch_size)
     models = load_engine(settings, version=args.version or "v15", components=("unet", "vae"))
     specs = aot.engine_specs(models.unet, models.vae, args.batch_size, autotune=args.autotune)
-    missing = (
-        [args.step] if args.step else [n for n, s in specs.items() if aot.find_step(s, args.dir) is None]
-    )
+    if args.part and args.part not in specs:
+        raise InputError(
+            f"an engine for batch {args.batch_size} has no part {args.part!r}: {', '.join(specs)}"
+        )
+    parts = [args.part] if args.part else list(specs)
+    missing = [part for part in parts if aot.find_step(specs[part], args.dir) is None]
     start = time.perf_counter()
     if len(missing) == 1:
-        step = aot.engine_steps(models.unet, models.vae)[missing[0]]
-        aot.build_step(specs[missing[0]], step, models.device, args.dir, log=log.info)
+        spec = specs[missing[0]]
+        aot.build_step(
+            spec, aot.engine_steps(models.unet, models.vae)[spec.step], models.device, args.dir, log=log.info
+        )
     elif missing:
         flags = ["--batch-size", str(args.batch_size), "--device", str(models.device)]
         flags += ["--dtype", dtype_name(models.dtype), "--version", args.version or "v15"]
@@ -279,16 +284,16 @@ def cmd_engine(args: argparse.Namespace) -> int:
             flags += ["--dir", str(args.dir)]
         if args.autotune:
             flags.append("--autotune")
-        log.info(f"building the {' and the '.join(missing)} side by side, each in its own process (minutes)")
+        log.info(f"building {', '.join(missing)} side by side, each in its own process (minutes)")
         _run_children(
             [
-                [sys.executable, "-m", "musetalk_ops.cli", "engine", "build", *flags, "--step", name]
-                for name in missing
+                [sys.executable, "-m", "musetalk_ops.cli", "engine", "build", *flags, "--part", part]
+                for part in missing
             ]
         )
     print(f"engine for {models.device} at batch {args.batch_size} ({time.perf_counter() - start:.0f} s):")
-    for name in [args.step] if args.step else specs:
-        print(f"  {name}: {aot.find_step(specs[name], args.dir)}")
+    for part in parts:
+        print(f"  {part}: {aot.find_step(specs[part], args.dir)}")
     return 0
 
 

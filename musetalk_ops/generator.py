@@ -20,11 +20,13 @@ without holding more decode memory or decoding its padding. Modes:
   whose tensors Inductor mishandles (pytorch/pytorch#180823: "weakref to UntypedStorage" on a
   transpose).
 * ``aot``: the same compiled code, built ahead of time (``musetalk_ops.aot``: once per GPU type and
-  batch size, then loaded without Inductor); one bucket; on CUDA captured into graphs like ``graphs``
-  (first batch direct, capture at the second). Also runs on the CPU (no graphs), which CI tests. The
-  default on CUDA wherever an engine exists (``render.resolve_mode``): on an H200 it ran UNet + VAE at
-  520.9–522.0 frames/s (b32) against 308–310 for ``graphs`` at b48, loaded in 0.08–0.13 s, and its
-  frames stayed within 4 levels of the reference path (bench/RESULTS.md, session 5).
+  batch size, then loaded without Inductor); buckets of the render batch and of one decode slice (a
+  chunk's tail of at most 32 frames at batch 64 runs a UNet of 32); on CUDA captured into graphs like
+  ``graphs`` (first batch of a bucket direct, capture at its second). Also runs on the CPU (no
+  graphs), which CI tests. The default on CUDA wherever an engine exists (``render.resolve_mode``): on
+  an H200 it ran UNet + VAE at 520.9–522.0 frames/s (b32) against 308–310 for ``graphs`` at b48,
+  loaded in 0.08–0.13 s, and its frames stayed within 4 levels of the reference path
+  (bench/RESULTS.md, session 5).
 
 Measured on an H100 with our models (upsamplers folded; bench/RESULTS.md, session 3): UNet + VAE at
 20 / 48 frames per batch ran 223–256 / 274–295 frames/s eager and 264–269 / 295–300 under graphs;
@@ -55,7 +57,6 @@ from musetalk_ops.models.vae_model import VAE
 
 MODES = ("eager", "graphs", "compiled", "aot")
 GRAPH_MODES = ("graphs", "compiled")  # modes that need CUDA
-SINGLE_BUCKET_MODES = ("compiled", "aot")  # compiled code exists for one batch shape
 SMALLEST_BUCKET = 4
 # cuDNN autotuning: eager/graphs found nothing faster on an H100 (and it costs seconds per process);
 # under compiled code (with freezing) it cut the UNet from 0.585 to 0.537 ms/frame (bench/probe.py).
@@ -63,11 +64,15 @@ CUDNN_BENCHMARK = {"eager": False, "graphs": False, "compiled": True, "aot": Fal
 
 
 def bucket_sizes(max_batch: int, mode: str = "graphs") -> tuple[int, ...]:
-    """Powers of two from 4 below ``max_batch``, plus ``max_batch`` itself (compiled modes: only that)."""
+    """Powers of two from 4 below ``max_batch``, plus ``max_batch`` itself. Compiled code exists per
+    shape: ``compiled`` has ``max_batch`` only (another shape would be a recompile), ``aot`` the sizes
+    its engine's UNet is built for (``aot.unet_batches``: the batch and one decode slice of it)."""
     if max_batch < 1:
         raise ValueError(f"batch size must be positive, got {max_batch}")
-    if mode in SINGLE_BUCKET_MODES:
+    if mode == "compiled":
         return (max_batch,)
+    if mode == "aot":
+        return aot.unet_batches(max_batch)
     sizes = {max_batch}
     size = SMALLEST_BUCKET
     while size < max_batch:
@@ -174,6 +179,7 @@ class FaceGenerator:
             start = time.perf_counter()
             engine = aot.engine_for(unet, vae, max_batch, root=engines)
             self._unet, self._vae, self.engine = engine.unet, engine.vae, engine.name
+            self.buckets = engine.batches
             self.build_seconds += time.perf_counter() - start
         self._state: dict[int, _Bucket] = {}
         self._pool = None
@@ -183,11 +189,15 @@ class FaceGenerator:
         """The bucket a batch of ``n`` frames is padded to: the smallest one already used that holds it,
         else the smallest that holds it. A chunk's last, partial batch so reuses the full bucket: in a
         fresh process a new shape's first run (cuDNN plans, kernel loading) costs more than the padding.
+        An engine's buckets are its own packages, each meant for the batches it holds: the smallest that
+        holds it, always (MEASURE).
         """
         if not 1 <= n <= self.max_batch:
             raise ValueError(f"batch of {n} frames is outside 1..{self.max_batch}")
         used = [size for size in self._state if size >= n]
-        return min(used) if used else next(size for size in self.buckets if size >= n)
+        if used and self.mode != "aot":
+            return min(used)
+        return next(size for size in self.buckets if size >= n)
 
     def _cudnn(self):
         return torch.backends.cudnn.flags(enabled=True, benchmark=self.cudnn_benchmark)

@@ -48,11 +48,12 @@ def test_the_cli_builds_a_complete_engine_once(aot_cache, demo_models):
     models = cpu_models(demo_models)
     engines = aot_cache / "engines"
     found = aot.find_engine_for(models.unet, models.vae, BATCH, engines)
-    assert found is not None and list(found) == ["unet", "vae"]
+    assert found is not None and list(found) == ["unet-b4", "vae-b4"]  # one decode slice: no tail UNet
     for name, path in found.items():
-        assert sorted(p.name for p in path.iterdir()) == ["engine.json", f"{name}.pt2"]
+        step = name.split("-")[0]
+        assert sorted(p.name for p in path.iterdir()) == ["engine.json", f"{step}.pt2"]
         manifest = json.loads((path / "engine.json").read_text())
-        assert manifest["spec"]["step"] == name and manifest["spec"]["batch"] == BATCH
+        assert manifest["spec"]["step"] == step and manifest["spec"]["batch"] == BATCH
         assert manifest["spec"]["device"] == "cpu"
         assert manifest["cxx"] == aot.engine_compiler() == shutil.which("g++")
     # Nothing else, no staging directory left.
@@ -76,25 +77,39 @@ def test_larger_batches_decode_in_equal_slices():
     ]
 
 
-def test_an_engine_for_a_larger_batch_reuses_the_decode_and_slices_it(
+def test_an_engine_for_a_larger_batch_shares_the_decode_and_runs_a_short_tail_on_a_slice(
     aot_cache, demo_models, tmp_path, monkeypatch
 ):
-    """With decodes of at most 2 frames (as 32 on a GPU), an engine for BATCH runs its UNet at BATCH and
-    its VAE at 2, twice per batch, the last slice padded: only the VAE is built (the UNet's package is
-    the one built for BATCH), and the faces are the eager ones."""
+    """With decodes of at most 2 frames (as 32 on a GPU), an engine for BATCH has a UNet at BATCH and at
+    2 and one VAE decode at 2 (the UNet at BATCH is the package already built for BATCH): a batch of 3
+    runs the UNet of 4 and two decodes (the last padded), a batch of 1 the UNet of 2 and one decode, even
+    after the bucket of 4 was used; the faces are the eager ones."""
     models = cpu_models(demo_models)
     before = aot.find_engine_for(models.unet, models.vae, BATCH, aot_cache / "engines")
     shutil.copytree(aot_cache / "engines", tmp_path, dirs_exist_ok=True)
     monkeypatch.setattr(vae_module, "DECODE_BATCH", 2)
-    latents, tokens = inputs(3)
-    got = faces_of(models, "aot", latents, tokens, tmp_path)
+    assert aot.unet_batches(BATCH) == (2, 4)
+    generator = FaceGenerator(models.unet, models.vae, mode="aot", max_batch=BATCH, engines=tmp_path)
     paths = aot.find_engine_for(models.unet, models.vae, BATCH, tmp_path)
-    assert paths["unet"].name == before["unet"].name and paths["vae"].name != before["vae"].name
-    assert json.loads((paths["vae"] / "engine.json").read_text())["spec"]["batch"] == 2
-    want = faces_of(models, "eager", latents, tokens)
-    assert got.shape == want.shape == (3, 256, 256, 3)
-    diff = level_diff(got, want)
-    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.001
+    assert list(paths) == ["unet-b2", "unet-b4", "vae-b2"] and generator.buckets == (2, 4)
+    assert paths["unet-b4"].name == before["unet-b4"].name and paths["vae-b2"].name != before["vae-b4"].name
+    assert {aot.step_spec(path).batch for path in paths.values()} == {2, 4}
+    for n, bucket in ((3, 4), (1, 2)):
+        latents, tokens = inputs(n, seed=n)
+        assert generator.bucket(n) == bucket
+        got = generator(latents, tokens, StageClock(models.device)).clone()
+        want = faces_of(models, "eager", latents, tokens)
+        assert got.shape == want.shape == (n, 256, 256, 3)
+        diff = level_diff(got, want)
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.001
+
+
+def test_an_engine_runs_only_the_batch_sizes_it_was_built_for(aot_cache, demo_models):
+    models = cpu_models(demo_models)
+    engine = aot.engine_for(models.unet, models.vae, BATCH, root=aot_cache / "engines")
+    assert engine.batches == (BATCH,)
+    with pytest.raises(ValueError, match=r"the engine's UNet runs batches of \[4\], not 2"):
+        engine.unet(*inputs(2))
 
 
 def test_a_sliced_decode_gives_the_whole_batch_decode(demo_models, monkeypatch):
@@ -141,12 +156,12 @@ def test_the_engine_binds_other_weights_of_the_same_architecture(aot_cache, demo
 
 def test_incomplete_or_foreign_engines_are_not_found(aot_cache, demo_models, tmp_path):
     models = cpu_models(demo_models)
-    spec = aot.engine_specs(models.unet, models.vae, BATCH)["vae"]
+    spec = aot.engine_specs(models.unet, models.vae, BATCH)["vae-b4"]
     copy = tmp_path / spec.key
     shutil.copytree(aot.find_step(spec, aot_cache / "engines"), copy)
     assert aot.find_step(spec, tmp_path) == copy
     assert aot.find_engine_for(models.unet, models.vae, BATCH, tmp_path) is None  # no UNet step
-    assert aot.find_step(aot.engine_specs(models.unet, models.vae, 8)["vae"], tmp_path) is None  # batch
+    assert aot.find_step(aot.engine_specs(models.unet, models.vae, 8)["vae-b8"], tmp_path) is None  # batch
     manifest = json.loads((copy / "engine.json").read_text())
     (copy / "engine.json").write_text(json.dumps({**manifest, "format": 0}))
     assert aot.find_step(spec, tmp_path) is None  # another format
@@ -268,7 +283,7 @@ def test_an_engine_whose_runtime_crashes_is_refused(aot_cache, demo_models, tmp_
     AOTInductor runtime (simulated: the check process dies of SIGSEGV, as engines built with the lent GPU
     image's own ``$CXX`` do there) is a one-line EngineError naming the signal."""
     models = cpu_models(demo_models)
-    spec = aot.engine_specs(models.unet, models.vae, BATCH)["unet"]
+    spec = aot.engine_specs(models.unet, models.vae, BATCH)["unet-b4"]
     step = aot.engine_steps(models.unet, models.vae)["unet"]
     copy = shutil.copytree(aot.find_step(spec, aot_cache / "engines"), tmp_path / "engine")
     aot.check_step(copy, spec, step, models.device)
@@ -297,10 +312,10 @@ def test_a_build_asks_inductor_for_tuned_kernels_only_when_told(demo_models, tmp
     monkeypatch.setattr(torch.export, "export", lambda step, inputs: step)
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
     models = cpu_models(demo_models)
-    specs = aot.engine_specs(models.unet, models.vae, BATCH, autotune=autotune)
-    for name, step in aot.engine_steps(models.unet, models.vae).items():
+    steps = aot.engine_steps(models.unet, models.vae)
+    for spec in aot.engine_specs(models.unet, models.vae, BATCH, autotune=autotune).values():
         with pytest.raises(RuntimeError, match="compiler stopped here"):
-            aot.build_step(specs[name], step, models.device, root=tmp_path)
+            aot.build_step(spec, steps[spec.step], models.device, root=tmp_path)
     assert set(seen) == {"unet", "vae"}
     for configs in seen.values():
         assert aot.BUILD_CONFIG.items() <= configs.items()

@@ -152,6 +152,8 @@ def test_bucket_sizes():
     assert bucket_sizes(32) == (4, 8, 16, 32)
     assert bucket_sizes(3) == (3,)
     assert bucket_sizes(20, "compiled") == (20,)
+    assert bucket_sizes(64, "aot") == (32, 64) and bucket_sizes(48, "aot") == (24, 48)  # + a decode slice
+    assert bucket_sizes(32, "aot") == (32,) and bucket_sizes(20, "aot") == (20,)
 
 
 def test_a_partial_batch_reuses_a_bucket_already_used(demo_models):
