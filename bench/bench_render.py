@@ -647,6 +647,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=540, help="seconds; later sections are skipped")
     parser.add_argument("--quick", action="store_true", help="CPU smoke run with demo-size models")
     parser.add_argument("--cold-repeats", type=int, default=3, help="fresh processes per cold start (median)")
+    parser.add_argument(
+        "--cold-batches",
+        type=lambda v: [int(b) for b in v.split(",")],
+        default=[],
+        help="cold_start: the render step's default path also at these batch sizes (bytecode cached)",
+    )
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     parser.add_argument(
         "--sections", type=lambda v: v.split(","), help="comma-separated section names to run"
@@ -829,6 +835,10 @@ class Bench:
         s["default/render_step/bytecode_cached"] = cold_start(
             "default", *args, step_features, repeats=self.args.cold_repeats, env=cached
         )
+        for batch in self.args.cold_batches:  # the same at other batch sizes (their engines found or not)
+            s[f"default/render_step/bytecode_cached/b{batch}"] = cold_start(
+                "default", batch, *args[1:], step_features, repeats=self.args.cold_repeats, env=cached
+            )
 
     def generator(self, s: dict) -> None:
         sizes = {"graphs": (8, 20, 48), "eager": (20, 48)} if cuda() else {"eager": (4,)}
