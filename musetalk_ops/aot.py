@@ -59,7 +59,6 @@ from musetalk_ops.models.vae_model import VAE
 # 3: a package per step, the VAE decode at its slice of the batch (vae.decode_slices).
 # Part of a step's spec (and key): a package of older model code is never found.
 ENGINE_FORMAT = 3
-STEPS = ("unet", "vae")
 MANIFEST = "engine.json"
 CHECK = "check.json"  # what the fresh-process check needs: device, dtype, the weights' shapes
 # Test hook: the check process kills itself with this signal (e.g. SEGV) before loading, as a broken

@@ -181,10 +181,10 @@ class TcpProxy:
                 s.shutdown(socket.SHUT_RDWR)
 
 
-def cli_engine_build(models: Path, cache: Path, **env: str) -> subprocess.CompletedProcess:
+def cli_engine_build(models: Path, cache: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
     """``musetalk engine build`` for the demo models on the CPU (float32, batch 4) in its own process,
-    into ``$MUSETALK_CACHE=cache``; ``env`` adds variables."""
-    flags = ["--models", models, "--device", "cpu", "--dtype", "float32", "--batch-size", "4"]
+    into ``$MUSETALK_CACHE=cache``; ``extra`` adds flags, ``env`` variables."""
+    flags = ["--models", models, "--device", "cpu", "--dtype", "float32", "--batch-size", "4", *extra]
     return subprocess.run(
         [sys.executable, "-m", "musetalk_ops.cli", "engine", "build", *map(str, flags)],
         env={**os.environ, "MUSETALK_CACHE": str(cache), **env},

@@ -278,6 +278,15 @@ def test_engine_build_with_missing_weights_is_a_one_line_error(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("musetalk: error: ")
 
 
+def test_engine_build_of_an_unknown_part_is_a_one_line_error(demo_models, tmp_path):
+    proc = cli_engine_build(demo_models, tmp_path, "--part", "unet-b8")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "musetalk: error: an engine for batch 4 has no part 'unet-b8': unet-b4, vae-b4"
+    )
+    assert not (tmp_path / "engines").exists()
+
+
 def test_an_engine_whose_runtime_crashes_is_refused(aot_cache, demo_models, tmp_path, monkeypatch):
     """The fresh-process check that gates publishing: it passes on a good engine, and a crashing
     AOTInductor runtime (simulated: the check process dies of SIGSEGV, as engines built with the lent GPU
