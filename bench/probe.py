@@ -537,7 +537,7 @@ class Probe(br.Bench):
         from musetalk_ops import aot, render
 
         unet, vae = self.models.unet, self.models.vae
-        batches = sorted({b for b, _ in self.engine_batches_arg()})
+        batches = sorted({b for _, b, _ in self.engine_batches_arg()})
         missing = {}
         for b in batches:
             for part, spec in aot.engine_specs(unet, vae, b).items():
@@ -555,11 +555,11 @@ class Probe(br.Bench):
             s[f"b{b}/kernels"] = engine_kernels(unet, vae, b)
             self.report.save()
 
-    def engine_batches_arg(self) -> list[tuple[int, bool]]:
-        """``--engine-batches`` as (batch, whole): ``64`` runs the engine as built (a tail that one decode
-        slice holds on the UNet of that slice), ``64whole`` every batch on the UNet of 64."""
+    def engine_batches_arg(self) -> list[tuple[str, int, bool]]:
+        """``--engine-batches`` as (label, batch, whole): ``64`` runs the engine as built (a tail that one
+        decode slice holds on the UNet of that slice), ``64whole`` every batch on the UNet of 64."""
         labels = self.args.engine_batches or [str(self.batch)]
-        return [(int(label.removesuffix("whole")), label.endswith("whole")) for label in labels]
+        return [(label, int(label.removesuffix("whole")), label.endswith("whole")) for label in labels]
 
     def short_chunks(self, s: dict) -> None:
         from musetalk_ops import aot, render
@@ -567,17 +567,17 @@ class Probe(br.Bench):
         keys, t = ("total", "unet", "vae_decode", "fps", "peak_gpu_gb"), self.templates["512"]
         for frames in self.args.chunk_frames:
             for round_ in range(6):  # the first is each configuration's first chunk; not in the median
-                for b, whole in self.engine_batches_arg():
+                for label, b, whole in self.engine_batches_arg():
                     gen = render._generator(self.models.unet, self.models.vae, "aot", b)
                     gen.buckets = (b,) if whole else aot.unet_batches(b)
                     row = br.render_once(
                         self.models, t, self.features, frames, self.work / "o.mp4", batch_size=b, mode="aot"
                     )
-                    key = f"{frames}/b{b}{'whole' if whole else ''}"
+                    key = f"{frames}/b{label}"
                     s.setdefault(key if round_ else f"{key}/first", []).append({k: row[k] for k in keys})
                     print(key, round_, json.dumps(row), flush=True)
-            for b, whole in self.engine_batches_arg():
-                key = f"{frames}/b{b}{'whole' if whole else ''}"
+            for label, _, _ in self.engine_batches_arg():
+                key = f"{frames}/b{label}"
                 s[f"{key}/median_total_s"] = statistics.median(r["total"] for r in s[key])
             self.report.save()
 

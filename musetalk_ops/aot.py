@@ -208,11 +208,11 @@ def find_step(spec: StepSpec, root: str | os.PathLike | None = None) -> Path | N
 
 
 def step_spec(path: Path) -> StepSpec:
-    """The spec a complete package was built for, from its manifest (OSError or ValueError if there is
-    none or it is torn; TypeError if it is of another format)."""
+    """The spec a complete package was built for, from its manifest (OSError if there is none, ValueError
+    if it is torn or of another format)."""
     manifest = json.loads((path / MANIFEST).read_text())
     if manifest.get("format") != ENGINE_FORMAT:
-        raise TypeError(f"{path} is an engine of format {manifest.get('format')}, not {ENGINE_FORMAT}")
+        raise ValueError(f"{path} is an engine of format {manifest.get('format')}, not {ENGINE_FORMAT}")
     return StepSpec(**manifest["spec"])
 
 
