@@ -25,10 +25,10 @@ from PIL import Image
 
 from musetalk_ops.audio import AudioFeatures, add_positional_encoding
 from musetalk_ops.blend import frame_indices
-from musetalk_ops.cache import Template
 from musetalk_ops.models import Models
 from musetalk_ops.models.unet import load_unet
 from musetalk_ops.models.vae import VAE_SCALE, load_vae
+from musetalk_ops.template_cache import Template
 from musetalk_ops.video import SegmentWriter
 
 BATCH = 20

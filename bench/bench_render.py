@@ -462,7 +462,7 @@ def compiled_child(models_root: str, cache_512: str, cache_hd: str, wav: str, wo
     """The compiled path in its own process: a compiler failure cannot disturb the other sections, and
     the first chunk pays a cold compile as the first process on a new GPU type would."""
     from musetalk_ops import render
-    from musetalk_ops.cache import load_template
+    from musetalk_ops.template_cache import load_template
 
     models = render.load_engine(render.RenderSettings(models_root=Path(models_root)))
     features = render.compute_features(models, Path(wav))
@@ -489,7 +489,7 @@ def aot_child(
 ) -> None:
     """Build an AOTInductor engine (musetalk_ops/aot.py) in its own process, then render through it."""
     from musetalk_ops import aot, render
-    from musetalk_ops.cache import load_template
+    from musetalk_ops.template_cache import load_template
 
     def say(message: str) -> None:  # progress on stderr: kept beside the report if the child fails
         print(f"[aot child {time.time() - START:.0f} s] {message}", file=sys.stderr, flush=True)
@@ -543,8 +543,8 @@ def chunk_child(models_root: str, cache: str, features_file: str, frames: str, o
     """A render step in its own process: features from a file, frames [0, frames) into ``out``; touches
     ``out``.started once its first frame is encoded (the parent kills it after that)."""
     from musetalk_ops.audio import AudioFeatures
-    from musetalk_ops.cache import load_template
     from musetalk_ops.render import RenderSettings, load_engine, render_chunk
+    from musetalk_ops.template_cache import load_template
 
     template = load_template(cache)
     settings = RenderSettings(models_root=Path(models_root))
@@ -746,7 +746,7 @@ class Bench:
     def prepare(self, s: dict) -> None:
         import assets
 
-        from musetalk_ops.cache import load_template
+        from musetalk_ops.template_cache import load_template
 
         png, video = self.sources
         self.prepared = {}

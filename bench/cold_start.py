@@ -20,8 +20,8 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from musetalk_ops.audio import AudioFeatures  # noqa: E402
-from musetalk_ops.cache import load_template  # noqa: E402
 from musetalk_ops.render import RenderSettings, compute_features, load_engine, render_chunk  # noqa: E402
+from musetalk_ops.template_cache import load_template  # noqa: E402
 
 
 def main(

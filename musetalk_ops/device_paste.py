@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from musetalk_ops.blend import Box, paste_region
-from musetalk_ops.cache import Template
+from musetalk_ops.template_cache import Template
 from musetalk_ops.yuv import i420, rgb_to_yuv420
 
 COEF_SCALE = 1 << 11  # OpenCV's INTER_RESIZE_COEF_SCALE

@@ -17,13 +17,6 @@ import torch
 
 from musetalk_ops import ENGINE_VERSION
 from musetalk_ops.blend import Box, crop_box_for
-from musetalk_ops.cache import (
-    MANIFEST,
-    Face,
-    settings_sha256,
-    template_fingerprint,
-    write_cache,
-)
 from musetalk_ops.config import Limits, models_dir, resolve_device, resolve_dtype
 from musetalk_ops.config import cache_dir as default_cache_dir
 from musetalk_ops.errors import InputError
@@ -37,6 +30,13 @@ from musetalk_ops.models.vae import CROP, encode_crops, load_vae
 from musetalk_ops.models.vae_model import VAE
 from musetalk_ops.settings import TemplateSettings
 from musetalk_ops.sources import IMAGE_SUFFIXES, read_source
+from musetalk_ops.template_cache import (
+    MANIFEST,
+    Face,
+    settings_sha256,
+    template_fingerprint,
+    write_cache,
+)
 from musetalk_ops.timings import Timings
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,6 @@ import torch
 from musetalk_ops import DEFAULT_BATCH_SIZE, aot
 from musetalk_ops.audio import AudioFeatures, add_positional_encoding, extract_features, load_audio
 from musetalk_ops.blend import frame_indices, paste_face
-from musetalk_ops.cache import Template
 from musetalk_ops.config import DTYPES, Limits, dtype_name, models_dir, resolve_device, resolve_dtype
 from musetalk_ops.device_paste import Composited, DevicePaster, to_device
 from musetalk_ops.errors import GpuMemoryError, InputError
@@ -51,6 +50,7 @@ from musetalk_ops.ids import default_template_id
 from musetalk_ops.models import Models, load_models
 from musetalk_ops.models.unet import unet_predict
 from musetalk_ops.models.vae import decode_latents, decode_sliced
+from musetalk_ops.template_cache import Template
 from musetalk_ops.timings import Timings
 from musetalk_ops.video import SegmentWriter, fps_fraction, mux
 from musetalk_ops.yuv import i420_planes, rgb_to_yuv420
@@ -641,7 +641,7 @@ def open_template(path: Path, settings: RenderSettings, limits: Limits | None = 
     A source file is prepared on the fly (with the ``settings.yaml`` beside it, if any) into the engine
     cache (``$MUSETALK_CACHE/templates/<id>/<fingerprint>/``), so rendering it again reuses that work.
     """
-    from musetalk_ops.cache import load_template
+    from musetalk_ops.template_cache import load_template
 
     path = Path(path)
     if path.is_dir():

@@ -20,14 +20,6 @@ from PIL import Image
 from pydantic import Field
 
 from musetalk_ops import ENGINE_VERSION, keys
-from musetalk_ops.cache import (
-    MANIFEST,
-    PREVIEW,
-    read_cache,
-    settings_sha256,
-    sha256_file,
-    template_fingerprint,
-)
 from musetalk_ops.config import models_dir
 from musetalk_ops.errors import InputError, MuseTalkError
 from musetalk_ops.models.layout import weights_kind
@@ -35,12 +27,20 @@ from musetalk_ops.prepare import prepare_template, weights_id
 from musetalk_ops.render import render_file
 from musetalk_ops.settings import TemplateSettings, load_settings
 from musetalk_ops.store import Store
+from musetalk_ops.template_cache import (
+    MANIFEST,
+    PREVIEW,
+    read_cache,
+    settings_sha256,
+    sha256_file,
+    template_fingerprint,
+)
 from musetalk_ops.timings import Timings
-from pipelines.cache_store import download_cache, local_cache, stored_manifest, upload_cache
 from pipelines.catalog import TEMPLATE_CACHE, CacheRef, latest_cache, user_errors
 from pipelines.executors import GPU_OP_TAGS
 from pipelines.partitions import render_requests, templates
-from pipelines.resources import EngineResource, StoreResource
+from pipelines.resources import RenderResource, StoreResource
+from pipelines.template_store import download_cache, local_cache, stored_manifest, upload_cache
 
 CODE_VERSION = ENGINE_VERSION
 FACES_CHECK = "faces_present"
@@ -178,13 +178,13 @@ def template_cache(
     context: dg.AssetExecutionContext,
     config: TemplateCacheConfig,
     store: StoreResource,
-    engine: EngineResource,
+    render: RenderResource,
 ):
     tid = context.partition_key
     client = store.get()
     with user_errors(), tempfile.TemporaryDirectory(prefix="musetalk-template-") as tmp:
         source, settings = _template_inputs(client, tid, Path(tmp))
-        root = models_dir(engine.models_dir)
+        root = models_dir(render.models_dir)
         weights_fp = weights_id(root, settings)
         fingerprint = template_fingerprint(
             sha256_file(source), settings_sha256(settings.to_dict()), weights_fp, ENGINE_VERSION
@@ -218,8 +218,8 @@ def template_cache(
                 template_id=tid,
                 settings=settings,
                 models_root=root,
-                device=engine.device,
-                dtype=engine.dtype,
+                device=render.device,
+                dtype=render.dtype,
                 force=True,
                 timings=prepared,
             )
@@ -277,7 +277,7 @@ def speak(command: list[str], text: str, out: Path) -> Path:
     "to welcome/<id>/<fingerprint>.mp4.",
 )
 def welcome_video(
-    context: dg.AssetExecutionContext, config: WelcomeConfig, store: StoreResource, engine: EngineResource
+    context: dg.AssetExecutionContext, config: WelcomeConfig, store: StoreResource, render: RenderResource
 ) -> dg.MaterializeResult:
     tid = context.partition_key
     client = store.get()
@@ -295,7 +295,7 @@ def welcome_video(
             audio = speak(config.tts_command, text, Path(tmp) / "welcome.wav")
             spoken = f"text: {text}"
         out = Path(tmp) / "welcome.mp4"
-        timings = render_file(local_cache(client, ref), audio, out, engine.render_settings(), progress=False)
+        timings = render_file(local_cache(client, ref), audio, out, render.render_settings(), progress=False)
         key = keys.welcome_video(tid, ref.fingerprint)
         client.put_file(key, out)
         audio_sha = sha256_file(audio)

@@ -8,7 +8,7 @@ import dagster as dg
 
 from pipelines.assets import rendered_video, template_cache, welcome_video
 from pipelines.executors import select_executor
-from pipelines.render import render_video
+from pipelines.jobs import render_video
 from pipelines.resources import default_resources
 from pipelines.sensors import render_request_sensor, template_sensor
 
@@ -20,7 +20,7 @@ def build_defs() -> dg.Definitions:
         jobs=[render_video],
         sensors=[template_sensor, render_request_sensor],
         resources=resources,
-        executor=select_executor(gpus=resources["engine"].gpu_count()),
+        executor=select_executor(gpus=resources["render"].gpu_count()),
     )
 
 

@@ -21,7 +21,7 @@ X264_PRESETS = (
     "slower",
     "veryslow",
 )
-# Request options a client may set per render; the rest is deployment configuration (EngineResource).
+# Request options a client may set per render; the rest is deployment configuration (RenderResource).
 OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "batch_size": (int,),
     "crf": (int,),

@@ -48,8 +48,8 @@ class StoreResource(dg.ConfigurableResource):
         return _s3_store(bucket, prefix, self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or None)
 
 
-class EngineResource(dg.ConfigurableResource):
-    """How the engine renders here: weights, device, dtype, batch size and chunk planning."""
+class RenderResource(dg.ConfigurableResource):
+    """How renders run here: weights, device, dtype, batch size and chunk planning."""
 
     models_dir: str | None = None  # None: $MUSETALK_MODELS, else ./models
     device: str | None = None  # None: cuda when available
@@ -155,13 +155,13 @@ def io_manager(store: StoreResource) -> dg.ConfigurableIOManager:
 def default_resources() -> dict[str, object]:
     """The resources of the code location, from the environment."""
     store = StoreResource()
-    engine = EngineResource()
+    render = RenderResource()
     import torch
 
     pinning = executor_name() == "multiprocess" and torch.cuda.device_count() > 0
     return {
         "store": store,
-        "engine": engine,
-        "gpu_slots": GpuSlots(gpus=engine.gpu_count() if pinning else 0),
+        "render": render,
+        "gpu_slots": GpuSlots(gpus=render.gpu_count() if pinning else 0),
         "io_manager": io_manager(store),
     }

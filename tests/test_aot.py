@@ -14,7 +14,6 @@ import torch
 from helpers import cli_engine_build, png_frames
 
 from musetalk_ops import aot
-from musetalk_ops.cache import load_template
 from musetalk_ops.errors import EngineError
 from musetalk_ops.generator import FaceGenerator, StageClock
 from musetalk_ops.models import load_models
@@ -22,6 +21,7 @@ from musetalk_ops.models import vae as vae_module
 from musetalk_ops.models.demo import write_demo_models
 from musetalk_ops.models.vae import decode_latents, decode_sliced, decode_slices
 from musetalk_ops.render import RenderSettings, _generator, render_chunk, resolve_mode
+from musetalk_ops.template_cache import load_template
 
 BATCH = 4  # the aot_cache fixture's engine
 

@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from musetalk_ops import ENGINE_VERSION
 from musetalk_ops.blend import crop_box_for
-from musetalk_ops.cache import (
+from musetalk_ops.errors import CacheError
+from musetalk_ops.template_cache import (
     SCHEMA,
     Face,
     import_official_avatar,
@@ -24,7 +25,6 @@ from musetalk_ops.cache import (
     template_fingerprint,
     write_cache,
 )
-from musetalk_ops.errors import CacheError
 
 FACE_BOX = (177, 66, 272, 185)
 SETTINGS = {"version": "v15", "extra_margin": 10, "parsing_mode": "jaw", "face_box": None}

@@ -10,7 +10,6 @@ import torch
 from helpers import every_blend_triple, png_frames
 
 from musetalk_ops.blend import crop_box_for, paste_face
-from musetalk_ops.cache import Face, Template, load_template
 from musetalk_ops.device_paste import DevicePaster, pil_blend_, resize_linear
 from musetalk_ops.errors import InputError
 from musetalk_ops.generator import FaceGenerator, StageClock, bucket_sizes
@@ -23,6 +22,7 @@ from musetalk_ops.render import (
     encoder_count,
     render_chunk,
 )
+from musetalk_ops.template_cache import Face, Template, load_template
 from musetalk_ops.video import SegmentWriter, mux, probe
 from musetalk_ops.yuv import i420, i420_planes, rgb_to_yuv420
 

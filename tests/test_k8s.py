@@ -371,14 +371,14 @@ def test_weights_job_fills_the_volume_the_steps_mount():
 def test_engine_job_builds_into_the_directory_the_gpu_steps_mount():
     """k8s/engine.yaml: ``musetalk engine build`` on one GPU of the GPU node, at the render steps' batch
     size, with the weights Job's volume layout, from the devel build of the deployment's image."""
-    from pipelines.resources import EngineResource
+    from pipelines.resources import RenderResource
 
     spec = pod_spec(find("Job", "musetalk-engine"))
     (container,) = spec["containers"]
     command = container["command"]
     assert command[:3] == ["musetalk", "engine", "build"]
     flags = dict(zip(command[3::2], command[4::2], strict=True))
-    assert int(flags["--batch-size"]) == EngineResource().batch_size  # else no render finds the engine
+    assert int(flags["--batch-size"]) == RenderResource().batch_size  # else no render finds the engine
     env = {v["name"]: v["value"] for v in container["env"]}
     assert flags["--models"] == env["MUSETALK_MODELS"] == config_env()["MUSETALK_MODELS"]
     assert env["MUSETALK_CACHE"] == config_env()["MUSETALK_CACHE"]  # engines land in <cache>/engines
@@ -969,7 +969,7 @@ def test_k8s_job_executor_renders_against_a_fake_cluster(
 
         # No executor config, as in production: k8s_job_executor takes everything from the run launcher.
         min_chunk_frames = 8
-        run_config = {"resources": {"engine": {"config": {"min_chunk_frames": min_chunk_frames}}}}
+        run_config = {"resources": {"render": {"config": {"min_chunk_frames": min_chunk_frames}}}}
         # what the code server hands out: the code location module, and the image it runs in
         location = ReconstructableRepository.for_module(
             "pipelines.definitions", "defs", str(ROOT), container_image=deployment_image(vals)

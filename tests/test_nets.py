@@ -263,7 +263,7 @@ def test_a_render_step_imports_neither_diffusers_transformers_nor_opencv(
 import sys
 from pathlib import Path
 from musetalk_ops.audio import AudioFeatures
-from musetalk_ops.cache import load_template
+from musetalk_ops.template_cache import load_template
 from musetalk_ops.render import RenderSettings, load_engine, render_chunk
 settings = RenderSettings(models_root=Path({str(demo_models)!r}), device="cpu", mode={mode!r}, batch_size=4)
 template = load_template(Path({str(astronaut_cache)!r}))

@@ -44,7 +44,7 @@ def test_definitions_have_the_canonical_names(monkeypatch):
     assert graph.get(dg.AssetKey("welcome_video")).parent_keys == {dg.AssetKey("template_cache")}
     for key in ("template_cache", "welcome_video"):
         assert graph.get(dg.AssetKey(key)).partitions_def.name == "templates"
-    assert set(repo.get_top_level_resources()) >= {"store", "engine", "gpu_slots", "io_manager"}
+    assert set(repo.get_top_level_resources()) >= {"store", "render", "gpu_slots", "io_manager"}
 
 
 @pytest.mark.parametrize("name", ["multiprocess", "k8s"])
@@ -69,17 +69,17 @@ def test_executor_from_environment(monkeypatch):
 
 
 def test_gpu_count_from_environment(monkeypatch):
-    from pipelines.resources import EngineResource
+    from pipelines.resources import RenderResource
 
     monkeypatch.setenv("MUSETALK_GPUS", "3")
-    assert EngineResource().gpu_count() == 3
-    assert EngineResource(gpus=2).gpu_count() == 2
+    assert RenderResource().gpu_count() == 3
+    assert RenderResource(gpus=2).gpu_count() == 2
     monkeypatch.delenv("MUSETALK_GPUS")
     monkeypatch.setenv("MUSETALK_EXECUTOR", "k8s")
-    assert EngineResource().gpu_count() == 4
+    assert RenderResource().gpu_count() == 4
     monkeypatch.setenv("MUSETALK_GPUS", "two")
     with pytest.raises(InputError, match="MUSETALK_GPUS"):
-        EngineResource().gpu_count()
+        RenderResource().gpu_count()
 
 
 def test_multiprocess_gpu_pinning_only_with_cuda(monkeypatch):
@@ -125,7 +125,7 @@ def test_render_chunk_runs_as_a_valid_gpu_pod_on_kubernetes():
     import kubernetes_validate
     from dagster_k8s.job import DagsterK8sJobConfig, construct_dagster_k8s_job, get_user_defined_k8s_config
 
-    from pipelines.render import load_request, merge_video, render_chunk
+    from pipelines.jobs import load_request, merge_video, render_chunk
 
     assert render_chunk.pool == "gpu" and render_chunk.retry_policy.max_retries >= 1
     assert "dagster-k8s/config" not in load_request.tags and "dagster-k8s/config" not in merge_video.tags

@@ -10,15 +10,15 @@ import soundfile as sf
 from helpers import deployment_env
 
 from musetalk_ops import ENGINE_VERSION
-from musetalk_ops.cache import settings_sha256, sha256_file, template_fingerprint
 from musetalk_ops.settings import TemplateSettings
 from musetalk_ops.store import open_store
+from musetalk_ops.template_cache import settings_sha256, sha256_file, template_fingerprint
 from musetalk_ops.video import probe
 
 FACE_BOX = [177, 66, 272, 175]  # the astronaut's landmark box: no face detector needed
 SETTINGS = f"face_box: {FACE_BOX}\nwelcome_text: Hi.\n".encode()
 FPS = 25
-CHUNK_CONFIG = {"resources": {"engine": {"config": {"gpus": 2, "min_chunk_frames": 5}}}}
+CHUNK_CONFIG = {"resources": {"render": {"config": {"gpus": 2, "min_chunk_frames": 5}}}}
 
 
 def expected_frames(wav: Path) -> int:
@@ -256,7 +256,7 @@ def test_reexecution_rerenders_only_missing_chunks_and_stats_count_requests_once
         return real_mux(*args, **kwargs)
 
     monkeypatch.setattr(engine_render, "render_chunk", render_chunk)
-    monkeypatch.setattr("pipelines.render.mux", mux)
+    monkeypatch.setattr("pipelines.jobs.mux", mux)
     job = dg.reconstructable(render_job)
     tags = {"dagster/partition": "flaky", "musetalk/template": "astro"}
 

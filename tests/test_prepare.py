@@ -150,8 +150,8 @@ def test_prepare_astronaut_image(tmp_path, astronaut_png, astronaut_rgb, demo_mo
     import torch
     from PIL import Image
 
-    from musetalk_ops.cache import read_cache
     from musetalk_ops.models.vae import encode_crops, load_vae
+    from musetalk_ops.template_cache import read_cache
     from musetalk_ops.timings import Timings
 
     timings = Timings()
@@ -178,7 +178,7 @@ def test_prepare_astronaut_image(tmp_path, astronaut_png, astronaut_rgb, demo_mo
 
 
 def test_prepare_video_one_face_per_frame(tmp_path, astronaut_rgb, demo_models, detector):
-    from musetalk_ops.cache import read_cache
+    from musetalk_ops.template_cache import read_cache
 
     offsets = [(0, 0, 1.0), (4, 0, 1.0), (8, 2, 1.0), (8, 4, 1.05), (6, 4, 1.1), (2, 2, 1.05)]
     clip = write_video(tmp_path / "clip.mp4", panned_clip(astronaut_rgb, offsets))
@@ -195,7 +195,7 @@ def test_prepare_video_one_face_per_frame(tmp_path, astronaut_rgb, demo_models, 
 
 
 def test_prepare_video_passthrough_frames(tmp_path, astronaut_rgb, demo_models, detector):
-    from musetalk_ops.cache import read_cache
+    from musetalk_ops.template_cache import read_cache
 
     frames = panned_clip(astronaut_rgb, [(0, 0, 1.0)] * 4)
     frames[1:3] = 128  # no face in frames 1 and 2
@@ -223,7 +223,7 @@ class NoDetection:
 
 
 def test_prepare_manual_box_and_landmark_mask_choices(tmp_path, astronaut_png, demo_models):
-    from musetalk_ops.cache import read_cache
+    from musetalk_ops.template_cache import read_cache
 
     settings = TemplateSettings(face_box=(177, 66, 272, 175), extra_margin=5)
     template = read_cache(
@@ -241,7 +241,7 @@ def test_prepare_manual_box_and_landmark_mask_choices(tmp_path, astronaut_png, d
 
 
 def test_prepare_landmark_mask(tmp_path, astronaut_png, demo_models, detector):
-    from musetalk_ops.cache import read_cache
+    from musetalk_ops.template_cache import read_cache
 
     template = read_cache(
         prepare(
@@ -272,7 +272,7 @@ def test_prepare_no_face_writes_nothing(tmp_path, demo_models, detector):
 
 
 def test_prepare_existing_output(tmp_path, astronaut_png, demo_models):
-    from musetalk_ops.cache import read_cache
+    from musetalk_ops.template_cache import read_cache
 
     settings = TemplateSettings(face_box=(177, 66, 272, 175))
     out = prepare(astronaut_png, tmp_path / "cache", demo_models, settings=settings)

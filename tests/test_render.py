@@ -12,11 +12,11 @@ from helpers import png_frames
 
 from musetalk_ops.audio import add_positional_encoding
 from musetalk_ops.blend import frame_indices, paste_face
-from musetalk_ops.cache import load_template
 from musetalk_ops.errors import InputError
 from musetalk_ops.models.unet import unet_predict
 from musetalk_ops.models.vae import decode_latents
 from musetalk_ops.render import RenderSettings, plan_chunks, render_chunk
+from musetalk_ops.template_cache import load_template
 from musetalk_ops.video import mux, probe
 
 

@@ -318,7 +318,7 @@ def test_s3_cut_during_a_run_fails_clearly_and_reexecution_completes(
         real_mux(*args, **kwargs)
         proxy.cut()
 
-    monkeypatch.setattr("pipelines.render.mux", mux_then_cut)
+    monkeypatch.setattr("pipelines.jobs.mux", mux_then_cut)
     first = execute(instance, "cut")
     assert first.status == dg.DagsterRunStatus.FAILURE
     failures = step_failures(events_of(instance, first))
@@ -331,7 +331,7 @@ def test_s3_cut_during_a_run_fails_clearly_and_reexecution_completes(
     ]
 
     proxy.restore()
-    monkeypatch.setattr("pipelines.render.mux", real_mux)
+    monkeypatch.setattr("pipelines.jobs.mux", real_mux)
     again = execute(
         instance, "cut", reexecution_options=dg.ReexecutionOptions.from_failure(first.run_id, instance)
     )

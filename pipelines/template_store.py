@@ -12,9 +12,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from musetalk_ops import config
-from musetalk_ops.cache import MANIFEST, Template, read_cache
 from musetalk_ops.errors import CacheError
 from musetalk_ops.store import Store
+from musetalk_ops.template_cache import MANIFEST, Template, read_cache
 from pipelines.catalog import CacheRef
 
 

@@ -22,12 +22,12 @@ from musetalk_ops.errors import CacheError, InputError
 from musetalk_ops.store import Store
 from musetalk_ops.timings import STAGES, Timings
 from musetalk_ops.video import mux
-from pipelines.cache_store import load_cached_template, stored_manifest
 from pipelines.catalog import RENDERED_VIDEO, TEMPLATE_CACHE, CacheRef, latest_cache, user_errors
 from pipelines.executors import GPU_OP_TAGS, WEIGHTS_OP_TAGS
 from pipelines.partitions import render_requests
 from pipelines.request import parse_request
-from pipelines.resources import EngineResource, GpuSlots, StoreResource
+from pipelines.resources import GpuSlots, RenderResource, StoreResource
+from pipelines.template_store import load_cached_template, stored_manifest
 
 
 def _ref(request: dict) -> CacheRef:
@@ -78,14 +78,14 @@ def load_request(context: dg.OpExecutionContext, store: StoreResource) -> dict:
     description="Whisper features of the whole request, computed once and stored for every chunk.",
 )
 def audio_features(
-    context: dg.OpExecutionContext, store: StoreResource, engine: EngineResource, request: dict
+    context: dg.OpExecutionContext, store: StoreResource, render: RenderResource, request: dict
 ) -> dict:
     client = store.get()
     with user_errors(), tempfile.TemporaryDirectory(prefix="musetalk-audio-") as tmp:
         audio = Path(tmp) / Path(request["audio"]).name
         client.get_file(request["audio"], audio)
         start = time.perf_counter()
-        settings = engine.render_settings(**request["options"])
+        settings = render.render_settings(**request["options"])
         models = engine_render.load_engine(settings, version=request["version"], components=("whisper",))
         loaded = time.perf_counter()
         features = engine_render.compute_features(models, audio, Limits.from_env())
@@ -110,9 +110,9 @@ def audio_features(
     out=dg.DynamicOut(dict),
     description="Equal contiguous frame ranges, one per GPU, each ≥ min_chunk_frames.",
 )
-def plan_chunks(context: dg.OpExecutionContext, engine: EngineResource, features: dict):
+def plan_chunks(context: dg.OpExecutionContext, render: RenderResource, features: dict):
     with user_errors():
-        ranges = engine_render.plan_chunks(features["frames"], engine.gpu_count(), engine.min_chunk_frames)
+        ranges = engine_render.plan_chunks(features["frames"], render.gpu_count(), render.min_chunk_frames)
     context.log.info(f"{features['frames']} frames in {len(ranges)} chunk(s): {ranges}")
     for index, (start, stop) in enumerate(ranges):
         yield dg.DynamicOutput(
@@ -146,7 +146,7 @@ def _chunk_done(client: Store, key: str, request: dict, chunk: dict) -> dict | N
 def render_chunk(
     context: dg.OpExecutionContext,
     store: StoreResource,
-    engine: EngineResource,
+    render: RenderResource,
     gpu_slots: GpuSlots,
     request: dict,
     features: dict,
@@ -163,7 +163,7 @@ def render_chunk(
             return {**done, "reused": True}
         with gpu_slots.slot(context.log), tempfile.TemporaryDirectory(prefix="musetalk-chunk-") as tmp:
             start = time.perf_counter()
-            settings = engine.render_settings(**request["options"])
+            settings = render.render_settings(**request["options"])
             models = engine_render.load_engine(
                 settings, version=request["version"], components=("unet", "vae")
             )
