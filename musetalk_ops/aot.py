@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from musetalk_ops.config import DTYPES, cache_dir, dtype_name
+from musetalk_ops.config import cache_dir, dtype_name, torch_dtype
 from musetalk_ops.errors import EngineError
 from musetalk_ops.files import write_json
 from musetalk_ops.models.unet_model import UNet
@@ -354,7 +354,7 @@ def _check_main(path: Path) -> None:
         os.kill(os.getpid(), signal.Signals[f"SIG{fault}"])
     check = json.loads((path / CHECK).read_text())
     spec, device = StepSpec(**check["spec"]), torch.device(check["device"])
-    dtype = DTYPES[spec.dtype]
+    dtype = torch_dtype(spec.dtype)
     runner = _loader(path, spec.step, device)
     weights = {fqn: torch.zeros(shape, device=device, dtype=dtype) for fqn, shape in check["shapes"].items()}
     _bind(runner, weights, path, spec.step)
@@ -384,7 +384,7 @@ def build_step(
         cxx = engine_compiler()
         log(f"C++ compiler for the wrapper: {cxx or 'Inductor default ($CXX, else g++)'}")
         log(f"compiling the {spec.step} for batch {spec.batch} on {spec.device} (minutes)")
-        inputs = step_inputs(spec, device, DTYPES[spec.dtype])
+        inputs = step_inputs(spec, device, torch_dtype(spec.dtype))
         seconds = compile_step(
             step, inputs, staging / f"{spec.step}.pt2", build_configs(spec.step, spec.autotune, cxx)
         )

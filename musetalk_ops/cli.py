@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from musetalk_ops import DEFAULT_BATCH_SIZE
+from musetalk_ops.config import DTYPE_NAMES
 from musetalk_ops.errors import InputError, MuseTalkError
 
 if TYPE_CHECKING:  # render imports torch: only the commands that render load it
     from musetalk_ops.render import RenderSettings
 
 log = logging.getLogger("musetalk")
-
-DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
 
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
@@ -34,7 +33,7 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
         "--version", choices=("v15", "v1"), help="MuseTalk version (default: the template's, else v15)"
     )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: float16 on CUDA, float32 on the CPU")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: float16 on CUDA, float32 on the CPU")
 
 
 def _render_settings(args: argparse.Namespace, **more: object) -> "RenderSettings":

@@ -1,17 +1,20 @@
 """Configuration from environment variables (design.md); CLI flags and resource config override.
 
-Every default lives here, once, so the CLI, the Dagster resources and the tests agree.
+Every default lives here, once, so the CLI, the Dagster resources and the tests agree. Importing it
+does not import torch: the Dagster code location reads the same configuration.
 """
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from musetalk_ops.errors import InputError
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
 def models_dir(override: str | os.PathLike | None = None) -> Path:
@@ -29,8 +32,10 @@ def store_dir(override: str | os.PathLike | None = None) -> Path:
     return Path(override or os.environ.get("MUSETALK_STORE") or Path(".musetalk") / "store")
 
 
-def resolve_device(name: str | None = None) -> torch.device:
+def resolve_device(name: str | None = None) -> "torch.device":
     """``cuda`` when available unless told otherwise; asking for CUDA without one is an input error."""
+    import torch
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -41,17 +46,25 @@ def resolve_device(name: str | None = None) -> torch.device:
         raise InputError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
 
 
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str | None, device: "torch.device") -> "torch.dtype":
     """float16 on CUDA, float32 on the CPU, unless a dtype is named."""
     if name is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise InputError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+        name = "float16" if device.type == "cuda" else "float32"
+    return torch_dtype(name)
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(k for k, v in DTYPES.items() if v == dtype)
+def torch_dtype(name: str) -> "torch.dtype":
+    """The torch dtype of one of ``DTYPE_NAMES``."""
+    if name not in DTYPE_NAMES:
+        raise InputError(f"unknown dtype {name!r}: use one of {', '.join(DTYPE_NAMES)}")
+    import torch
+
+    return getattr(torch, name)
+
+
+def dtype_name(dtype: "torch.dtype") -> str:
+    """The name in ``DTYPE_NAMES`` of a torch dtype."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _env_float(name: str, default: float) -> float:

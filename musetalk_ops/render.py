@@ -42,7 +42,7 @@ import torch
 from musetalk_ops import DEFAULT_BATCH_SIZE, aot
 from musetalk_ops.audio import AudioFeatures, add_positional_encoding, extract_features, load_audio
 from musetalk_ops.blend import frame_indices, paste_face
-from musetalk_ops.config import DTYPES, Limits, dtype_name, models_dir, resolve_device, resolve_dtype
+from musetalk_ops.config import Limits, dtype_name, models_dir, resolve_device, resolve_dtype, torch_dtype
 from musetalk_ops.device_paste import Composited, DevicePaster, to_device
 from musetalk_ops.errors import GpuMemoryError, InputError
 from musetalk_ops.generator import GRAPH_MODES, MODES, FaceGenerator, StageClock
@@ -124,7 +124,7 @@ def _load_models_cached(
     root: Path, version: str, device: str, dtype: str, components: tuple[str, ...]
 ) -> Models:
     return load_models(
-        root, version=version, device=torch.device(device), dtype=DTYPES[dtype], components=components
+        root, version=version, device=torch.device(device), dtype=torch_dtype(dtype), components=components
     )
 
 

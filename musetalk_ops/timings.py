@@ -4,8 +4,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 STAGES = ("audio_features", "unet", "vae_decode", "composite", "encode", "mux", "load")
 
@@ -32,16 +34,15 @@ class Timings:
     extra: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
-    def stage(self, name: str, device: torch.device | None = None) -> Iterator[None]:
+    def stage(self, name: str, device: "torch.device | None" = None) -> Iterator[None]:
         """Add the wall time of the block to ``name``; synchronises CUDA so GPU work is attributed."""
-        if device is not None and device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync = _cuda_sync(device)
+        sync()
         start = time.perf_counter()
         try:
             yield
         finally:
-            if device is not None and device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync()
             self.add(name, time.perf_counter() - start)
 
     def add(self, name: str, seconds: float) -> None:
@@ -91,3 +92,12 @@ class Timings:
             f"  {'fps':<15}{self.fps:8.2f}    rtf {self.rtf:.2f}x  ({', '.join(filter(None, context))})"
         )
         return "\n".join(lines)
+
+
+def _cuda_sync(device: "torch.device | None"):
+    """A function that waits for ``device``'s queued work (nothing to wait for off CUDA)."""
+    if device is None or device.type != "cuda":
+        return lambda: None
+    import torch
+
+    return lambda: torch.cuda.synchronize(device)
