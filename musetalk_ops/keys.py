@@ -12,6 +12,9 @@ from musetalk_ops.ids import validate_id
 
 AUDIO_EXTS = ("wav", "flac", "mp3", "m4a", "aac", "ogg")
 SOURCE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "mp4", "mov", "webm", "mkv")
+MANIFEST = "manifest.json"  # the template cache's manifest file (template_cache.py)
+REQUESTS = "requests/"  # request objects, watched by the request sensor
+REJECTED = f"{REQUESTS}rejected/"  # requests refused before any run, with their reasons
 MAX_CHUNKS = 10000  # chunk numbers are zero-padded to 4 digits so listings sort in frame order
 
 _FINGERPRINT = re.compile(r"[0-9a-f]{16}")
@@ -48,16 +51,21 @@ def cache_prefix(tid: str, fingerprint: str) -> str:
     return f"cache/templates/{validate_id(tid, 'template id')}/{validate_fingerprint(fingerprint)}/"
 
 
+def cache_manifest(tid: str, fingerprint: str) -> str:
+    """The cache's manifest, written last: a cache exists in the store once this object does."""
+    return cache_prefix(tid, fingerprint) + MANIFEST
+
+
 def request(rid: str) -> str:
-    return f"requests/{validate_id(rid, 'request id')}.json"
+    return f"{REQUESTS}{validate_id(rid, 'request id')}.json"
 
 
 def rejected_request(rid: str) -> str:
-    return f"requests/rejected/{validate_id(rid, 'request id')}.json"
+    return f"{REJECTED}{validate_id(rid, 'request id')}.json"
 
 
 def rejected_reason(rid: str) -> str:
-    return f"requests/rejected/{validate_id(rid, 'request id')}.reason.txt"
+    return f"{REJECTED}{validate_id(rid, 'request id')}.reason.txt"
 
 
 def audio(rid: str, ext: str) -> str:

@@ -28,7 +28,7 @@ class CacheRef:
 
     @property
     def manifest(self) -> str:
-        return f"{self.prefix}manifest.json"
+        return keys.cache_manifest(self.template, self.fingerprint)
 
 
 def latest_cache(instance: dg.DagsterInstance, template_id: str) -> CacheRef | None:

@@ -20,7 +20,7 @@ def build_defs() -> dg.Definitions:
         jobs=[render_video],
         sensors=[template_sensor, render_request_sensor],
         resources=resources,
-        executor=select_executor(gpus=resources["render"].gpu_count()),
+        executor=select_executor(gpus=resources["render"].gpu_count),
     )
 
 

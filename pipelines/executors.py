@@ -7,6 +7,7 @@
 """
 
 import os
+from collections.abc import Callable
 
 import dagster as dg
 
@@ -79,11 +80,12 @@ def executor_name(name: str | None = None) -> str:
     return name
 
 
-def select_executor(name: str | None = None, gpus: int = 1) -> dg.ExecutorDefinition:
-    """The executor for every job of the code location."""
+def select_executor(name: str | None = None, gpus: Callable[[], int] = lambda: 1) -> dg.ExecutorDefinition:
+    """The executor for every job of the code location; ``gpus`` (which may import torch to count them)
+    is called only for the multiprocess executor, which runs at most that many GPU steps at once."""
     name = executor_name(name)
     if name == "multiprocess":
-        limits = [{"key": GPU_TAG, "value": "1", "limit": max(1, gpus)}]
+        limits = [{"key": GPU_TAG, "value": "1", "limit": max(1, gpus())}]
         return dg.multiprocess_executor.configured({"tag_concurrency_limits": limits}, name="multiprocess")
     if name == "k8s":
         from dagster_k8s import k8s_job_executor  # imported only where it is used (0.5 s)

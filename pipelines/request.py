@@ -7,27 +7,10 @@ from dataclasses import dataclass
 from musetalk_ops import keys
 from musetalk_ops.errors import InputError
 from musetalk_ops.ids import validate_id
+from musetalk_ops.options import check_request_options
 
 TEMPLATE_TAG = "musetalk/template"  # on every render run: per-template usage is one indexed query
 
-X264_PRESETS = (
-    "ultrafast",
-    "superfast",
-    "veryfast",
-    "faster",
-    "fast",
-    "medium",
-    "slow",
-    "slower",
-    "veryslow",
-)
-# Request options a client may set per render; the rest is deployment configuration (RenderResource).
-OPTION_TYPES: dict[str, tuple[type, ...]] = {
-    "batch_size": (int,),
-    "crf": (int,),
-    "preset": (str,),
-    "fps": (int, float),
-}
 # A request is a few hundred bytes; the cap keeps a hostile object from exhausting a sensor's memory.
 MAX_REQUEST_BYTES = 64 * 1024
 
@@ -53,24 +36,6 @@ def _audio_key(value: object) -> str:
     return keys.audio(validate_id(name, "audio name"), ext)
 
 
-def check_options(options: object) -> dict:
-    """Validated per-request render options (types, names, ranges)."""
-    if not isinstance(options, dict):
-        raise InputError(f"options: expected an object, got {type(options).__name__}")
-    for name, value in options.items():
-        if name not in OPTION_TYPES:
-            raise InputError(f"unknown option {name!r} (known: {', '.join(OPTION_TYPES)})")
-        if isinstance(value, bool) or not isinstance(value, OPTION_TYPES[name]):
-            raise InputError(f"option {name}: {value!r} has the wrong type")
-    if "preset" in options and options["preset"] not in X264_PRESETS:
-        raise InputError(f"option preset: {options['preset']!r} is not one of {', '.join(X264_PRESETS)}")
-    if options:  # range checks; imported only here so that `musetalk submit` starts quickly
-        from musetalk_ops.render import RenderSettings
-
-        RenderSettings(**options)
-    return dict(options)
-
-
 def parse_request(request_id: str, data: bytes) -> RenderRequest:
     """Parse and validate a request object; InputError names what is wrong."""
     validate_id(request_id, "request id")
@@ -93,7 +58,7 @@ def parse_request(request_id: str, data: bytes) -> RenderRequest:
             id=request_id,
             template=validate_id(body["template"], "template id"),
             audio=_audio_key(body["audio"]),
-            options=check_options(body.get("options", {})),
+            options=check_request_options(body.get("options", {})),
         )
     except InputError as e:
         raise InputError(f"request {request_id}: {e}") from None

@@ -12,15 +12,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
+from pydantic import Field
 
-from musetalk_ops import DEFAULT_BATCH_SIZE
 from musetalk_ops.config import store_dir
 from musetalk_ops.errors import InputError
-from musetalk_ops.render import RenderSettings
+from musetalk_ops.options import OPTIONS
 from musetalk_ops.store import LocalStore, S3Store, Store
 from pipelines.executors import executor_name
+
+if TYPE_CHECKING:
+    from musetalk_ops.render import RenderSettings
 
 K8S_GPUS = 4  # one GPU node of the production cluster (design.md)
 
@@ -48,20 +52,29 @@ class StoreResource(dg.ConfigurableResource):
         return _s3_store(bucket, prefix, self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or None)
 
 
+def _option(name: str):
+    """A resource field that takes the default and the description of render option ``name``."""
+    option = OPTIONS[name]
+    return Field(default=option.default, description=option.help)
+
+
 class RenderResource(dg.ConfigurableResource):
     """How renders run here: weights, device, dtype, batch size and chunk planning."""
 
-    models_dir: str | None = None  # None: $MUSETALK_MODELS, else ./models
-    device: str | None = None  # None: cuda when available
-    dtype: str | None = None  # None: float16 on CUDA, float32 on the CPU
-    batch_size: int = DEFAULT_BATCH_SIZE
-    mode: str | None = None  # None: aot where an engine exists, else graphs on CUDA; reference on the CPU
-    encoders: int | None = None  # None: one H.264 encoder thread per 4 CPUs
-    min_chunk_frames: int = 250
-    gpus: int | None = None  # None: $MUSETALK_GPUS, else 4 on k8s, else the GPUs visible here (min 1)
+    models_dir: str | None = Field(default=None, description="weights directory (default: $MUSETALK_MODELS)")
+    device: str | None = _option("device")
+    dtype: str | None = _option("dtype")
+    batch_size: int = _option("batch_size")
+    mode: str | None = _option("mode")
+    encoders: int | None = _option("encoders")
+    min_chunk_frames: int = Field(default=250, description="shortest chunk worth a GPU of its own")
+    gpus: int | None = Field(
+        default=None, description="GPUs for chunk planning (default: $MUSETALK_GPUS, 4 on k8s, else detected)"
+    )
 
-    def render_settings(self, **overrides: object) -> RenderSettings:
-        """Engine settings; ``overrides`` are a request's validated options."""
+    def render_settings(self, **overrides: object) -> "RenderSettings":
+        """Render settings; ``overrides`` are a request's validated options."""
+
         fields = {
             "batch_size": self.batch_size,
             "device": self.device,
@@ -156,12 +169,18 @@ def default_resources() -> dict[str, object]:
     """The resources of the code location, from the environment."""
     store = StoreResource()
     render = RenderResource()
-    import torch
-
-    pinning = executor_name() == "multiprocess" and torch.cuda.device_count() > 0
     return {
         "store": store,
         "render": render,
-        "gpu_slots": GpuSlots(gpus=render.gpu_count() if pinning else 0),
+        "gpu_slots": GpuSlots(gpus=_pinned_gpus(render)),
         "io_manager": io_manager(store),
     }
+
+
+def _pinned_gpus(render: RenderResource) -> int:
+    """GPU slots to pin steps to: only the multiprocess executor on a machine with GPUs pins."""
+    if executor_name() != "multiprocess":
+        return 0
+    import torch  # counting GPUs needs it; the other executors never load it here
+
+    return render.gpu_count() if torch.cuda.device_count() > 0 else 0

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
+from musetalk_ops import keys
 from musetalk_ops.errors import InputError, StoreError
 from musetalk_ops.ids import ID_PATTERN
 from musetalk_ops.store import ObjectInfo, Store
@@ -17,7 +18,6 @@ from pipelines.partitions import render_requests, templates
 from pipelines.request import MAX_REQUEST_BYTES, TEMPLATE_TAG, parse_request
 from pipelines.resources import StoreResource
 
-REJECTED = "requests/rejected/"
 # A request whose audio is not there yet may still be uploading (clients should upload it first).
 AUDIO_GRACE_SECONDS = 60
 
@@ -69,9 +69,9 @@ def template_sensor(context: dg.SensorEvaluationContext, store: StoreResource) -
 
 def _reject(store: Store, info: ObjectInfo, reason: str, log: dg.DagsterLogManager) -> None:
     """Move the request aside with its reason (reason first: a crash in between retries the move)."""
-    name = info.key.removeprefix("requests/")
-    store.put_bytes(f"{REJECTED}{name.removesuffix('.json')}.reason.txt", (reason + "\n").encode())
-    store.move(info.key, f"{REJECTED}{name}")
+    name = info.key.removeprefix(keys.REQUESTS)
+    store.put_bytes(f"{keys.REJECTED}{name.removesuffix('.json')}.reason.txt", (reason + "\n").encode())
+    store.move(info.key, f"{keys.REJECTED}{name}")
     log.warning(f"rejected {info.key}: {reason}")
 
 
@@ -80,7 +80,7 @@ def _check_request(
 ) -> tuple[str, str] | None:
     """``(request id, template id)`` of a runnable request; None while its audio may still arrive.
     InputError says why a request is refused."""
-    rid = info.key.removeprefix("requests/").removesuffix(".json")
+    rid = info.key.removeprefix(keys.REQUESTS).removesuffix(".json")
     if info.size > MAX_REQUEST_BYTES:  # refused without reading it
         raise InputError(f"request {rid}: {info.size} bytes, over the {MAX_REQUEST_BYTES} byte limit")
     request = parse_request(rid, store.get_bytes(info.key))
@@ -113,8 +113,8 @@ def render_request_sensor(context: dg.SensorEvaluationContext, store: StoreResou
     known = set(context.instance.get_dynamic_partitions(render_requests.name))
     template_ok: dict[str, bool] = {}
     accepted: dict[str, str] = {}
-    for info in client.list("requests/"):
-        name = info.key.removeprefix("requests/")
+    for info in client.list(keys.REQUESTS):
+        name = info.key.removeprefix(keys.REQUESTS)
         if "/" in name or not name.endswith(".json") or name.removesuffix(".json") in known:
             continue
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 
+from musetalk_ops import keys
 from musetalk_ops.config import models_dir
 from musetalk_ops.errors import InputError, ModelFilesError, MuseTalkError
 from musetalk_ops.models.layout import check_models, weights_kind
@@ -104,7 +105,7 @@ def collect_stats(
         next((r.tags[TEMPLATE_TAG] for r in rs if r.tags.get(TEMPLATE_TAG)), "unknown")
         for rs in runs.values()
     )
-    rejected = [i for i in store.list("requests/rejected/") if i.key.endswith(".json")]
+    rejected = [i for i in store.list(keys.REJECTED) if i.key.endswith(".json")]
     timings = _latest_timings(instance)
     ratio = len(completed) / len(requests) if requests else 0.0
     engine = engine_status(models)

@@ -36,9 +36,10 @@ from musetalk_ops.audio import load_audio
 from musetalk_ops.config import Limits
 from musetalk_ops.errors import InputError
 from musetalk_ops.ids import validate_id
+from musetalk_ops.options import check_request_options
 from musetalk_ops.store import Store
 from pipelines.graphql import LOCATION, REPOSITORY, DagsterApiError, GraphQLClient
-from pipelines.request import TEMPLATE_TAG, RenderRequest, check_options
+from pipelines.request import TEMPLATE_TAG, RenderRequest
 
 JOB = "render_video"
 TERMINAL = ("SUCCESS", "FAILURE", "CANCELED")
@@ -138,7 +139,7 @@ def submit(
     request_id = validate_id(request_id or new_request_id(), "request id")
     audio_key = keys.audio(request_id, Path(audio).suffix)
     load_audio(audio, Limits.from_env())  # readable, not silent, within limits: refuse it here, not in a run
-    request = RenderRequest(request_id, template, audio_key, check_options(options or {}))
+    request = RenderRequest(request_id, template, audio_key, check_request_options(options or {}))
     client = client or GraphQLClient()
 
     found = client.query(TEMPLATE_QUERY, {"template": template})["assetOrError"]

@@ -60,7 +60,7 @@ def test_executor_from_environment(monkeypatch):
     from pipelines.executors import select_executor
 
     assert select_executor("in_process") is dg.in_process_executor
-    multi = select_executor("multiprocess", gpus=4)
+    multi = select_executor("multiprocess", gpus=lambda: 4)
     assert multi.name == "multiprocess"
     assert select_executor("k8s").name == "k8s"
     monkeypatch.setenv("MUSETALK_EXECUTOR", "kubernetes")

@@ -16,7 +16,8 @@ from musetalk_ops.errors import InputError
 from musetalk_ops.ids import ID_PATTERN, validate_id
 from musetalk_ops.keys import AUDIO_EXTS
 from musetalk_ops.store import LocalStore, check_key
-from pipelines.request import MAX_REQUEST_BYTES, OPTION_TYPES, parse_request
+from musetalk_ops.options import REQUEST_OPTIONS
+from pipelines.request import MAX_REQUEST_BYTES, parse_request
 from pipelines.resources import StoreResource
 from pipelines.sensors import render_request_sensor
 
@@ -69,7 +70,7 @@ json_values = st.recursive(
 )
 ids = st.sampled_from(HOSTILE_STRINGS) | st.text(max_size=70) | st.from_regex(ID_PATTERN, fullmatch=True)
 options = st.dictionaries(
-    st.sampled_from([*OPTION_TYPES, "device", "models_root", "__class__", "fps "]), json_values, max_size=4
+    st.sampled_from([*REQUEST_OPTIONS, "device", "models_root", "__class__", "fps "]), json_values, max_size=4
 )
 bodies = st.fixed_dictionaries(
     {},
@@ -101,7 +102,7 @@ def check_parsed(rid: str, data: bytes) -> None:
     name, ext = request.audio.removeprefix("audio/").rsplit(".", 1)
     assert request.audio.startswith("audio/") and ID_PATTERN.fullmatch(name) and ext in AUDIO_EXTS
     assert check_key(request.audio) == request.audio
-    assert set(request.options) <= set(OPTION_TYPES)
+    assert set(request.options) <= set(REQUEST_OPTIONS)
     from musetalk_ops.render import RenderSettings
 
     RenderSettings(**request.options)  # the run would accept the same options
