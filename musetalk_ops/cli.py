@@ -1,7 +1,8 @@
 """The ``musetalk`` console script.
 
 Engine subcommands (``render``, ``prepare``, ``models``, ``engine``, ``templates``) live here and never import
-Dagster; ``submit`` and ``stats`` belong to the Dagster code location and are imported only when used.
+Dagster. Other installed packages add theirs through the ``musetalk.commands`` entry point group (the
+Dagster code location adds ``submit`` and ``stats``), so this package never imports them by name.
 A user mistake prints one line and exits 2; an interrupted command exits 130 and leaves no output.
 """
 
@@ -10,17 +11,21 @@ import logging
 import subprocess
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from musetalk_ops import DEFAULT_BATCH_SIZE
-from musetalk_ops.config import DTYPE_NAMES
 from musetalk_ops.errors import InputError, MuseTalkError
+from musetalk_ops.options import OPTIONS, VERSIONS
 
 if TYPE_CHECKING:  # render imports torch: only the commands that render load it
     from musetalk_ops.render import RenderSettings
 
 log = logging.getLogger("musetalk")
+
+COMMAND_GROUP = "musetalk.commands"  # entry points: functions that add subcommands to the parser
+
+RENDER_FLAGS = ("batch_size", "fps", "crf", "preset", "mode", "encoders")  # `render`'s own options
 
 
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
@@ -29,11 +34,8 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="official-layout weights directory (default: $MUSETALK_MODELS or ./models)",
     )
-    p.add_argument(
-        "--version", choices=("v15", "v1"), help="MuseTalk version (default: the template's, else v15)"
-    )
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: float16 on CUDA, float32 on the CPU")
+    for name in ("version", "device", "dtype"):
+        OPTIONS[name].add_flag(p)
 
 
 def _render_settings(args: argparse.Namespace, **more: object) -> "RenderSettings":
@@ -72,17 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--audio", required=True, type=Path, help="speech: wav, flac, mp3, m4a/aac or ogg")
     r.add_argument("--out", required=True, type=Path, help="output .mp4")
     _add_runtime_flags(r)
-    r.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"default {DEFAULT_BATCH_SIZE}")
-    r.add_argument("--fps", type=float, help="output fps (default: the template's; images 25)")
-    r.add_argument("--crf", type=int, default=18, help="H.264 quality (default 18)")
-    r.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast)")
-    r.add_argument(
-        "--mode",
-        choices=("reference", "eager", "graphs", "compiled", "aot"),
-        help="execution path (default on CUDA: aot where `musetalk engine build` made an engine for this "
-        "GPU and batch size, else graphs; on the CPU: reference). --mode aot builds the engine if needed",
-    )
-    r.add_argument("--encoders", type=int, help="parallel H.264 encoders (default: one per 4 CPUs)")
+    for name in RENDER_FLAGS:
+        OPTIONS[name].add_flag(r)
     r.add_argument("--frames-dir", type=Path, help="also write every frame as lossless PNG 00000000.png…")
     r.add_argument("--stats-json", type=Path, help="write the timings as JSON")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -109,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("dir", type=Path)
     chk = msub.add_parser("check", help="check that a weights directory is complete and loadable")
     chk.add_argument("dir", type=Path)
-    chk.add_argument("--version", choices=("v15", "v1"), default="v15")
+    chk.add_argument("--version", choices=VERSIONS, default=VERSIONS[0])
     conv = msub.add_parser("convert", help="write fp16 safetensors copies under $MUSETALK_CACHE")
     conv.add_argument("dir", type=Path)
 
@@ -117,9 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     esub = e.add_subparsers(dest="engine_command", required=True, metavar="ACTION")
     build = esub.add_parser("build", help="compile the engine for this GPU and batch size (minutes, once)")
     _add_runtime_flags(build)
-    build.add_argument(
-        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"default {DEFAULT_BATCH_SIZE}"
-    )
+    OPTIONS["batch_size"].add_flag(build)
     build.add_argument(
         "--autotune",
         action="store_true",
@@ -135,11 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     push = tsub.add_parser("push", help="upload templates/<id>/ folders into the store")
     push.add_argument("dir", type=Path, nargs="?", default=Path("templates"))
 
-    for name, text in (
-        ("submit", "submit a render request to the Dagster pipeline"),
-        ("stats", "request statistics and per-stage timings"),
+    for command, handler in (
+        (r, cmd_render),
+        (p, cmd_prepare),
+        (m, cmd_models),
+        (e, cmd_engine),
+        (t, cmd_templates),
     ):
-        sub.add_parser(name, help=text, add_help=False)
+        command.set_defaults(handler=handler)
+    for entry in entry_points(group=COMMAND_GROUP):
+        entry.load()(sub)  # adds its subcommands, each with set_defaults(handler=...)
     return parser
 
 
@@ -149,15 +145,7 @@ def cmd_render(args: argparse.Namespace) -> int:
             raise InputError(f"--{name} {getattr(args, name)}: no such file or directory")
     from musetalk_ops.render import render_file
 
-    settings = _render_settings(
-        args,
-        batch_size=args.batch_size,
-        crf=args.crf,
-        preset=args.preset,
-        fps=args.fps,
-        mode=args.mode,
-        encoders=args.encoders,
-    )
+    settings = _render_settings(args, **{name: getattr(args, name) for name in RENDER_FLAGS})
     timings = render_file(
         args.template,
         args.audio,
@@ -335,24 +323,10 @@ def cmd_templates(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {
-    "render": cmd_render,
-    "prepare": cmd_prepare,
-    "models": cmd_models,
-    "engine": cmd_engine,
-    "templates": cmd_templates,
-}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("submit", "stats"):
-        from pipelines.cli import main as pipeline_main  # Dagster only for these two
-
-        return _guard(lambda: pipeline_main(argv))
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    return _guard(lambda: COMMANDS[args.command](args))
+    return _guard(lambda: args.handler(args))
 
 
 def _guard(run) -> int:

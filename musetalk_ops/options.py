@@ -103,7 +103,7 @@ OPTIONS: dict[str, Option] = {
             str,
             None,
             "execution path (default on CUDA: aot where `musetalk engine build` made an engine for this "
-            "GPU and batch size, else graphs; on the CPU: reference)",
+            "GPU and batch size, else graphs; on the CPU: reference; aot builds a missing engine)",
             choices=RENDER_MODES,
             label="render mode",
         ),
