@@ -64,7 +64,7 @@ class Option:
     def add_flag(self, parser: argparse.ArgumentParser, *, with_default: bool = True) -> None:
         """Add ``--name`` to ``parser``; ``with_default=False`` leaves it ``None`` when not given."""
         default = self.default if with_default else None
-        shown = f" (default {self.default})" if self.default is not None else ""
+        shown = f" (default {self.default})" if with_default and self.default is not None else ""
         parser.add_argument(
             self.flag, type=self.kind, choices=self.choices, default=default, help=self.help + shown
         )
