@@ -3,8 +3,9 @@
 load_request → audio_features → plan_chunks ─┬► render_chunk ─┐
                                              └► render_chunk ─┴► merge_video → renders/<id>.mp4
 
-Steps pass small dicts (keys, frame ranges, timings); frames and features travel as objects in the
-store (``work/<id>/``), so each step can run in its own process or pod.
+Steps pass small frozen records (``pipelines.records``); frames and features travel as objects in the
+store (``work/<id>/``), so each step can run in its own process or pod. The engine (torch) is imported
+inside the steps that render, so the code location and the other steps stay light.
 """
 
 import json
@@ -15,27 +16,22 @@ from pathlib import Path
 import dagster as dg
 
 from musetalk_ops import keys
-from musetalk_ops import render as engine_render
-from musetalk_ops.audio import AudioFeatures
 from musetalk_ops.config import Limits
 from musetalk_ops.errors import CacheError, InputError
 from musetalk_ops.store import Store
 from musetalk_ops.timings import STAGES, Timings
 from musetalk_ops.video import mux
-from pipelines.catalog import RENDERED_VIDEO, TEMPLATE_CACHE, CacheRef, latest_cache, user_errors
+from pipelines.catalog import RENDERED_VIDEO, TEMPLATE_CACHE, latest_cache, user_errors
 from pipelines.executors import GPU_OP_TAGS, WEIGHTS_OP_TAGS
 from pipelines.partitions import render_requests
+from pipelines.records import Chunk, Features, RenderedChunk, Request
 from pipelines.request import parse_request
 from pipelines.resources import GpuSlots, RenderResource, StoreResource
 from pipelines.template_store import load_cached_template, stored_manifest
 
 
-def _ref(request: dict) -> CacheRef:
-    return CacheRef(request["template"], request["fingerprint"], request["weights"])
-
-
 @dg.op(description="Read and validate requests/<partition>.json and find its template's current cache.")
-def load_request(context: dg.OpExecutionContext, store: StoreResource) -> dict:
+def load_request(context: dg.OpExecutionContext, store: StoreResource) -> Request:
     rid = context.partition_key
     client = store.get()
     with user_errors():
@@ -61,16 +57,15 @@ def load_request(context: dg.OpExecutionContext, store: StoreResource) -> dict:
                 f"re-materialize template_cache partition {tid!r}"
             )
     context.log.info(f"request {rid}: template {tid} cache {ref.fingerprint} (weights {ref.weights})")
-    return {
-        "id": rid,
-        "template": tid,
-        "audio": request.audio,
-        "options": request.options,
-        "fingerprint": ref.fingerprint,
-        "weights": ref.weights,
-        "version": manifest["model"]["version"],
-        "fps": float(request.options.get("fps") or manifest["fps"]),
-    }
+    return Request(
+        id=rid,
+        template=tid,
+        audio=request.audio,
+        options=request.options,
+        cache=ref,
+        version=manifest["model"]["version"],
+        fps=float(request.options.get("fps") or manifest["fps"]),
+    )
 
 
 @dg.op(
@@ -78,62 +73,66 @@ def load_request(context: dg.OpExecutionContext, store: StoreResource) -> dict:
     description="Whisper features of the whole request, computed once and stored for every chunk.",
 )
 def audio_features(
-    context: dg.OpExecutionContext, store: StoreResource, render: RenderResource, request: dict
-) -> dict:
+    context: dg.OpExecutionContext, store: StoreResource, render: RenderResource, request: Request
+) -> Features:
+    from musetalk_ops.render import compute_features, load_engine
+
     client = store.get()
     with user_errors(), tempfile.TemporaryDirectory(prefix="musetalk-audio-") as tmp:
-        audio = Path(tmp) / Path(request["audio"]).name
-        client.get_file(request["audio"], audio)
+        audio = Path(tmp) / Path(request.audio).name
+        client.get_file(request.audio, audio)
         start = time.perf_counter()
-        settings = render.render_settings(**request["options"])
-        models = engine_render.load_engine(settings, version=request["version"], components=("whisper",))
+        settings = render.render_settings(**request.options)
+        models = load_engine(settings, version=request.version, components=("whisper",))
         loaded = time.perf_counter()
-        features = engine_render.compute_features(models, audio, Limits.from_env())
+        features = compute_features(models, audio, Limits.from_env())
         computed = time.perf_counter()
-        frames = features.num_frames(request["fps"])
+        frames = features.num_frames(request.fps)
         if frames == 0:
-            raise InputError(f"request {request['id']}: the audio is shorter than one video frame")
+            raise InputError(f"request {request.id}: the audio is shorter than one video frame")
         path = Path(tmp) / "features.safetensors"
         features.save(path)
-        client.put_file(keys.work_features(request["id"]), path)
-    context.log.info(f"{features.duration:.2f} s of audio → {frames} frames at {request['fps']:g} fps")
-    return {
-        "key": keys.work_features(request["id"]),
-        "frames": frames,
-        "video_seconds": frames / request["fps"],
-        "audio_features": computed - loaded,
-        "load": loaded - start,
-    }
+        client.put_file(keys.work_features(request.id), path)
+    context.log.info(f"{features.duration:.2f} s of audio → {frames} frames at {request.fps:g} fps")
+    return Features(
+        key=keys.work_features(request.id),
+        frames=frames,
+        video_seconds=frames / request.fps,
+        audio_features=computed - loaded,
+        load=loaded - start,
+    )
 
 
 @dg.op(
-    out=dg.DynamicOut(dict),
+    out=dg.DynamicOut(Chunk),
     description="Equal contiguous frame ranges, one per GPU, each ≥ min_chunk_frames.",
 )
-def plan_chunks(context: dg.OpExecutionContext, render: RenderResource, features: dict):
+def plan_chunks(context: dg.OpExecutionContext, render: RenderResource, features: Features):
+    from musetalk_ops.render import plan_chunks as frame_ranges
+
     with user_errors():
-        ranges = engine_render.plan_chunks(features["frames"], render.gpu_count(), render.min_chunk_frames)
-    context.log.info(f"{features['frames']} frames in {len(ranges)} chunk(s): {ranges}")
+        ranges = frame_ranges(features.frames, render.gpu_count(), render.min_chunk_frames)
+    context.log.info(f"{features.frames} frames in {len(ranges)} chunk(s): {ranges}")
     for index, (start, stop) in enumerate(ranges):
         yield dg.DynamicOutput(
-            {"index": index, "start": start, "stop": stop},
+            Chunk(index, start, stop),
             mapping_key=f"c{index:04d}",
             metadata={"frames": stop - start},
         )
 
 
-def _chunk_done(client: Store, key: str, request: dict, chunk: dict) -> dict | None:
+def _chunk_done(client: Store, key: str, request: Request, chunk: Chunk) -> RenderedChunk | None:
     """The record of this very chunk from an earlier attempt, if its segment was uploaded."""
     marker = key.removesuffix(".mp4") + ".json"
     if not (client.exists(marker) and client.exists(key)):
         return None
     done = json.loads(client.get_bytes(marker))
     same = (done.get("fingerprint"), done.get("start"), done.get("stop")) == (
-        request["fingerprint"],
-        chunk["start"],
-        chunk["stop"],
+        request.cache.fingerprint,
+        chunk.start,
+        chunk.stop,
     )
-    return done if same else None
+    return RenderedChunk.from_json(done, reused=True) if same else None
 
 
 @dg.op(
@@ -148,102 +147,108 @@ def render_chunk(
     store: StoreResource,
     render: RenderResource,
     gpu_slots: GpuSlots,
-    request: dict,
-    features: dict,
-    chunk: dict,
-) -> dict:
+    request: Request,
+    features: Features,
+    chunk: Chunk,
+) -> RenderedChunk:
+    from musetalk_ops.audio import AudioFeatures
+    from musetalk_ops.render import load_engine
+    from musetalk_ops.render import render_chunk as render_frames
+
     client = store.get()
-    key = keys.work_chunk(request["id"], chunk["index"])
+    key = keys.work_chunk(request.id, chunk.index)
     with user_errors():
         done = _chunk_done(client, key, request, chunk)
         if done is not None:
             context.log.info(
-                f"chunk {chunk['index']} [{chunk['start']}, {chunk['stop']}) already rendered: reusing {key}"
+                f"chunk {chunk.index} [{chunk.start}, {chunk.stop}) already rendered: reusing {key}"
             )
-            return {**done, "reused": True}
+            return done
         with gpu_slots.slot(context.log), tempfile.TemporaryDirectory(prefix="musetalk-chunk-") as tmp:
             start = time.perf_counter()
-            settings = render.render_settings(**request["options"])
-            models = engine_render.load_engine(
-                settings, version=request["version"], components=("unet", "vae")
-            )
-            template = load_cached_template(client, _ref(request))
-            client.get_file(features["key"], Path(tmp) / "features.safetensors")
+            settings = render.render_settings(**request.options)
+            models = load_engine(settings, version=request.version, components=("unet", "vae"))
+            template = load_cached_template(client, request.cache)
+            client.get_file(features.key, Path(tmp) / "features.safetensors")
             audio = AudioFeatures.load(Path(tmp) / "features.safetensors")
             loaded = time.perf_counter() - start
-            result = engine_render.render_chunk(
+            result = render_frames(
                 models,
                 template,
                 audio,
-                chunk["start"],
-                chunk["stop"],
+                chunk.start,
+                chunk.stop,
                 Path(tmp) / "chunk.mp4",
                 settings,
                 on_retry=context.log.warning,
             )
             result.timings.load += loaded
             client.put_file(key, result.path)
-        record = {
-            **chunk,
-            "key": key,
-            "fingerprint": request["fingerprint"],
-            "timings": result.timings.to_dict(),
-        }
-        client.put_bytes(key.removesuffix(".mp4") + ".json", json.dumps(record).encode())  # the done marker
+        record = RenderedChunk(chunk, key, request.cache.fingerprint, result.timings.to_dict())
+        marker = key.removesuffix(".mp4") + ".json"
+        client.put_bytes(marker, json.dumps(record.to_json()).encode())
     context.log.info(
-        f"chunk {chunk['index']}: {result.frames} frames in {result.timings.total:.2f} s "
+        f"chunk {chunk.index}: {result.frames} frames in {result.timings.total:.2f} s "
         f"(+{loaded:.2f} s load) on {result.timings.device}, mode {result.timings.mode}"
     )
-    return {**record, "reused": False}
+    return record
 
 
-def request_timings(features: dict, chunks: list[dict], mux_seconds: float, total: float) -> Timings:
+def request_timings(
+    features: Features, chunks: list[RenderedChunk], mux_seconds: float, total: float
+) -> Timings:
     """The request's timings (design.md schema): stage seconds summed over steps, total = run wall time."""
-    first = chunks[0]["timings"]
+    first = chunks[0].timings
     timings = Timings(
         device=first["device"],
         dtype=first["dtype"],
         batch_size=first["batch_size"],
         weights=first["weights"],
         mode=first.get("mode", ""),  # chunks written before the field existed have none
-        video_seconds=features["video_seconds"],
+        video_seconds=features.video_seconds,
     )
     for chunk in chunks:
-        timings.merge(Timings.from_dict(chunk["timings"]))
-    timings.audio_features += features["audio_features"]
-    timings.load += features["load"]
+        timings.merge(Timings.from_dict(chunk.timings))
+    timings.audio_features += features.audio_features
+    timings.load += features.load
     timings.mux += mux_seconds
     timings.total = total
     return timings
 
 
-def _merged_before(client: Store, request: dict) -> dict | None:
+def _merged_before(client: Store, request: Request) -> dict | None:
     """The timings summary of an earlier attempt that already wrote this request's video from the same
     cache, else None. The video is uploaded before the summary, so a summary means both are complete."""
-    timings_key = keys.render_timings(request["id"])
-    if not (client.exists(timings_key) and client.exists(keys.render_video(request["id"]))):
+    timings_key = keys.render_timings(request.id)
+    if not (client.exists(timings_key) and client.exists(keys.render_video(request.id))):
         return None
     summary = json.loads(client.get_bytes(timings_key))
-    return summary if summary.get("fingerprint") == request["fingerprint"] else None
+    return summary if summary.get("fingerprint") == request.cache.fingerprint else None
 
 
 def _merge(
-    context: dg.OpExecutionContext, client: Store, request: dict, features: dict, chunks: list[dict]
+    context: dg.OpExecutionContext,
+    client: Store,
+    request: Request,
+    features: Features,
+    chunks: list[RenderedChunk],
 ) -> dict:
     """Join the chunk segments with the request's audio into renders/<id>.mp4, then write its timings
     summary (last: it marks the request done), then drop the request's work objects."""
-    rid, tid = request["id"], request["template"]
+    from musetalk_ops.render import GENERATED_COMMENT
+
+    rid, tid = request.id, request.template
     video_key, timings_key = keys.render_video(rid), keys.render_timings(rid)
     with tempfile.TemporaryDirectory(prefix="musetalk-merge-") as tmp:
         segments = []
         for chunk in chunks:
-            segments.append(Path(tmp) / f"{chunk['index']:04d}.mp4")
-            client.get_file(chunk["key"], segments[-1])
-        audio = Path(tmp) / Path(request["audio"]).name
-        client.get_file(request["audio"], audio)
+            segments.append(Path(tmp) / f"{chunk.chunk.index:04d}.mp4")
+            client.get_file(chunk.key, segments[-1])
+        audio = Path(tmp) / Path(request.audio).name
+        client.get_file(request.audio, audio)
         out = Path(tmp) / "out.mp4"
         start = time.perf_counter()
-        mux(segments, audio, out, comment=engine_render.GENERATED_COMMENT)
+        mux(segments, audio, out, comment=GENERATED_COMMENT)
         mux_seconds = time.perf_counter() - start
         client.put_file(video_key, out)
         run_start = context.instance.get_run_stats(context.run_id).start_time or time.time()
@@ -252,7 +257,7 @@ def _merge(
             **timings.to_dict(),
             "id": rid,
             "template": tid,
-            "fingerprint": request["fingerprint"],
+            "fingerprint": request.cache.fingerprint,
             "chunks": len(chunks),
             "run_id": context.run_id,
         }
@@ -263,10 +268,14 @@ def _merge(
 
 @dg.op(description="Join the segments without re-encoding, add AAC, publish renders/<id>.mp4 + .json.")
 def merge_video(
-    context: dg.OpExecutionContext, store: StoreResource, request: dict, features: dict, chunks: list[dict]
+    context: dg.OpExecutionContext,
+    store: StoreResource,
+    request: Request,
+    features: Features,
+    chunks: list[RenderedChunk],
 ) -> dict:
     client = store.get()
-    rid, tid = request["id"], request["template"]
+    rid, tid = request.id, request.template
     video_key, timings_key = keys.render_video(rid), keys.render_timings(rid)
     with user_errors():
         summary = _merged_before(client, request)
@@ -274,7 +283,7 @@ def merge_video(
             context.log.info(f"{client.uri(video_key)} was written by run {summary['run_id']}: reusing it")
             client.delete_prefix(keys.work_prefix(rid))
         else:
-            summary = _merge(context, client, request, features, sorted(chunks, key=lambda c: c["index"]))
+            summary = _merge(context, client, request, features, sorted(chunks, key=lambda c: c.chunk.index))
     timings = Timings.from_dict(summary)
     context.log_event(
         dg.AssetMaterialization(
@@ -285,11 +294,11 @@ def merge_video(
                 "uri": client.uri(video_key),
                 "timings_uri": client.uri(timings_key),
                 "template": tid,
-                "cache_fingerprint": request["fingerprint"],
+                "cache_fingerprint": request.cache.fingerprint,
                 "weights": timings.weights,
                 "mode": timings.mode,
                 "chunks": len(chunks),
-                "reused_chunks": sum(c["reused"] for c in chunks),
+                "reused_chunks": sum(c.reused for c in chunks),
                 "frames": timings.frames,
                 "video_seconds": dg.MetadataValue.float(timings.video_seconds),
                 **{
@@ -308,7 +317,7 @@ def merge_video(
             partition=tid,
             metadata={
                 "used_by_request": rid,
-                "cache_fingerprint": request["fingerprint"],
+                "cache_fingerprint": request.cache.fingerprint,
                 "run_id": context.run_id,
             },
         )

@@ -128,7 +128,7 @@ def test_template_and_render_end_to_end(backend, instance, astronaut_png, short_
     frames = expected_frames(short_speech)
     chunks = result.output_for_node("render_chunk")
     assert sorted(chunks) == ["c0000", "c0001"]
-    assert [(c["start"], c["stop"]) for c in sorted(chunks.values(), key=lambda c: c["index"])] == [
+    assert [(c.chunk.start, c.chunk.stop) for c in sorted(chunks.values(), key=lambda c: c.chunk.index)] == [
         (0, frames // 2),
         (frames // 2, frames),
     ]
