@@ -16,25 +16,14 @@ import time
 from pathlib import Path
 
 import dagster as dg
-from PIL import Image
 from pydantic import Field
 
 from musetalk_ops import ENGINE_VERSION, keys
 from musetalk_ops.config import models_dir
 from musetalk_ops.errors import InputError, MuseTalkError
-from musetalk_ops.models.layout import weights_kind
-from musetalk_ops.prepare import prepare_template, weights_id
-from musetalk_ops.render import render_file
+from musetalk_ops.files import sha256_file
 from musetalk_ops.settings import TemplateSettings, load_settings
 from musetalk_ops.store import Store
-from musetalk_ops.template_cache import (
-    MANIFEST,
-    PREVIEW,
-    read_cache,
-    settings_sha256,
-    sha256_file,
-    template_fingerprint,
-)
 from musetalk_ops.timings import Timings
 from pipelines.catalog import TEMPLATE_CACHE, CacheRef, latest_cache, user_errors
 from pipelines.executors import GPU_OP_TAGS
@@ -76,6 +65,8 @@ def _template_inputs(store: Store, tid: str, tmp: Path) -> tuple[Path, TemplateS
 
 
 def _preview_markdown(png: bytes) -> str:
+    from PIL import Image
+
     image = Image.open(io.BytesIO(png)).convert("RGB")
     image.thumbnail((PREVIEW_WIDTH, PREVIEW_WIDTH))
     buffer = io.BytesIO()
@@ -101,8 +92,10 @@ def _faces_check(manifest: dict) -> dg.AssetCheckResult:
 
 def _loadable_check(store: Store, ref: CacheRef, manifest: dict, load: bool) -> dg.AssetCheckResult:
     """Every file the manifest names is in the store; with ``load``, a downloaded copy also reads back."""
+    from musetalk_ops.template_cache import PREVIEW, read_cache
+
     listed = {info.key.removeprefix(ref.prefix): info.size for info in store.list(ref.prefix)}
-    needed = [manifest["source"]["file"], "latents.safetensors", "masks.npz", PREVIEW, MANIFEST]
+    needed = [manifest["source"]["file"], "latents.safetensors", "masks.npz", PREVIEW, keys.MANIFEST]
     missing = [name for name in needed if not listed.get(name)]
     metadata: dict = {"files": len(listed), "missing": ", ".join(missing) or "none", "loaded": load}
     if not missing and load:
@@ -120,6 +113,8 @@ def _loadable_check(store: Store, ref: CacheRef, manifest: dict, load: bool) -> 
 def _cache_metadata(
     store: Store, ref: CacheRef, manifest: dict, weights_fp: str, prepared: Timings | None
 ) -> dict:
+    from musetalk_ops.template_cache import PREVIEW
+
     boxes = [f["face_box"] for f in manifest["faces"] if f is not None]
     width, height = manifest["frame_size"]
     metadata = {
@@ -180,6 +175,10 @@ def template_cache(
     store: StoreResource,
     render: RenderResource,
 ):
+    from musetalk_ops.models.layout import weights_kind
+    from musetalk_ops.prepare import prepare_template, weights_id
+    from musetalk_ops.template_cache import settings_sha256, template_fingerprint
+
     tid = context.partition_key
     client = store.get()
     with user_errors(), tempfile.TemporaryDirectory(prefix="musetalk-template-") as tmp:
@@ -279,6 +278,8 @@ def speak(command: list[str], text: str, out: Path) -> Path:
 def welcome_video(
     context: dg.AssetExecutionContext, config: WelcomeConfig, store: StoreResource, render: RenderResource
 ) -> dg.MaterializeResult:
+    from musetalk_ops.render import render_file
+
     tid = context.partition_key
     client = store.get()
     with user_errors(), tempfile.TemporaryDirectory(prefix="musetalk-welcome-") as tmp:

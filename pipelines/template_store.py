@@ -10,12 +10,16 @@ import shutil
 import uuid
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from musetalk_ops import config
 from musetalk_ops.errors import CacheError
+from musetalk_ops.keys import MANIFEST
 from musetalk_ops.store import Store
-from musetalk_ops.template_cache import MANIFEST, Template, read_cache
 from pipelines.catalog import CacheRef
+
+if TYPE_CHECKING:
+    from musetalk_ops.template_cache import Template
 
 
 def stored_manifest(store: Store, ref: CacheRef) -> dict | None:
@@ -50,6 +54,8 @@ def download_cache(store: Store, ref: CacheRef, dest: Path) -> Path:
             f"template cache {store.uri(ref.prefix)} is missing or partial (no {MANIFEST}): "
             f"re-materialize template_cache partition {ref.template}"
         )
+    from musetalk_ops.template_cache import read_cache
+
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
     try:
         for info in objects:
@@ -81,10 +87,12 @@ def local_cache(store: Store, ref: CacheRef) -> Path:
 
 
 @lru_cache(maxsize=2)
-def _read(path: str) -> Template:
+def _read(path: str) -> "Template":
+    from musetalk_ops.template_cache import read_cache
+
     return read_cache(Path(path))
 
 
-def load_cached_template(store: Store, ref: CacheRef) -> Template:
+def load_cached_template(store: Store, ref: CacheRef) -> "Template":
     """The template of ``ref``, read once per process (in-process runs render every chunk from it)."""
     return _read(str(local_cache(store, ref)))
