@@ -165,3 +165,26 @@ def test_dagster_definitions_validate(tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "musetalk" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("executor", ["in_process", "k8s"])
+def test_code_location_imports_no_torch_and_no_opencv(executor):
+    """The webserver, the daemon and every run worker import the code location: the engine's heavy
+    libraries load only inside the steps that render."""
+    heavy = "('torch', 'cv2', 'PIL')"
+    probe = f"import sys, pipelines.definitions; print([m for m in {heavy} if m in sys.modules])"
+    env = {**os.environ, "MUSETALK_EXECUTOR": executor}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_engine_package_never_imports_the_pipelines():
+    """musetalk_ops is the engine: the orchestration package depends on it, never the reverse."""
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in sorted((ROOT / "musetalk_ops").rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if line.strip().startswith(("import pipelines", "from pipelines", "import dagster", "from dagster"))
+    ]
+    assert offenders == []
