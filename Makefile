@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo dev test lint clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	@command -v espeak-ng >/dev/null && command -v sox >/dev/null || \
@@ -19,6 +19,10 @@ setup: $(BIN)/.installed
 
 demo: setup
 	$(BIN)/python -m pipelines.demo
+
+# The UI, daemon and sensors on the instance and weights `make demo` recorded in .env.
+dev: setup
+	$(BIN)/dagster dev -w workspace.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

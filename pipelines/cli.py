@@ -11,6 +11,7 @@ from musetalk_ops.options import OPTIONS, REQUEST_OPTIONS
 from musetalk_ops.store import open_store
 from musetalk_ops.timings import Timings
 from pipelines.graphql import GraphQLClient
+from pipelines.local_env import load_env_file
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -38,6 +39,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    load_env_file()  # the instance and weights `make demo` recorded, as dagster dev loads them
     from pipelines.submit import submit, wait
 
     store = open_store()
@@ -76,6 +78,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    load_env_file()
     from pipelines.stats import collect_stats, format_stats, instance_from_env
 
     with instance_from_env() as instance:

@@ -5,7 +5,9 @@ Local-folder store (``$MUSETALK_STORE``), a SQLite Dagster instance (``$DAGSTER_
 when none are there, a demo (random-weight) set written to ``.musetalk/demo-models`` and labelled so.
 Steps: push the bundled templates → materialize ``template_cache`` and ``welcome_video`` → submit one
 render request (espeak-ng speech) → run ``render_video`` → print the video's key, timings and stats.
-Afterwards ``dagster dev -w workspace.yaml`` with the same ``DAGSTER_HOME`` shows these runs.
+It records ``DAGSTER_HOME`` and ``MUSETALK_MODELS`` in ``.env`` (``pipelines.local_env``), so the
+README's next commands (``dagster dev -w workspace.yaml``, ``musetalk submit``) find the same instance
+and weights with nothing set by hand.
 """
 
 import json
@@ -14,6 +16,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pipelines.local_env import load_env_file, write_env_file
 
 DEMO_MODELS = Path(".musetalk") / "demo-models"
 DEMO_TEXT = "Thanks for trying the MuseTalk pipeline. Every reply becomes a short lip-synced video."
@@ -64,8 +68,9 @@ def _prepare_environment() -> str:
     from musetalk_ops.config import models_dir
     from musetalk_ops.errors import ModelFilesError
     from musetalk_ops.models.demo import write_demo_models
-    from musetalk_ops.models.layout import check_models
+    from musetalk_ops.models.layout import check_models, weights_kind
 
+    load_env_file()
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".musetalk", "dagster_home").resolve())))
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
@@ -73,13 +78,14 @@ def _prepare_environment() -> str:
         (home / "dagster.yaml").write_text(instance_yaml(gpus=int(gpus)))
     try:
         check_models(models_dir())
-        return "official"
     except ModelFilesError as missing:
         print(f"no official weights ({missing}); using demo weights in {DEMO_MODELS}")
         if not (DEMO_MODELS / "musetalk-demo.json").exists():
             write_demo_models(DEMO_MODELS)
         os.environ["MUSETALK_MODELS"] = str(DEMO_MODELS.resolve())
-        return "demo"
+    models = models_dir().resolve()
+    write_env_file({"DAGSTER_HOME": str(home), "MUSETALK_MODELS": str(models)})
+    return weights_kind(models)
 
 
 def _step(title: str) -> float:
@@ -158,10 +164,7 @@ def main() -> int:
 
     _step("musetalk stats")
     print(format_stats(collect_stats(instance, store)))
-    print(
-        f"\nweights: {weights}.  Inspect the runs: DAGSTER_HOME={os.environ['DAGSTER_HOME']} "
-        "dagster dev -w workspace.yaml"
-    )
+    print(f"\nweights: {weights}.  Inspect the runs: make dev (DAGSTER_HOME and MUSETALK_MODELS are in .env)")
     return 0
 
 

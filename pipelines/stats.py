@@ -161,9 +161,11 @@ def format_stats(stats: dict) -> str:
 def instance_from_env() -> dg.DagsterInstance:
     """The instance of ``$DAGSTER_HOME`` (the one ``dagster dev`` and the daemon use)."""
     home = os.environ.get("DAGSTER_HOME")
-    if not home or not Path(home).is_dir():
+    if not home:
         raise InputError(
-            f"$DAGSTER_HOME={home!r} is not a directory: set it to the Dagster instance directory "
-            "that `dagster dev` uses"
+            "DAGSTER_HOME is not set: run `make demo` here first (it records the local instance in .env), "
+            "or export DAGSTER_HOME=<the directory of the Dagster instance that dagster dev uses>"
         )
+    if not Path(home).is_dir():
+        raise InputError(f"DAGSTER_HOME={home} is not a directory: the Dagster instance is not there")
     return dg.DagsterInstance.get()

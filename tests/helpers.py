@@ -83,12 +83,14 @@ def wait_for(what: str, check, timeout: float, log: Path | None = None, every: f
 
 
 @contextlib.contextmanager
-def dagster_dev_server(env: dict, port: int, log: Path, timeout: float = 120) -> Iterator[str]:
+def dagster_dev_server(env: dict, port: int, log: Path, cwd: Path, timeout: float = 120) -> Iterator[str]:
     """``dagster dev -w workspace.yaml`` (webserver + daemon + code server) in its own process group
-    on ``port``; yields its URL once ``/server_info`` answers, SIGINTs the group at the end."""
+    on ``port``, run in ``cwd`` (where it reads a ``.env``; never the checkout's, which a developer's
+    ``make demo`` wrote); yields its URL once ``/server_info`` answers, SIGINTs the group at the end."""
     url = f"http://127.0.0.1:{port}"
-    argv = [str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
-    proc = start_group(argv, env, log)
+    workspace = str(ROOT / "workspace.yaml")
+    argv = [str(BIN / "dagster"), "dev", "-w", workspace, "-h", "127.0.0.1", "-p", str(port)]
+    proc = start_group(argv, env, log, cwd=cwd)
     try:
         wait_for(
             "the webserver",

@@ -9,42 +9,47 @@ import sys
 
 import pytest
 import soundfile as sf
-from helpers import ROOT, dagster_dev_server, free_port, wait_for, wait_for_template
+from helpers import dagster_dev_server, free_port, wait_for, wait_for_template
 
 from musetalk_ops.store import LocalStore
 from musetalk_ops.video import probe
 from pipelines.demo import instance_yaml
 from pipelines.graphql import GraphQLClient
+from pipelines.local_env import write_env_file
+
+FAILED_RUNS = "{ runsOrError(filter: {statuses: [FAILURE]}) { ... on Runs { results { runId jobName } } } }"
 
 
 @pytest.fixture
 def dagster_dev(tmp_path, demo_models):
-    """``dagster dev`` on the local instance config (the one ``make demo`` writes), in its own process
-    group on a free port; yields (env, store, log)."""
+    """``dagster dev`` as a newcomer starts it after ``make demo``: the instance (the config ``make demo``
+    writes) and the weights are named only in the ``.env`` of the working directory, as ``make demo``
+    records them. In its own process group on a free port; yields (env, store, log, working directory)."""
     port = free_port()
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text(instance_yaml(gpus=1))
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    write_env_file({"DAGSTER_HOME": str(home), "MUSETALK_MODELS": str(demo_models)}, checkout / ".env")
     env = {
         **os.environ,
-        "DAGSTER_HOME": str(home),
         "MUSETALK_STORE": str(tmp_path / "store"),
         "MUSETALK_CACHE": str(tmp_path / "cache"),
-        "MUSETALK_MODELS": str(demo_models),
         "MUSETALK_DAGSTER_URL": f"http://127.0.0.1:{port}",
         "MUSETALK_GPUS": "1",
     }
-    for name in ("MUSETALK_S3_BUCKET", "MUSETALK_EXECUTOR"):
+    for name in ("DAGSTER_HOME", "MUSETALK_MODELS", "MUSETALK_S3_BUCKET", "MUSETALK_EXECUTOR"):
         env.pop(name, None)
     log = tmp_path / "dagster-dev.log"
-    with dagster_dev_server(env, port, log):
-        yield env, LocalStore(tmp_path / "store"), log
+    with dagster_dev_server(env, port, log, cwd=checkout):
+        yield env, LocalStore(tmp_path / "store"), log, checkout
 
 
-def musetalk(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def musetalk(env: dict, cwd, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "musetalk_ops.cli", *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -54,14 +59,24 @@ def musetalk(env: dict, *args: str, timeout: float = 300) -> subprocess.Complete
 
 @pytest.mark.slow
 def test_render_through_graphql_under_dagster_dev(dagster_dev, astronaut_png, speech_wav, tmp_path):
-    env, store, log = dagster_dev
+    env, store, log, checkout = dagster_dev
     store.put_file("templates/astro/source.png", astronaut_png)
     store.put_bytes("templates/astro/settings.yaml", b"face_box: [177, 66, 272, 175]\n")
     client = GraphQLClient(env["MUSETALK_DAGSTER_URL"])
     wait_for_template(client, "astro", log)
 
     done = musetalk(
-        env, "submit", "--template", "astro", "--audio", str(speech_wav), "--id", "e2e", "--wait", "--json"
+        env,
+        checkout,
+        "submit",
+        "--template",
+        "astro",
+        "--audio",
+        str(speech_wav),
+        "--id",
+        "e2e",
+        "--wait",
+        "--json",
     )
     assert done.returncode == 0, done.stdout + done.stderr + log.read_text()[-3000:]
     result = json.loads(done.stdout)
@@ -75,7 +90,9 @@ def test_render_through_graphql_under_dagster_dev(dagster_dev, astronaut_png, sp
     info = probe(tmp_path / "e2e.mp4")
     assert info.frames == frames and info.audio_codec == "aac"
 
-    again = musetalk(env, "submit", "--template", "astro", "--audio", str(speech_wav), "--id", "e2e")
+    again = musetalk(
+        env, checkout, "submit", "--template", "astro", "--audio", str(speech_wav), "--id", "e2e"
+    )
     assert again.returncode == 2 and "already exists" in again.stderr
 
     store.put_bytes(
@@ -92,8 +109,9 @@ def test_render_through_graphql_under_dagster_dev(dagster_dev, astronaut_png, sp
     )
     assert "unknown template 'nobody'" in reason
 
-    stats = musetalk(env, "stats", "--json", timeout=120)
+    stats = musetalk(env, checkout, "stats", "--json", timeout=120)
     assert stats.returncode == 0, stats.stderr
     report = json.loads(stats.stdout)
     assert (report["totalRequests"], report["completedRequests"], report["rejectedRequests"]) == (1, 1, 1)
     assert report["templateUsage"] == {"astro": 1} and report["engine"]["codeLocation"] == "loaded"
+    assert client.query(FAILED_RUNS)["runsOrError"]["results"] == []  # nothing red in the UI

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from musetalk_ops.errors import InputError
 from musetalk_ops.ids import ID_PATTERN, validate_id
 from musetalk_ops.keys import AUDIO_EXTS
-from musetalk_ops.store import LocalStore, check_key
 from musetalk_ops.options import REQUEST_OPTIONS
+from musetalk_ops.store import LocalStore, check_key
 from pipelines.request import MAX_REQUEST_BYTES, parse_request
 from pipelines.resources import StoreResource
 from pipelines.sensors import render_request_sensor

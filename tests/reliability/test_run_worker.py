@@ -117,7 +117,7 @@ def test_run_worker_killed_mid_chunk_is_retried_from_failure(
     options = {"batch_size": 2}  # small batches: a chunk lasts long enough to be caught mid-way
 
     with (
-        dagster_dev_server(dict(os.environ), port, log, timeout=180) as url,
+        dagster_dev_server(dict(os.environ), port, log, cwd=tmp_path, timeout=180) as url,
         dg.DagsterInstance.from_config(str(home)) as instance,
     ):
         client = GraphQLClient(url)
