@@ -10,6 +10,7 @@ import argparse
 import logging
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -139,10 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_writable(out: Path) -> None:
+    """A file can be created beside ``out`` (the render writes a temporary name there, then renames)."""
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: directory {out.parent} does not exist")
+    try:
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot write in {out.parent} ({e.strerror})") from None
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     for name in ("template", "audio"):  # before importing torch: a typo fails in milliseconds
         if not getattr(args, name).exists():
             raise InputError(f"--{name} {getattr(args, name)}: no such file or directory")
+    _check_writable(args.out)
     from musetalk_ops.render import render_file
 
     settings = _render_settings(args, **{name: getattr(args, name) for name in RENDER_FLAGS})

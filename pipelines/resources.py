@@ -20,17 +20,20 @@ from pydantic import Field
 from musetalk_ops.config import store_dir
 from musetalk_ops.errors import InputError
 from musetalk_ops.options import OPTIONS
-from musetalk_ops.store import LocalStore, S3Store, Store
+from musetalk_ops.store import LocalStore, Store
 from pipelines.executors import executor_name
 
 if TYPE_CHECKING:
     from musetalk_ops.render import RenderSettings
+    from musetalk_ops.s3_store import S3Store
 
 K8S_GPUS = 4  # one GPU node of the production cluster (design.md)
 
 
 @lru_cache(maxsize=8)
-def _s3_store(bucket: str, prefix: str, endpoint: str | None) -> S3Store:
+def _s3_store(bucket: str, prefix: str, endpoint: str | None) -> "S3Store":
+    from musetalk_ops.s3_store import S3Store  # boto3 only where S3 is configured
+
     return S3Store(bucket, prefix, endpoint_url=endpoint)
 
 
@@ -149,10 +152,10 @@ class GpuSlots(dg.ConfigurableResource):
 
 
 def io_manager(store: StoreResource) -> dg.ConfigurableIOManager:
-    """Step outputs (small dicts of keys and ranges): on S3 beside the store when it is S3 (every step
+    """Step outputs (small records of keys and ranges): on S3 beside the store when it is S3 (every step
     pod must read them), else files under ``$DAGSTER_HOME/storage`` or beside the local store."""
     client = store.get()
-    if isinstance(client, S3Store):
+    if not isinstance(client, LocalStore):
         from dagster_aws.s3 import S3PickleIOManager, S3Resource
 
         return S3PickleIOManager(

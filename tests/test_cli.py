@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import soundfile
@@ -151,6 +152,8 @@ def test_output_must_be_mp4_in_an_existing_directory(tmp_path, astronaut_cache, 
     assert_user_error(render(astronaut_cache, speech_wav, tmp_path / "o.avi", demo_models), ".mp4")
     missing_dir = tmp_path / "missing" / "o.mp4"
     assert_user_error(render(astronaut_cache, speech_wav, missing_dir, demo_models), "does not exist")
+    unwritable = Path("/proc/musetalk-test.mp4")  # no file can be created in /proc, not even by root
+    assert_user_error(render(astronaut_cache, speech_wav, unwritable, demo_models), "cannot write in /proc")
 
 
 def test_cuda_requested_without_cuda(tmp_path, astronaut_cache, speech_wav, demo_models):

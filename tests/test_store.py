@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from musetalk_ops import keys
 from musetalk_ops.errors import InputError, StoreError
-from musetalk_ops.store import LocalStore, S3Store, check_key, open_store, push_templates
+from musetalk_ops.s3_store import S3Store
+from musetalk_ops.store import LocalStore, check_key, open_store, push_templates
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -31,7 +31,8 @@ from test_pipeline_render import (
 
 from musetalk_ops.errors import GpuMemoryError, StoreError
 from musetalk_ops.render import RenderSettings
-from musetalk_ops.store import S3Store, open_store
+from musetalk_ops.s3_store import S3Store
+from musetalk_ops.store import open_store
 from musetalk_ops.video import probe
 
 TAGS = {"musetalk/template": "astro"}
@@ -257,7 +258,7 @@ def s3_via_proxy(moto_server, monkeypatch):
 def test_s3_cut_during_cache_upload_leaves_no_visible_cache(
     pipeline_env, s3_via_proxy, instance, astronaut_png, monkeypatch
 ):
-    from musetalk_ops.store import S3Store
+    from musetalk_ops.s3_store import S3Store
 
     proxy, listing = s3_via_proxy
     push_template(astronaut_png)
