@@ -17,7 +17,7 @@ from musetalk_ops import DEFAULT_BATCH_SIZE
 from musetalk_ops.errors import InputError, MuseTalkError
 
 if TYPE_CHECKING:  # render imports torch: only the commands that render load it
-    from musetalk_ops.render import RenderSettings
+    from musetalk_ops.render.settings import RenderSettings
 
 log = logging.getLogger("musetalk")
 
@@ -39,7 +39,7 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
 
 def _render_settings(args: argparse.Namespace, **more: object) -> "RenderSettings":
     """``RenderSettings`` from the ``_add_runtime_flags`` flags plus a command's own (``more``)."""
-    from musetalk_ops.render import RenderSettings
+    from musetalk_ops.render.settings import RenderSettings
 
     return RenderSettings(
         device=args.device, dtype=args.dtype, version=args.version, models_root=args.models, **more
@@ -148,7 +148,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     for name in ("template", "audio"):  # before importing torch: a typo fails in milliseconds
         if not getattr(args, name).exists():
             raise InputError(f"--{name} {getattr(args, name)}: no such file or directory")
-    from musetalk_ops.render import render_file
+    from musetalk_ops.render.file import render_file
 
     settings = _render_settings(
         args,
@@ -258,10 +258,10 @@ def cmd_engine(args: argparse.Namespace) -> int:
 
     from musetalk_ops import aot
     from musetalk_ops.config import dtype_name
-    from musetalk_ops.render import load_engine
+    from musetalk_ops.render.models import load_render_models
 
     settings = _render_settings(args, batch_size=args.batch_size)
-    models = load_engine(settings, version=args.version or "v15", components=("unet", "vae"))
+    models = load_render_models(settings, version=args.version or "v15", components=("unet", "vae"))
     specs = aot.engine_specs(models.unet, models.vae, args.batch_size, autotune=args.autotune)
     if args.part and args.part not in specs:
         raise InputError(

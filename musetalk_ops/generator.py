@@ -23,7 +23,7 @@ without holding more decode memory or decoding its padding. Modes:
   batch size, then loaded without Inductor); buckets of the render batch and of one decode slice (a
   chunk's tail of at most 32 frames at batch 64 runs a UNet of 32); on CUDA captured into graphs like
   ``graphs`` (first batch of a bucket direct, capture at its second). Also runs on the CPU (no
-  graphs), which CI tests. The default on CUDA wherever an engine exists (``render.resolve_mode``): on
+  graphs), which CI tests. The default on CUDA wherever an engine exists (``render.chunks.resolve_mode``): on
   an H200 it ran UNet + VAE at 520.9–522.0 frames/s (b32) against 308–310 for ``graphs`` at b48,
   loaded in 0.08–0.13 s, and its frames stayed within 4 levels of the reference path
   (bench/RESULTS.md, session 5).
@@ -54,8 +54,8 @@ from musetalk_ops.config import cache_dir
 from musetalk_ops.models.unet_model import UNet
 from musetalk_ops.models.vae import decode_latents, decode_slices
 from musetalk_ops.models.vae_model import VAE
+from musetalk_ops.render.settings import GENERATOR_MODES
 
-MODES = ("eager", "graphs", "compiled", "aot")
 GRAPH_MODES = ("graphs", "compiled")  # modes that need CUDA
 SMALLEST_BUCKET = 4
 # cuDNN autotuning: eager/graphs found nothing faster on an H100 (and it costs seconds per process);
@@ -153,8 +153,8 @@ class FaceGenerator:
         cudnn_benchmark: bool | None = None,
         engines: str | os.PathLike | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown generator mode {mode!r}: use one of {', '.join(MODES)}")
+        if mode not in GENERATOR_MODES:
+            raise ValueError(f"unknown generator mode {mode!r}: use one of {', '.join(GENERATOR_MODES)}")
         self.device, self.dtype = unet.device, unet.dtype
         if mode in GRAPH_MODES and self.device.type != "cuda":
             raise ValueError(f"mode {mode} needs a CUDA device, not {self.device}")

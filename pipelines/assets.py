@@ -24,7 +24,7 @@ from musetalk_ops.config import models_dir
 from musetalk_ops.errors import InputError, MuseTalkError
 from musetalk_ops.models.layout import weights_kind
 from musetalk_ops.prepare import prepare_template, weights_id
-from musetalk_ops.render import render_file
+from musetalk_ops.render.file import render_file
 from musetalk_ops.settings import TemplateSettings, load_settings
 from musetalk_ops.store import Store
 from musetalk_ops.template_cache import (

@@ -15,13 +15,14 @@ from pathlib import Path
 import dagster as dg
 
 from musetalk_ops import keys
-from musetalk_ops import render as engine_render
 from musetalk_ops.audio import AudioFeatures
 from musetalk_ops.config import Limits
 from musetalk_ops.errors import CacheError, InputError
+from musetalk_ops.render import chunks as chunk_api
+from musetalk_ops.render.models import compute_features, load_render_models
 from musetalk_ops.store import Store
 from musetalk_ops.timings import STAGES, Timings
-from musetalk_ops.video import mux
+from musetalk_ops.video import GENERATED_COMMENT, mux
 from pipelines.catalog import RENDERED_VIDEO, TEMPLATE_CACHE, CacheRef, latest_cache, user_errors
 from pipelines.executors import GPU_OP_TAGS, WEIGHTS_OP_TAGS
 from pipelines.partitions import render_requests
@@ -86,9 +87,9 @@ def audio_features(
         client.get_file(request["audio"], audio)
         start = time.perf_counter()
         settings = render.render_settings(**request["options"])
-        models = engine_render.load_engine(settings, version=request["version"], components=("whisper",))
+        models = load_render_models(settings, version=request["version"], components=("whisper",))
         loaded = time.perf_counter()
-        features = engine_render.compute_features(models, audio, Limits.from_env())
+        features = compute_features(models, audio, Limits.from_env())
         computed = time.perf_counter()
         frames = features.num_frames(request["fps"])
         if frames == 0:
@@ -112,7 +113,7 @@ def audio_features(
 )
 def plan_chunks(context: dg.OpExecutionContext, render: RenderResource, features: dict):
     with user_errors():
-        ranges = engine_render.plan_chunks(features["frames"], render.gpu_count(), render.min_chunk_frames)
+        ranges = chunk_api.plan_chunks(features["frames"], render.gpu_count(), render.min_chunk_frames)
     context.log.info(f"{features['frames']} frames in {len(ranges)} chunk(s): {ranges}")
     for index, (start, stop) in enumerate(ranges):
         yield dg.DynamicOutput(
@@ -164,14 +165,12 @@ def render_chunk(
         with gpu_slots.slot(context.log), tempfile.TemporaryDirectory(prefix="musetalk-chunk-") as tmp:
             start = time.perf_counter()
             settings = render.render_settings(**request["options"])
-            models = engine_render.load_engine(
-                settings, version=request["version"], components=("unet", "vae")
-            )
+            models = load_render_models(settings, version=request["version"], components=("unet", "vae"))
             template = load_cached_template(client, _ref(request))
             client.get_file(features["key"], Path(tmp) / "features.safetensors")
             audio = AudioFeatures.load(Path(tmp) / "features.safetensors")
             loaded = time.perf_counter() - start
-            result = engine_render.render_chunk(
+            result = chunk_api.render_chunk(
                 models,
                 template,
                 audio,
@@ -243,7 +242,7 @@ def _merge(
         client.get_file(request["audio"], audio)
         out = Path(tmp) / "out.mp4"
         start = time.perf_counter()
-        mux(segments, audio, out, comment=engine_render.GENERATED_COMMENT)
+        mux(segments, audio, out, comment=GENERATED_COMMENT)
         mux_seconds = time.perf_counter() - start
         client.put_file(video_key, out)
         run_start = context.instance.get_run_stats(context.run_id).start_time or time.time()

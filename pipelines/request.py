@@ -65,7 +65,7 @@ def check_options(options: object) -> dict:
     if "preset" in options and options["preset"] not in X264_PRESETS:
         raise InputError(f"option preset: {options['preset']!r} is not one of {', '.join(X264_PRESETS)}")
     if options:  # range checks; imported only here so that `musetalk submit` starts quickly
-        from musetalk_ops.render import RenderSettings
+        from musetalk_ops.render.settings import RenderSettings
 
         RenderSettings(**options)
     return dict(options)

@@ -18,7 +18,7 @@ import dagster as dg
 from musetalk_ops import DEFAULT_BATCH_SIZE
 from musetalk_ops.config import store_dir
 from musetalk_ops.errors import InputError
-from musetalk_ops.render import RenderSettings
+from musetalk_ops.render.settings import RenderSettings
 from musetalk_ops.store import LocalStore, S3Store, Store
 from pipelines.executors import executor_name
 

@@ -220,7 +220,7 @@ def every_blend_triple() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
 
 
 def deployment_env(monkeypatch, tmp_path: Path, models: Path) -> Path:
-    """What a deployment sets for the pipeline: demo weights, a private engine cache, the local
+    """What a deployment sets for the pipeline: demo weights, a private local cache, the local
     store under ``tmp_path`` (returned), two GPUs for chunk planning, nothing inherited."""
     monkeypatch.setenv("MUSETALK_MODELS", str(models))
     monkeypatch.setenv("MUSETALK_CACHE", str(tmp_path / "cache"))

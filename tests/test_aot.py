@@ -20,7 +20,9 @@ from musetalk_ops.models import load_models
 from musetalk_ops.models import vae as vae_module
 from musetalk_ops.models.demo import write_demo_models
 from musetalk_ops.models.vae import decode_latents, decode_sliced, decode_slices
-from musetalk_ops.render import RenderSettings, _generator, render_chunk, resolve_mode
+from musetalk_ops.render.chunks import render_chunk, resolve_mode
+from musetalk_ops.render.fast import cached_generator
+from musetalk_ops.render.settings import RenderSettings
 from musetalk_ops.template_cache import load_template
 
 BATCH = 4  # the aot_cache fixture's engine
@@ -172,21 +174,23 @@ def test_incomplete_or_foreign_engines_are_not_found(aot_cache, demo_models, tmp
 
 
 def test_render_chunk_through_the_engine_gives_the_reference_frames(
-    aot_cache, engine, features, astronaut_cache, tmp_path, monkeypatch
+    aot_cache, render_models, features, astronaut_cache, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("MUSETALK_CACHE", str(aot_cache))
-    _generator.cache_clear()
+    cached_generator.cache_clear()
     template = load_template(astronaut_cache)
     stop = min(features.num_frames(template.fps), 10)
     fast = RenderSettings(batch_size=BATCH, device="cpu", dtype="float32", mode="aot", encoders=2)
     ref = RenderSettings(batch_size=BATCH, device="cpu", dtype="float32", mode="reference")
     try:
         a = render_chunk(
-            engine, template, features, 0, stop, tmp_path / "a.mp4", fast, frames_dir=tmp_path / "a"
+            render_models, template, features, 0, stop, tmp_path / "a.mp4", fast, frames_dir=tmp_path / "a"
         )
     finally:
-        _generator.cache_clear()
-    render_chunk(engine, template, features, 0, stop, tmp_path / "b.mp4", ref, frames_dir=tmp_path / "b")
+        cached_generator.cache_clear()
+    render_chunk(
+        render_models, template, features, 0, stop, tmp_path / "b.mp4", ref, frames_dir=tmp_path / "b"
+    )
     got, want = png_frames(tmp_path / "a"), png_frames(tmp_path / "b")
     assert sorted(got) == sorted(want) and len(want) == stop
     for name in want:
@@ -194,7 +198,7 @@ def test_render_chunk_through_the_engine_gives_the_reference_frames(
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01, name
     assert a.timings.unet > 0 and a.timings.vae_decode > 0 and a.timings.mode == "aot"
     # The default stays the reference path on the CPU, engine or not.
-    assert resolve_mode(None, engine, BATCH) == "reference"
+    assert resolve_mode(None, render_models, BATCH) == "reference"
 
 
 def test_the_cuda_default_runs_an_engine_built_for_the_batch_size(
@@ -214,7 +218,7 @@ def test_the_cuda_default_runs_an_engine_built_for_the_batch_size(
 
 
 def test_out_of_memory_inside_the_engine_halves_the_batch_off_the_engine(
-    aot_cache, engine, features, astronaut_cache, tmp_path, monkeypatch
+    aot_cache, render_models, features, astronaut_cache, tmp_path, monkeypatch
 ):
     """An engine exists for one batch size: after an out-of-memory error an ``aot`` render retries at
     half the batch on the default path (here the CPU's reference), without building another engine."""
@@ -225,7 +229,7 @@ def test_out_of_memory_inside_the_engine_halves_the_batch_off_the_engine(
     settings = RenderSettings(batch_size=BATCH, device="cpu", dtype="float32", mode="aot", encoders=1)
     told: list[str] = []
     result = render_chunk(
-        engine, template, features, 0, 3, tmp_path / "a.mp4", settings, on_retry=told.append
+        render_models, template, features, 0, 3, tmp_path / "a.mp4", settings, on_retry=told.append
     )
     assert told == [f"CUDA out of memory at batch size {BATCH}: retrying with {BATCH // 2}"]
     assert (result.timings.batch_size, result.timings.mode) == (BATCH // 2, "reference")

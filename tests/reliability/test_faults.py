@@ -30,7 +30,7 @@ from test_pipeline_render import (
 )
 
 from musetalk_ops.errors import GpuMemoryError, StoreError
-from musetalk_ops.render import RenderSettings
+from musetalk_ops.render.settings import RenderSettings
 from musetalk_ops.store import S3Store, open_store
 from musetalk_ops.video import probe
 
@@ -137,7 +137,7 @@ def test_damaged_cache_is_refused_then_repaired(pipeline_env, instance, astronau
 
 
 def test_out_of_memory_halves_the_batch_until_it_fits(monkeypatch):
-    from musetalk_ops import render as engine
+    from musetalk_ops.render import chunks
 
     tried: list[int] = []
 
@@ -148,11 +148,11 @@ def test_out_of_memory_halves_the_batch_until_it_fits(monkeypatch):
         return args[6].batch_size
 
     def render(batch_size: int) -> int:
-        return engine.render_chunk(
+        return chunks.render_chunk(
             *"mtfab", "out.mp4", RenderSettings(batch_size=batch_size), on_retry=told.append
         )
 
-    monkeypatch.setattr(engine, "_render_once", once)
+    monkeypatch.setattr(chunks, "_render_once", once)
     told: list[str] = []
     limit = 3
     assert render(20) == 2
@@ -170,7 +170,7 @@ def test_out_of_memory_halves_the_batch_until_it_fits(monkeypatch):
 
     tried.clear()
     limit = 100
-    monkeypatch.setenv(engine.FAULT_MAX_BATCH, "6")  # the hook refuses before the engine runs
+    monkeypatch.setenv(chunks.FAULT_MAX_BATCH, "6")  # the hook refuses before the engine runs
     assert render(32) == 4
     assert tried == [4]
 
@@ -180,7 +180,7 @@ def test_a_failed_attempt_holds_nothing_when_gpu_memory_is_released(monkeypatch)
     the failed attempt's frames, and so their tensors and generator. (Under the same memory cap an aot
     render on an H200 went down to batch 2 where earlier renders had fitted 5: bench/RESULTS.md, session
     5; not measured again since this change.)"""
-    from musetalk_ops import render as engine
+    from musetalk_ops.render import chunks
 
     class Held:  # stands for the failed attempt's tensors and generator
         pass
@@ -195,11 +195,11 @@ def test_a_failed_attempt_holds_nothing_when_gpu_memory_is_released(monkeypatch)
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return "rendered"
 
-    monkeypatch.setattr(engine, "_render_once", once)
+    monkeypatch.setattr(chunks, "_render_once", once)
     monkeypatch.setattr(
-        engine, "release_gpu_memory", lambda: alive_at_release.append([a() is not None for a in attempts])
+        chunks, "release_gpu_memory", lambda: alive_at_release.append([a() is not None for a in attempts])
     )
-    assert engine.render_chunk(*"mtfab", "out.mp4", RenderSettings(batch_size=4)) == "rendered"
+    assert chunks.render_chunk(*"mtfab", "out.mp4", RenderSettings(batch_size=4)) == "rendered"
     assert alive_at_release == [[False]]
 
 
@@ -306,7 +306,7 @@ def test_s3_cut_during_a_run_fails_clearly_and_reexecution_completes(
     """Cut while the merge uploads the video: the step fails with one line, renders/ stays empty,
     the chunks stay for re-execution from failure, which completes. Cut during a chunk: the step
     retry (RetryPolicy, after 10 s) completes once the endpoint is back."""
-    from musetalk_ops import render as engine_render
+    from musetalk_ops.render import chunks as chunk_api
     from musetalk_ops.video import mux as real_mux
 
     proxy, listing = s3_via_proxy
@@ -339,7 +339,7 @@ def test_s3_cut_during_a_run_fails_clearly_and_reexecution_completes(
     assert sorted(listing("renders/")) == ["renders/cut.json", "renders/cut.mp4"] and listing("work/") == {}
     assert probe(fetch("renders/cut.mp4", tmp_path)).frames == expected_frames(short_speech)
 
-    real_render = engine_render.render_chunk
+    real_render = chunk_api.render_chunk
     cuts = []
 
     def render_then_cut(*args, **kwargs):
@@ -349,7 +349,7 @@ def test_s3_cut_during_a_run_fails_clearly_and_reexecution_completes(
             threading.Timer(3, proxy.restore).start()
         return result
 
-    monkeypatch.setattr(engine_render, "render_chunk", render_then_cut)
+    monkeypatch.setattr(chunk_api, "render_chunk", render_then_cut)
     submit_request("blip", short_speech)
     run = execute(instance, "blip")
     assert run.status == dg.DagsterRunStatus.SUCCESS
@@ -367,14 +367,14 @@ def test_s3_paused_briefly_only_delays_the_run(
     pipeline_env, moto_server, s3_via_proxy, instance, astronaut_png, short_speech, monkeypatch
 ):
     """SIGSTOP the moto process for 3 s mid-chunk: requests wait (read timeout 60 s), nothing fails."""
-    from musetalk_ops import render as engine_render
+    from musetalk_ops.render import chunks as chunk_api
 
     proc, _url = moto_server
     _proxy, listing = s3_via_proxy
     push_template(astronaut_png)
     materialize(instance)
     submit_request("pause", short_speech)
-    real_render = engine_render.render_chunk
+    real_render = chunk_api.render_chunk
     paused: list[float] = []
 
     def render_then_pause(*args, **kwargs):
@@ -385,7 +385,7 @@ def test_s3_paused_briefly_only_delays_the_run(
             threading.Timer(3, os.kill, (proc.pid, signal.SIGCONT)).start()
         return result
 
-    monkeypatch.setattr(engine_render, "render_chunk", render_then_pause)
+    monkeypatch.setattr(chunk_api, "render_chunk", render_then_pause)
     run = execute(instance, "pause")
     assert run.status == dg.DagsterRunStatus.SUCCESS and retries(events_of(instance, run)) == []
     assert time.monotonic() - paused[0] >= 3
