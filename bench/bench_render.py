@@ -490,8 +490,8 @@ def compiled_child(models_root: str, cache_512: str, cache_hd: str, wav: str, wo
 def aot_child(
     models_root: str, cache_512: str, cache_hd: str, wav: str, work: str, batch: str, autotune: str
 ) -> None:
-    """Build an AOTInductor engine (musetalk_ops/aot.py) in its own process, then render through it."""
-    from musetalk_ops import aot
+    """Build an AOTInductor engine (musetalk_ops/engine/) in its own process, then render through it."""
+    from musetalk_ops.engine.spec import engine_specs, find_engine_for, find_step
     from musetalk_ops.render.chunks import render_chunk
     from musetalk_ops.render.fast import cached_generator, release_gpu_memory
     from musetalk_ops.render.models import compute_features, load_render_models
@@ -505,14 +505,14 @@ def aot_child(
     features = compute_features(models, Path(wav))
     frames, batch_size = features.num_frames(25), int(batch)
     t = time.perf_counter()
-    specs = aot.engine_specs(models.unet, models.vae, batch_size, autotune=autotune == "1")
-    reused = [name for name, spec in specs.items() if aot.find_step(spec) is not None]
+    specs = engine_specs(models.unet, models.vae, batch_size, autotune=autotune == "1")
+    reused = [name for name, spec in specs.items() if find_step(spec) is not None]
     # As a deployment builds it: the CLI, its missing steps side by side in their own processes
     build = ["engine", "build", "--models", models_root, "--batch-size", str(batch_size)]
     subprocess.run(
         [sys.executable, "-m", "musetalk_ops.cli", *build, *["--autotune"] * (autotune == "1")], check=True
     )
-    paths = aot.find_engine_for(models.unet, models.vae, batch_size)
+    paths = find_engine_for(models.unet, models.vae, batch_size)
     r = {
         "build_s": round(time.perf_counter() - t, 1),
         "engine": {name: path.name for name, path in paths.items()},

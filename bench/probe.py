@@ -459,10 +459,10 @@ class Probe(br.Bench):
         """The engine's UNet of one batch beside the VAE decode of the previous one, on two streams, vs
         one after the other on one stream (as the generator runs them): CUDA graphs, two buffer sets,
         frames/s over 24 batches. Whether the decode's memory-bound norms fill the UNet's gaps."""
-        from musetalk_ops import aot
+        from musetalk_ops.engine.load import engine_for
 
         batch, count = self.batch, 24
-        engine = aot.engine_for(self.models.unet, self.models.vae, batch)
+        engine = engine_for(self.models.unet, self.models.vae, batch)
         sets = []
         for _ in range(2):
             latents = torch.randn(batch, 8, 32, 32, device="cuda", dtype=torch.float16)
@@ -535,15 +535,15 @@ class Probe(br.Bench):
             print(name, json.dumps(s[name]["by_kind"]), s[name]["ms_per_frame"], flush=True)
 
     def engine_batches(self, s: dict) -> None:
-        from musetalk_ops import aot
+        from musetalk_ops.engine.spec import engine_specs, find_step
         from musetalk_ops.render.fast import cached_generator
 
         unet, vae = self.models.unet, self.models.vae
         batches = sorted({b for _, b, _ in self.engine_batches_arg()})
         missing = {}
         for b in batches:
-            for part, spec in aot.engine_specs(unet, vae, b).items():
-                if aot.find_step(spec) is None:
+            for part, spec in engine_specs(unet, vae, b).items():
+                if find_step(spec) is None:
                     missing[spec.key] = (part, b)
         s["builds"] = self.build_children(list(missing.values()))
         for _ in range(2):
@@ -564,7 +564,7 @@ class Probe(br.Bench):
         return [(label, int(label.removesuffix("whole")), label.endswith("whole")) for label in labels]
 
     def short_chunks(self, s: dict) -> None:
-        from musetalk_ops import aot
+        from musetalk_ops.engine.spec import unet_batches
         from musetalk_ops.render.fast import cached_generator
 
         keys, t = ("total", "unet", "vae_decode", "fps", "peak_gpu_gb"), self.templates["512"]
@@ -572,7 +572,7 @@ class Probe(br.Bench):
             for round_ in range(6):  # the first is each configuration's first chunk; not in the median
                 for label, b, whole in self.engine_batches_arg():
                     gen = cached_generator(self.models.unet, self.models.vae, "aot", b)
-                    gen.buckets = (b,) if whole else aot.unet_batches(b)
+                    gen.buckets = (b,) if whole else unet_batches(b)
                     row = br.render_once(
                         self.models, t, self.features, frames, self.work / "o.mp4", batch_size=b, mode="aot"
                     )
@@ -642,10 +642,10 @@ class Probe(br.Bench):
 def engine_kernels(unet, vae, batch: int) -> dict:
     """Kernel times of the AOT engine's UNet and VAE decode at ``batch`` (found, else built), called
     directly (no graph, so each kernel is seen): ``kernel_profile`` per step."""
-    from musetalk_ops import aot
+    from musetalk_ops.engine.load import engine_for
     from musetalk_ops.models.vae import decode_sliced
 
-    engine = aot.engine_for(unet, vae, batch)
+    engine = engine_for(unet, vae, batch)
     latents = torch.randn(batch, 8, 32, 32, device="cuda", dtype=torch.float16)
     tokens = torch.randn(batch, 50, 384, device="cuda", dtype=torch.float16)
     pred = engine.unet(latents, tokens)
@@ -716,26 +716,29 @@ def part_child(variant: str, models_root: str, parts_dir: str, batch: str) -> No
     time it and the same step of the engine already there, if any, both in CUDA graphs."""
     from dataclasses import replace
 
-    from musetalk_ops import aot
+    from musetalk_ops.engine.build import build_step
+    from musetalk_ops.engine.runner import bound_step
+    from musetalk_ops.engine.spec import engine_specs, find_engine_for, find_step
+    from musetalk_ops.engine.steps import engine_steps, step_inputs
     from musetalk_ops.models import load_models
 
     part, tuned = AOT_PARTS[variant]
     device, dtype = ("cuda", torch.float16) if br.cuda() else ("cpu", torch.float32)
     models = load_models(models_root, device=device, dtype=dtype, components=("unet", "vae"))
-    step = aot.engine_steps(models.unet, models.vae)[part]
-    specs = aot.engine_specs(models.unet, models.vae, int(batch))
+    step = engine_steps(models.unet, models.vae)[part]
+    specs = engine_specs(models.unet, models.vae, int(batch))
     own = max((spec for spec in specs.values() if spec.step == part), key=lambda spec: spec.batch)
     spec = replace(own, autotune=tuned)  # the UNet at the render batch, or the VAE
-    out: dict = {"part": part, "autotune": tuned, "reused": aot.find_step(spec, parts_dir) is not None}
+    out: dict = {"part": part, "autotune": tuned, "reused": find_step(spec, parts_dir) is not None}
     t = time.perf_counter()
-    path = aot.build_step(spec, step, models.device, root=parts_dir)
+    path = build_step(spec, step, models.device, root=parts_dir)
     out["build_s"] = round(time.perf_counter() - t, 1)
-    runners = {variant: aot.bound_step(path, part, step, models.device)}
-    engine = aot.find_engine_for(models.unet, models.vae, int(batch))
+    runners = {variant: bound_step(path, part, step, models.device)}
+    engine = find_engine_for(models.unet, models.vae, int(batch))
     if engine is not None:
-        runners["engine"] = aot.bound_step(engine[own.part], part, step, models.device)
+        runners["engine"] = bound_step(engine[own.part], part, step, models.device)
         out["engine"] = engine[own.part].name
-    inputs = aot.step_inputs(spec, models.device, dtype)
+    inputs = step_inputs(spec, models.device, dtype)
     for key, runner in runners.items():
 
         def run(x, runner=runner):

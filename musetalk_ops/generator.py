@@ -19,7 +19,7 @@ without holding more decode memory or decoding its padding. Modes:
   would be a recompile. Compiled code is traced and run under ``no_grad`` rather than inference mode,
   whose tensors Inductor mishandles (pytorch/pytorch#180823: "weakref to UntypedStorage" on a
   transpose).
-* ``aot``: the same compiled code, built ahead of time (``musetalk_ops.aot``: once per GPU type and
+* ``aot``: the same compiled code, built ahead of time (``musetalk_ops.engine``: once per GPU type and
   batch size, then loaded without Inductor); buckets of the render batch and of one decode slice (a
   chunk's tail of at most 32 frames at batch 64 runs a UNet of 32); on CUDA captured into graphs like
   ``graphs`` (first batch of a bucket direct, capture at its second). Also runs on the CPU (no
@@ -49,8 +49,9 @@ from contextlib import contextmanager
 
 import torch
 
-from musetalk_ops import aot
 from musetalk_ops.config import cache_dir
+from musetalk_ops.engine.load import engine_for
+from musetalk_ops.engine.spec import unet_batches
 from musetalk_ops.models.unet_model import UNet
 from musetalk_ops.models.vae import decode_latents, decode_slices
 from musetalk_ops.models.vae_model import VAE
@@ -66,13 +67,13 @@ CUDNN_BENCHMARK = {"eager": False, "graphs": False, "compiled": True, "aot": Fal
 def bucket_sizes(max_batch: int, mode: str = "graphs") -> tuple[int, ...]:
     """Powers of two from 4 below ``max_batch``, plus ``max_batch`` itself. Compiled code exists per
     shape: ``compiled`` has ``max_batch`` only (another shape would be a recompile), ``aot`` the sizes
-    its engine's UNet is built for (``aot.unet_batches``: the batch and one decode slice of it)."""
+    its engine's UNet is built for (``engine.spec.unet_batches``: the batch and one decode slice of it)."""
     if max_batch < 1:
         raise ValueError(f"batch size must be positive, got {max_batch}")
     if mode == "compiled":
         return (max_batch,)
     if mode == "aot":
-        return aot.unet_batches(max_batch)
+        return unet_batches(max_batch)
     sizes = {max_batch}
     size = SMALLEST_BUCKET
     while size < max_batch:
@@ -177,7 +178,7 @@ class FaceGenerator:
         self.engine: str | None = None  # the aot engine's package names
         if mode == "aot":
             start = time.perf_counter()
-            engine = aot.engine_for(unet, vae, max_batch, root=engines)
+            engine = engine_for(unet, vae, max_batch, root=engines)
             self._unet, self._vae, self.engine = engine.unet, engine.vae, engine.name
             self.buckets = engine.batches
             self.build_seconds += time.perf_counter() - start

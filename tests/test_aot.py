@@ -13,7 +13,13 @@ import pytest
 import torch
 from helpers import cli_engine_build, png_frames
 
-from musetalk_ops import aot
+from musetalk_ops.engine.build import BUILD_CONFIG, build_engine, build_step
+from musetalk_ops.engine.check import CHECK, FAULT_CHECK_SIGNAL, check_step
+from musetalk_ops.engine.compiler import ENGINE_CXX, compiler_libstdcxx, engine_compiler, loaded_libstdcxx
+from musetalk_ops.engine.load import engine_for
+from musetalk_ops.engine.runner import oom_count, run_step
+from musetalk_ops.engine.spec import engine_specs, find_engine_for, find_step, step_spec, unet_batches
+from musetalk_ops.engine.steps import engine_steps
 from musetalk_ops.errors import EngineError
 from musetalk_ops.generator import FaceGenerator, StageClock
 from musetalk_ops.models import load_models
@@ -49,7 +55,7 @@ def level_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def test_the_cli_builds_a_complete_engine_once(aot_cache, demo_models):
     models = cpu_models(demo_models)
     engines = aot_cache / "engines"
-    found = aot.find_engine_for(models.unet, models.vae, BATCH, engines)
+    found = find_engine_for(models.unet, models.vae, BATCH, engines)
     assert found is not None and list(found) == ["unet-b4", "vae-b4"]  # one decode slice: no tail UNet
     for name, path in found.items():
         step = name.split("-")[0]
@@ -57,12 +63,12 @@ def test_the_cli_builds_a_complete_engine_once(aot_cache, demo_models):
         manifest = json.loads((path / "engine.json").read_text())
         assert manifest["spec"]["step"] == step and manifest["spec"]["batch"] == BATCH
         assert manifest["spec"]["device"] == "cpu"
-        assert manifest["cxx"] == aot.engine_compiler() == shutil.which("g++")
+        assert manifest["cxx"] == engine_compiler() == shutil.which("g++")
     # Nothing else, no staging directory left.
     assert sorted(p.name for p in engines.iterdir()) == sorted(p.name for p in found.values())
     # A second build finds both: nothing is compiled or rewritten.
     before = {name: (path / "engine.json").stat().st_mtime_ns for name, path in found.items()}
-    assert aot.build_engine(models.unet, models.vae, BATCH, root=engines) == found
+    assert build_engine(models.unet, models.vae, BATCH, root=engines) == found
     assert {name: (path / "engine.json").stat().st_mtime_ns for name, path in found.items()} == before
 
 
@@ -87,15 +93,15 @@ def test_an_engine_for_a_larger_batch_shares_the_decode_and_runs_a_short_tail_on
     runs the UNet of 4 and two decodes (the last padded), a batch of 1 the UNet of 2 and one decode, even
     after the bucket of 4 was used; the faces are the eager ones."""
     models = cpu_models(demo_models)
-    before = aot.find_engine_for(models.unet, models.vae, BATCH, aot_cache / "engines")
+    before = find_engine_for(models.unet, models.vae, BATCH, aot_cache / "engines")
     shutil.copytree(aot_cache / "engines", tmp_path, dirs_exist_ok=True)
     monkeypatch.setattr(vae_module, "DECODE_BATCH", 2)
-    assert aot.unet_batches(BATCH) == (2, 4)
+    assert unet_batches(BATCH) == (2, 4)
     generator = FaceGenerator(models.unet, models.vae, mode="aot", max_batch=BATCH, engines=tmp_path)
-    paths = aot.find_engine_for(models.unet, models.vae, BATCH, tmp_path)
+    paths = find_engine_for(models.unet, models.vae, BATCH, tmp_path)
     assert list(paths) == ["unet-b2", "unet-b4", "vae-b2"] and generator.buckets == (2, 4)
     assert paths["unet-b4"].name == before["unet-b4"].name and paths["vae-b2"].name != before["vae-b4"].name
-    assert {aot.step_spec(path).batch for path in paths.values()} == {2, 4}
+    assert {step_spec(path).batch for path in paths.values()} == {2, 4}
     for n, bucket in ((3, 4), (1, 2)):
         latents, tokens = inputs(n, seed=n)
         assert generator.bucket(n) == bucket
@@ -108,7 +114,7 @@ def test_an_engine_for_a_larger_batch_shares_the_decode_and_runs_a_short_tail_on
 
 def test_an_engine_runs_only_the_batch_sizes_it_was_built_for(aot_cache, demo_models):
     models = cpu_models(demo_models)
-    engine = aot.engine_for(models.unet, models.vae, BATCH, root=aot_cache / "engines")
+    engine = engine_for(models.unet, models.vae, BATCH, root=aot_cache / "engines")
     assert engine.batches == (BATCH,)
     with pytest.raises(ValueError, match=r"the engine's UNet runs batches of \[4\], not 2"):
         engine.unet(*inputs(2))
@@ -147,7 +153,7 @@ def test_the_engine_binds_other_weights_of_the_same_architecture(aot_cache, demo
     write_demo_models(tmp_path, seed=1)
     other = cpu_models(tmp_path)
     engines = aot_cache / "engines"
-    assert aot.find_engine_for(other.unet, other.vae, BATCH, engines) is not None  # same spec
+    assert find_engine_for(other.unet, other.vae, BATCH, engines) is not None  # same spec
     latents, tokens = inputs(BATCH, seed=1)
     got = faces_of(other, "aot", latents, tokens, engines)
     want = faces_of(other, "eager", latents, tokens)
@@ -158,19 +164,19 @@ def test_the_engine_binds_other_weights_of_the_same_architecture(aot_cache, demo
 
 def test_incomplete_or_foreign_engines_are_not_found(aot_cache, demo_models, tmp_path):
     models = cpu_models(demo_models)
-    spec = aot.engine_specs(models.unet, models.vae, BATCH)["vae-b4"]
+    spec = engine_specs(models.unet, models.vae, BATCH)["vae-b4"]
     copy = tmp_path / spec.key
-    shutil.copytree(aot.find_step(spec, aot_cache / "engines"), copy)
-    assert aot.find_step(spec, tmp_path) == copy
-    assert aot.find_engine_for(models.unet, models.vae, BATCH, tmp_path) is None  # no UNet step
-    assert aot.find_step(aot.engine_specs(models.unet, models.vae, 8)["vae-b8"], tmp_path) is None  # batch
+    shutil.copytree(find_step(spec, aot_cache / "engines"), copy)
+    assert find_step(spec, tmp_path) == copy
+    assert find_engine_for(models.unet, models.vae, BATCH, tmp_path) is None  # no UNet step
+    assert find_step(engine_specs(models.unet, models.vae, 8)["vae-b8"], tmp_path) is None  # batch
     manifest = json.loads((copy / "engine.json").read_text())
     (copy / "engine.json").write_text(json.dumps({**manifest, "format": 0}))
-    assert aot.find_step(spec, tmp_path) is None  # another format
+    assert find_step(spec, tmp_path) is None  # another format
     (copy / "engine.json").write_text("{")
-    assert aot.find_step(spec, tmp_path) is None  # torn manifest
+    assert find_step(spec, tmp_path) is None  # torn manifest
     (copy / "engine.json").unlink()
-    assert aot.find_step(spec, tmp_path) is None  # still being built
+    assert find_step(spec, tmp_path) is None  # still being built
 
 
 def test_render_chunk_through_the_engine_gives_the_reference_frames(
@@ -252,13 +258,13 @@ def test_an_engine_step_reports_an_out_of_memory_error_as_one():
             ooms += self.outcome == "oom"
             raise RuntimeError("run_func_( container_handle_, ...) API call failed")
 
-    assert aot.run_step(Runner("ok"), [torch.zeros(2)], lambda: ooms).tolist() == [1.0, 1.0]
+    assert run_step(Runner("ok"), [torch.zeros(2)], lambda: ooms).tolist() == [1.0, 1.0]
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        aot.run_step(Runner("oom"), [], lambda: ooms)
+        run_step(Runner("oom"), [], lambda: ooms)
     with pytest.raises(RuntimeError, match="API call failed") as raised:
-        aot.run_step(Runner("fails"), [], lambda: ooms)
+        run_step(Runner("fails"), [], lambda: ooms)
     assert not isinstance(raised.value, torch.cuda.OutOfMemoryError)
-    assert aot.oom_count(torch.device("cpu")) == 0
+    assert oom_count(torch.device("cpu")) == 0
 
 
 def test_engine_build_with_missing_weights_is_a_one_line_error(tmp_path):
@@ -296,16 +302,16 @@ def test_an_engine_whose_runtime_crashes_is_refused(aot_cache, demo_models, tmp_
     AOTInductor runtime (simulated: the check process dies of SIGSEGV, as engines built with the lent GPU
     image's own ``$CXX`` do there) is a one-line EngineError naming the signal."""
     models = cpu_models(demo_models)
-    spec = aot.engine_specs(models.unet, models.vae, BATCH)["unet-b4"]
-    step = aot.engine_steps(models.unet, models.vae)["unet"]
-    copy = shutil.copytree(aot.find_step(spec, aot_cache / "engines"), tmp_path / "engine")
-    aot.check_step(copy, spec, step, models.device)
-    monkeypatch.setenv(aot.FAULT_CHECK_SIGNAL, "SEGV")
+    spec = engine_specs(models.unet, models.vae, BATCH)["unet-b4"]
+    step = engine_steps(models.unet, models.vae)["unet"]
+    copy = shutil.copytree(find_step(spec, aot_cache / "engines"), tmp_path / "engine")
+    check_step(copy, spec, step, models.device)
+    monkeypatch.setenv(FAULT_CHECK_SIGNAL, "SEGV")
     with pytest.raises(
         EngineError, match="does not load and run in a fresh process \\(crashed with SIGSEGV\\)"
     ):
-        aot.check_step(copy, spec, step, models.device)
-    assert not (copy / aot.CHECK).exists()
+        check_step(copy, spec, step, models.device)
+    assert not (copy / CHECK).exists()
 
 
 @pytest.mark.parametrize("autotune", [False, True])
@@ -325,13 +331,13 @@ def test_a_build_asks_inductor_for_tuned_kernels_only_when_told(demo_models, tmp
     monkeypatch.setattr(torch.export, "export", lambda step, inputs: step)
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
     models = cpu_models(demo_models)
-    steps = aot.engine_steps(models.unet, models.vae)
-    for spec in aot.engine_specs(models.unet, models.vae, BATCH, autotune=autotune).values():
+    steps = engine_steps(models.unet, models.vae)
+    for spec in engine_specs(models.unet, models.vae, BATCH, autotune=autotune).values():
         with pytest.raises(RuntimeError, match="compiler stopped here"):
-            aot.build_step(spec, steps[spec.step], models.device, root=tmp_path)
+            build_step(spec, steps[spec.step], models.device, root=tmp_path)
     assert set(seen) == {"unet", "vae"}
     for configs in seen.values():
-        assert aot.BUILD_CONFIG.items() <= configs.items()
+        assert BUILD_CONFIG.items() <= configs.items()
         assert configs.get("max_autotune", False) is autotune
     assert seen["unet"].get("coordinate_descent_tuning", False) is autotune
     assert seen["vae"]["coordinate_descent_tuning"] is True
@@ -354,18 +360,18 @@ def static_runtime_compiler(directory) -> str:
 
 def test_engine_compiler_shares_the_process_cxx_runtime(tmp_path, monkeypatch):
     fake = static_runtime_compiler(tmp_path)
-    loaded = aot.loaded_libstdcxx()
+    loaded = loaded_libstdcxx()
     assert loaded is not None and loaded.name.startswith("libstdc++.so")  # torch maps it
-    assert aot.compiler_libstdcxx(shutil.which("g++")) == loaded
-    assert aot.compiler_libstdcxx(fake) is None
-    assert aot.compiler_libstdcxx(str(tmp_path / "missing")) is None
+    assert compiler_libstdcxx(shutil.which("g++")) == loaded
+    assert compiler_libstdcxx(fake) is None
+    assert compiler_libstdcxx(str(tmp_path / "missing")) is None
     monkeypatch.setenv("CXX", fake)
-    assert aot.engine_compiler() == shutil.which("g++")  # $CXX passed over
-    monkeypatch.setenv(aot.ENGINE_CXX, fake)
-    assert aot.engine_compiler() == fake  # the explicit choice is taken as given
-    monkeypatch.delenv(aot.ENGINE_CXX)
+    assert engine_compiler() == shutil.which("g++")  # $CXX passed over
+    monkeypatch.setenv(ENGINE_CXX, fake)
+    assert engine_compiler() == fake  # the explicit choice is taken as given
+    monkeypatch.delenv(ENGINE_CXX)
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert aot.engine_compiler() is None  # nothing suitable: Inductor's default, still checked
+    assert engine_compiler() is None  # nothing suitable: Inductor's default, still checked
 
 
 def test_an_engine_linked_with_its_own_cxx_runtime_is_refused(demo_models, tmp_path):
@@ -373,7 +379,7 @@ def test_an_engine_linked_with_its_own_cxx_runtime_is_refused(demo_models, tmp_p
     does not load (SIGSEGV there, a failed container creation here); the build says so in one line and
     leaves no engine behind."""
     proc = cli_engine_build(
-        demo_models, tmp_path / "cache", **{aot.ENGINE_CXX: static_runtime_compiler(tmp_path)}
+        demo_models, tmp_path / "cache", **{ENGINE_CXX: static_runtime_compiler(tmp_path)}
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]

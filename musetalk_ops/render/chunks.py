@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from musetalk_ops.aot import find_engine_for
 from musetalk_ops.audio import AudioFeatures
 from musetalk_ops.config import dtype_name
+from musetalk_ops.engine.spec import find_engine_for
 from musetalk_ops.errors import GpuMemoryError, InputError
 from musetalk_ops.generator import GRAPH_MODES
 from musetalk_ops.models import Models
