@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import cli_engine_build, png_frames
+from helpers import cli_engine_build, crash_python_children, limit_gpu_batch, png_frames
 
 from musetalk_ops.engine.build import BUILD_CONFIG, build_engine, build_step
-from musetalk_ops.engine.check import CHECK, FAULT_CHECK_SIGNAL, check_step
+from musetalk_ops.engine.check import CHECK, check_step
 from musetalk_ops.engine.compiler import ENGINE_CXX, compiler_libstdcxx, engine_compiler, loaded_libstdcxx
 from musetalk_ops.engine.load import engine_for
 from musetalk_ops.engine.runner import oom_count, run_step
@@ -229,7 +229,7 @@ def test_out_of_memory_inside_the_engine_halves_the_batch_off_the_engine(
     """An engine exists for one batch size: after an out-of-memory error an ``aot`` render retries at
     half the batch on the default path (here the CPU's reference), without building another engine."""
     monkeypatch.setenv("MUSETALK_CACHE", str(aot_cache))
-    monkeypatch.setenv("MUSETALK_FAULT_MAX_BATCH", str(BATCH // 2))
+    limit_gpu_batch(monkeypatch, BATCH // 2)
     before = sorted(p.name for p in (aot_cache / "engines").iterdir())
     template = load_template(astronaut_cache)
     settings = RenderSettings(batch_size=BATCH, device="cpu", dtype="float32", mode="aot", encoders=1)
@@ -306,7 +306,7 @@ def test_an_engine_whose_runtime_crashes_is_refused(aot_cache, demo_models, tmp_
     step = engine_steps(models.unet, models.vae)["unet"]
     copy = shutil.copytree(find_step(spec, aot_cache / "engines"), tmp_path / "engine")
     check_step(copy, spec, step, models.device)
-    monkeypatch.setenv(FAULT_CHECK_SIGNAL, "SEGV")
+    crash_python_children(monkeypatch)
     with pytest.raises(
         EngineError, match="does not load and run in a fresh process \\(crashed with SIGSEGV\\)"
     ):

@@ -2,7 +2,6 @@
 step's shapes and runs it once, so that a C++ runtime that crashes never leaves an engine behind."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,9 +18,6 @@ from musetalk_ops.errors import EngineError
 from musetalk_ops.files import write_json
 
 CHECK = "check.json"  # what the fresh-process check needs: device, dtype, the weights' shapes
-# Test hook: the check process kills itself with this signal (e.g. SEGV) before loading, as a broken
-# AOTInductor runtime does.
-FAULT_CHECK_SIGNAL = "MUSETALK_FAULT_ENGINE_CHECK"
 
 
 def check_step(path: Path, spec: StepSpec, step: torch.nn.Module, device: torch.device) -> None:
@@ -58,9 +54,6 @@ def check_step(path: Path, spec: StepSpec, step: torch.nn.Module, device: torch.
 
 def _check_main(path: Path) -> None:
     """``check_step``'s fresh process."""
-    fault = os.environ.get(FAULT_CHECK_SIGNAL)
-    if fault:
-        os.kill(os.getpid(), signal.Signals[f"SIG{fault}"])
     check = json.loads((path / CHECK).read_text())
     spec, device = StepSpec(**check["spec"]), torch.device(check["device"])
     dtype = DTYPES[spec.dtype]

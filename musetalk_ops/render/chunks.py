@@ -4,7 +4,6 @@ into an H.264 segment (the chunk API), halving the batch on CUDA out-of-memory."
 import dataclasses
 import itertools
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,10 +24,6 @@ from musetalk_ops.render.settings import RenderSettings
 from musetalk_ops.template_cache import Template
 from musetalk_ops.timings import Timings
 from musetalk_ops.video import fps_fraction
-
-# Test hook: a chunk rendered with a batch larger than this raises CUDA out-of-memory before any work
-# (simulates a smaller GPU on any machine, so the fallback of ``render_chunk`` runs on the CPU too).
-FAULT_MAX_BATCH = "MUSETALK_FAULT_MAX_BATCH"
 
 
 @dataclass
@@ -91,7 +86,6 @@ def render_chunk(
     """
     while True:
         try:
-            _simulated_oom(settings.batch_size)
             return _render_once(
                 models, template, features, start, stop, out_path, settings, frames_dir, on_frames
             )
@@ -106,12 +100,6 @@ def render_chunk(
         # Out of the handler: the error's traceback, which holds the failed attempt's frames and so its
         # tensors and generator, is gone before the memory is returned.
         release_gpu_memory()
-
-
-def _simulated_oom(batch_size: int) -> None:
-    raw = os.environ.get(FAULT_MAX_BATCH)
-    if raw and batch_size > int(raw):
-        raise torch.cuda.OutOfMemoryError(f"simulated: batch {batch_size} > ${FAULT_MAX_BATCH}={raw}")
 
 
 def _first_line(error: BaseException) -> str:

@@ -18,7 +18,7 @@ import dagster as dg
 import pytest
 import torch
 from dagster._core.definitions.reconstruct import ReconstructableJob
-from helpers import TcpProxy, decoded_frames, wait_for
+from helpers import TcpProxy, decoded_frames, limit_gpu_batch, wait_for
 from test_pipeline_render import (
     CHUNK_CONFIG,
     expected_frames,
@@ -170,7 +170,7 @@ def test_out_of_memory_halves_the_batch_until_it_fits(monkeypatch):
 
     tried.clear()
     limit = 100
-    monkeypatch.setenv(chunks.FAULT_MAX_BATCH, "6")  # the hook refuses before the engine runs
+    limit_gpu_batch(monkeypatch, 6)  # refuses before the stand-in runs
     assert render(32) == 4
     assert tried == [4]
 
@@ -211,7 +211,7 @@ def test_chunk_out_of_memory_retries_smaller_and_matches_a_small_batch_render(
     put_request("calm", short_speech, {"batch_size": 4})
     assert run_render(instance, "calm", tags=TAGS).success
 
-    monkeypatch.setenv("MUSETALK_FAULT_MAX_BATCH", "4")
+    limit_gpu_batch(monkeypatch, 4)
     put_request("squeezed", short_speech, {"batch_size": 16})
     result = run_render(instance, "squeezed", tags=TAGS)
     assert result.success and retries(result.all_events) == []  # handled inside the step
