@@ -177,9 +177,8 @@ def test_out_of_memory_halves_the_batch_until_it_fits(monkeypatch):
 
 def test_a_failed_attempt_holds_nothing_when_gpu_memory_is_released(monkeypatch):
     """The retry returns GPU memory only after the error's traceback is gone: while it lives, it keeps
-    the failed attempt's frames, and so their tensors and generator. (Under the same memory cap an aot
-    render on an H200 went down to batch 2 where earlier renders had fitted 5: bench/RESULTS.md, session
-    5; not measured again since this change.)"""
+    the failed attempt's frames, and so their tensors and generator, and a smaller batch would not fit
+    where it could."""
     from musetalk_ops.render import chunks
 
     class Held:  # stands for the failed attempt's tensors and generator
