@@ -253,7 +253,8 @@ def measure_generator(gen, models, batch: int, iters: int = 8) -> dict:
 
 
 def render_once(models, template, features, frames, out: Path, **settings) -> dict:
-    from musetalk_ops.render import RenderSettings, render_chunk
+    from musetalk_ops.render.chunks import render_chunk
+    from musetalk_ops.render.settings import RenderSettings
 
     reset_peak()
     cpu = cpu_seconds()
@@ -461,11 +462,13 @@ def cold_start_process(
 def compiled_child(models_root: str, cache_512: str, cache_hd: str, wav: str, work: str, batch: str) -> None:
     """The compiled path in its own process: a compiler failure cannot disturb the other sections, and
     the first chunk pays a cold compile as the first process on a new GPU type would."""
-    from musetalk_ops import render
+    from musetalk_ops.render.fast import cached_generator
+    from musetalk_ops.render.models import compute_features, load_render_models
+    from musetalk_ops.render.settings import RenderSettings
     from musetalk_ops.template_cache import load_template
 
-    models = render.load_engine(render.RenderSettings(models_root=Path(models_root)))
-    features = render.compute_features(models, Path(wav))
+    models = load_render_models(RenderSettings(models_root=Path(models_root)))
+    features = compute_features(models, Path(wav))
     frames, batch_size = features.num_frames(25), int(batch)
     templates = {"512": load_template(cache_512), "1080p": load_template(cache_hd)}
     out, r = Path(work) / "compiled.mp4", {}
@@ -478,7 +481,7 @@ def compiled_child(models_root: str, cache_512: str, cache_hd: str, wav: str, wo
         r[f"{name}_warm"] = render_once(
             models, template, features, frames, out, batch_size=batch_size, mode="compiled"
         )
-    gen = render._generator(models.unet, models.vae, "compiled", batch_size)
+    gen = cached_generator(models.unet, models.vae, "compiled", batch_size)
     r["generator_build_s"] = round(gen.build_seconds, 1)
     r["generator"] = measure_generator(gen, models, batch_size)
     print(json.dumps(r))
@@ -487,25 +490,29 @@ def compiled_child(models_root: str, cache_512: str, cache_hd: str, wav: str, wo
 def aot_child(
     models_root: str, cache_512: str, cache_hd: str, wav: str, work: str, batch: str, autotune: str
 ) -> None:
-    """Build an AOTInductor engine (musetalk_ops/aot.py) in its own process, then render through it."""
-    from musetalk_ops import aot, render
+    """Build an AOTInductor engine (musetalk_ops/engine/) in its own process, then render through it."""
+    from musetalk_ops.engine.spec import engine_specs, find_engine_for, find_step
+    from musetalk_ops.render.chunks import render_chunk
+    from musetalk_ops.render.fast import cached_generator, release_gpu_memory
+    from musetalk_ops.render.models import compute_features, load_render_models
+    from musetalk_ops.render.settings import RenderSettings
     from musetalk_ops.template_cache import load_template
 
     def say(message: str) -> None:  # progress on stderr: kept beside the report if the child fails
         print(f"[aot child {time.time() - START:.0f} s] {message}", file=sys.stderr, flush=True)
 
-    models = render.load_engine(render.RenderSettings(models_root=Path(models_root)))
-    features = render.compute_features(models, Path(wav))
+    models = load_render_models(RenderSettings(models_root=Path(models_root)))
+    features = compute_features(models, Path(wav))
     frames, batch_size = features.num_frames(25), int(batch)
     t = time.perf_counter()
-    specs = aot.engine_specs(models.unet, models.vae, batch_size, autotune=autotune == "1")
-    reused = [name for name, spec in specs.items() if aot.find_step(spec) is not None]
+    specs = engine_specs(models.unet, models.vae, batch_size, autotune=autotune == "1")
+    reused = [name for name, spec in specs.items() if find_step(spec) is not None]
     # As a deployment builds it: the CLI, its missing steps side by side in their own processes
     build = ["engine", "build", "--models", models_root, "--batch-size", str(batch_size)]
     subprocess.run(
         [sys.executable, "-m", "musetalk_ops.cli", *build, *["--autotune"] * (autotune == "1")], check=True
     )
-    paths = aot.find_engine_for(models.unet, models.vae, batch_size)
+    paths = find_engine_for(models.unet, models.vae, batch_size)
     r = {
         "build_s": round(time.perf_counter() - t, 1),
         "engine": {name: path.name for name, path in paths.items()},
@@ -524,16 +531,16 @@ def aot_child(
             models, template, features, frames, out, batch_size=batch_size, mode="aot"
         )
     say("warm chunks done")
-    gen = render._generator(models.unet, models.vae, "aot", batch_size)
+    gen = cached_generator(models.unet, models.vae, "aot", batch_size)
     r["generator_load_s"] = round(gen.build_seconds, 2)
     r["generator"] = measure_generator(gen, models, batch_size)
-    render.release_gpu_memory()
+    release_gpu_memory()
     r["generator_cudnn_benchmark"] = generator_fps(models, "aot", batch_size, True)
     n, dirs = min(40, frames), []
     for mode in ("aot", "reference"):
-        settings = render.RenderSettings(batch_size=batch_size, mode=mode)
+        settings = RenderSettings(batch_size=batch_size, mode=mode)
         d = Path(work) / f"aot-eq-{mode}"
-        render.render_chunk(models, templates["1080p"], features, 0, n, out, settings, frames_dir=d)
+        render_chunk(models, templates["1080p"], features, 0, n, out, settings, frames_dir=d)
         dirs.append(d)
     r["aot_vs_reference_1080p"] = png_dir_stats(*dirs)
     print(json.dumps(r))
@@ -543,12 +550,14 @@ def chunk_child(models_root: str, cache: str, features_file: str, frames: str, o
     """A render step in its own process: features from a file, frames [0, frames) into ``out``; touches
     ``out``.started once its first frame is encoded (the parent kills it after that)."""
     from musetalk_ops.audio import AudioFeatures
-    from musetalk_ops.render import RenderSettings, load_engine, render_chunk
+    from musetalk_ops.render.chunks import render_chunk
+    from musetalk_ops.render.models import load_render_models
+    from musetalk_ops.render.settings import RenderSettings
     from musetalk_ops.template_cache import load_template
 
     template = load_template(cache)
     settings = RenderSettings(models_root=Path(models_root))
-    models = load_engine(settings, version=template.version, components=("unet", "vae"))
+    models = load_render_models(settings, version=template.version, components=("unet", "vae"))
     started = Path(out + ".started")
 
     def progress(_n: int) -> None:
@@ -757,10 +766,11 @@ class Bench:
         self.templates = {name: load_template(path) for name, path in self.prepared.items()}
 
     def engine(self, s: dict) -> None:
-        from musetalk_ops.render import RenderSettings, compute_features, load_engine
+        from musetalk_ops.render.models import compute_features, load_render_models
+        from musetalk_ops.render.settings import RenderSettings
 
         t = time.perf_counter()
-        self.models = load_engine(RenderSettings(models_root=self.models_root))
+        self.models = load_render_models(RenderSettings(models_root=self.models_root))
         s["load_s"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
         self.features = compute_features(self.models, self.wav)
@@ -776,9 +786,9 @@ class Bench:
         )
 
     def ours(self, s: dict, name: str, mode: str) -> None:
-        from musetalk_ops import render
+        from musetalk_ops.render.fast import cached_generator
 
-        render._generator.cache_clear()  # each path's memory and one-off costs on their own
+        cached_generator.cache_clear()  # each path's memory and one-off costs on their own
         s["cold"] = self.render(name, mode=mode)  # first chunk of this path in the process
         s["warm"] = self.render(name, mode=mode)
         self.r.setdefault("ours", {})[f"{name}/{mode}"] = s
@@ -800,7 +810,8 @@ class Bench:
         s.update(fps_skip_save=round(n / skip, 2))
 
     def equality(self, s: dict) -> None:
-        from musetalk_ops.render import RenderSettings, render_chunk
+        from musetalk_ops.render.chunks import render_chunk
+        from musetalk_ops.render.settings import RenderSettings
 
         n = min(40, self.frames)
         for name, template in self.templates.items():
@@ -818,7 +829,7 @@ class Bench:
     def cold_starts(self, s: dict) -> None:
         """Render step (features from the audio step) per path, the default one first; the CLI (whisper in
         the process) on the default path."""
-        from musetalk_ops.render import compute_features
+        from musetalk_ops.render.models import compute_features
 
         step_features = self.work / "short-features.safetensors"
         compute_features(self.models, self.short_wav).save(step_features)
@@ -873,7 +884,9 @@ class Bench:
     def oom(self, s: dict) -> None:
         """The real CUDA out-of-memory path: cap this process's GPU memory so that the batch does not fit,
         render, and compare with an undisturbed render at the batch size the fallback settled on."""
-        from musetalk_ops.render import RenderSettings, release_gpu_memory, render_chunk
+        from musetalk_ops.render.chunks import render_chunk
+        from musetalk_ops.render.fast import release_gpu_memory
+        from musetalk_ops.render.settings import RenderSettings
 
         template, n = self.templates["512"], min(120, self.frames)
         release_gpu_memory()
@@ -916,7 +929,9 @@ class Bench:
         """Issue 8 on the GPU: a render step process SIGKILLed mid-chunk, then run again in a fresh process
         (what the RetryPolicy does); its segment's decoded frames vs an undisturbed render of this process."""
         from musetalk_ops.audio import AudioFeatures
-        from musetalk_ops.render import RenderSettings, compute_features, render_chunk
+        from musetalk_ops.render.chunks import render_chunk
+        from musetalk_ops.render.models import compute_features
+        from musetalk_ops.render.settings import RenderSettings
 
         n, cache = min(200, self.frames), self.prepared["1080p"]
         features = self.work / "kill-features.safetensors"
@@ -973,7 +988,7 @@ class Bench:
         )
 
     def aot(self, s: dict, autotune: bool) -> None:
-        from musetalk_ops.render import compute_features
+        from musetalk_ops.render.models import compute_features
 
         args = (self.prepared["512"], self.prepared["1080p"], self.wav, self.work, self.batch, int(autotune))
         result, _ = run_child("aot", self.models_root, *args)
@@ -1002,9 +1017,13 @@ class Bench:
             )
 
     def cpu_reference(self, s: dict) -> None:
-        from musetalk_ops.render import RenderSettings, compute_features, load_engine, render_chunk
+        from musetalk_ops.render.chunks import render_chunk
+        from musetalk_ops.render.models import compute_features, load_render_models
+        from musetalk_ops.render.settings import RenderSettings
 
-        cpu_models = load_engine(RenderSettings(models_root=self.models_root, device="cpu", dtype="float32"))
+        cpu_models = load_render_models(
+            RenderSettings(models_root=self.models_root, device="cpu", dtype="float32")
+        )
         cpu_features = compute_features(cpu_models, self.wav)
         n, template = 4, self.templates["512"]
         a, b = self.work / "cpu-gpu", self.work / "cpu-cpu"

@@ -20,7 +20,9 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from musetalk_ops.audio import AudioFeatures  # noqa: E402
-from musetalk_ops.render import RenderSettings, compute_features, load_engine, render_chunk  # noqa: E402
+from musetalk_ops.render.chunks import render_chunk  # noqa: E402
+from musetalk_ops.render.models import compute_features, load_render_models  # noqa: E402
+from musetalk_ops.render.settings import RenderSettings  # noqa: E402
 from musetalk_ops.template_cache import load_template  # noqa: E402
 
 
@@ -34,7 +36,7 @@ def main(
     template = load_template(cache)
     MARKS["template"] = time.time()
     components = ("unet", "vae") if features_file else ("unet", "vae", "whisper")
-    models = load_engine(settings, version=template.version, components=components)
+    models = load_render_models(settings, version=template.version, components=components)
     MARKS["models"] = time.time()
     features = (
         AudioFeatures.load(Path(features_file)) if features_file else compute_features(models, Path(wav))

@@ -21,7 +21,7 @@ as it finishes:
 * ``overlap``: the engine's UNet of one batch beside the VAE decode of the previous one on two streams vs
   one stream, a batch at a time and sustained, with the SM clock and power (``bench_render.GpuClock``);
 * ``encoders``: a warm 1080p chunk on the AOT engine per number of sub-segment encoders and x264
-  threads per encoder (``render.X264_THREADS``): what feeds x264 best on this host;
+  threads per encoder (``render.encoders.X264_THREADS``): what feeds x264 best on this host;
 * ``aot_parts``: one engine step (UNet or VAE decode) compiled on its own, plain or tuned
   (``AOT_PARTS``; ``musetalk engine build --autotune``'s settings), each in its own process, timed in
   CUDA graphs beside the same step of the ``--engines`` engine: a tuned engine's parts can be measured
@@ -224,7 +224,8 @@ class Probe(br.Bench):
 
     def bound(self, s: dict) -> None:
         """One warm 1000-frame chunk per template with stages taken out, graphs mode."""
-        from musetalk_ops import device_paste, render
+        from musetalk_ops import device_paste
+        from musetalk_ops.render import encoders, fast
 
         mode = self.modes[0]
         host = {"composite": 0.0, "patches": 0.0, "generator": 0.0}
@@ -239,8 +240,8 @@ class Probe(br.Bench):
 
             return wrapper
 
-        real_generator, real_writer, real_mux = render._generator, render.SegmentWriter, render.mux
-        real_composite, real_patches = device_paste.DevicePaster.composite, render._patches
+        real_generator, real_writer, real_mux = fast.cached_generator, encoders.SegmentWriter, fast.mux
+        real_composite, real_patches = device_paste.DevicePaster.composite, fast.host_patches
 
         class NoWriter:
             def __init__(self, path, *a, **k):
@@ -278,18 +279,18 @@ class Probe(br.Bench):
         for name in self.templates:
             self.render(name, mode=mode)  # warm: the generator's graphs are captured
             for variant, (encodes, models_run) in variants.items():
-                render.SegmentWriter, render.mux = (real_writer, real_mux) if encodes else (NoWriter, no_mux)
-                render._generator = real_generator if models_run else (lambda *a: fixed)
+                encoders.SegmentWriter, fast.mux = (real_writer, real_mux) if encodes else (NoWriter, no_mux)
+                fast.cached_generator = real_generator if models_run else (lambda *a: fixed)
                 device_paste.DevicePaster.composite = timed(real_composite, "composite")
-                render._patches = timed(real_patches, "patches")
+                fast.host_patches = timed(real_patches, "patches")
                 for key in host:
                     host[key] = 0.0
                 try:
                     row = self.render(name, mode=mode)
                 finally:
-                    render._generator, render.SegmentWriter = real_generator, real_writer
-                    render.mux = real_mux
-                    device_paste.DevicePaster.composite, render._patches = real_composite, real_patches
+                    fast.cached_generator, encoders.SegmentWriter = real_generator, real_writer
+                    fast.mux = real_mux
+                    device_paste.DevicePaster.composite, fast.host_patches = real_composite, real_patches
                 row["model_thread_host_s"] = {k: round(v, 3) for k, v in host.items()}
                 keys = ("fps", "unet", "vae_decode", "composite", "encode", "total", "cpu_cores_busy")
                 s[f"{name}/{variant}"] = {k: row[k] for k in keys} | {
@@ -433,7 +434,7 @@ class Probe(br.Bench):
                 s[f"unet/{'autotune' if bench else 'heuristic'}/b{batch}"] = round(ms / batch, 3)
 
     def encoders(self, s: dict) -> None:
-        from musetalk_ops import render
+        from musetalk_ops.render import encoders as sub_segments
 
         self.render("1080p", mode="aot")  # warm: engine loaded, graphs captured
         keys = ("fps", "composite", "encode", "total", "cpu_cores_busy", "extra")
@@ -445,11 +446,11 @@ class Probe(br.Bench):
             (8, 2),
             (4, 0),
         ):
-            render.X264_THREADS = threads
+            sub_segments.X264_THREADS = threads
             try:
                 row = self.render("1080p", mode="aot", encoders=encoders)
             finally:
-                render.X264_THREADS = 0
+                sub_segments.X264_THREADS = 0
             key = f"1080p/encoders{encoders}/threads{threads}"
             s.setdefault(key, []).append({k: row[k] for k in keys})
             print(key, json.dumps(s[key][-1]), flush=True)
@@ -458,10 +459,10 @@ class Probe(br.Bench):
         """The engine's UNet of one batch beside the VAE decode of the previous one, on two streams, vs
         one after the other on one stream (as the generator runs them): CUDA graphs, two buffer sets,
         frames/s over 24 batches. Whether the decode's memory-bound norms fill the UNet's gaps."""
-        from musetalk_ops import aot
+        from musetalk_ops.engine.load import engine_for
 
         batch, count = self.batch, 24
-        engine = aot.engine_for(self.models.unet, self.models.vae, batch)
+        engine = engine_for(self.models.unet, self.models.vae, batch)
         sets = []
         for _ in range(2):
             latents = torch.randn(batch, 8, 32, 32, device="cuda", dtype=torch.float16)
@@ -534,19 +535,20 @@ class Probe(br.Bench):
             print(name, json.dumps(s[name]["by_kind"]), s[name]["ms_per_frame"], flush=True)
 
     def engine_batches(self, s: dict) -> None:
-        from musetalk_ops import aot, render
+        from musetalk_ops.engine.spec import engine_specs, find_step
+        from musetalk_ops.render.fast import cached_generator
 
         unet, vae = self.models.unet, self.models.vae
         batches = sorted({b for _, b, _ in self.engine_batches_arg()})
         missing = {}
         for b in batches:
-            for part, spec in aot.engine_specs(unet, vae, b).items():
-                if aot.find_step(spec) is None:
+            for part, spec in engine_specs(unet, vae, b).items():
+                if find_step(spec) is None:
                     missing[spec.key] = (part, b)
         s["builds"] = self.build_children(list(missing.values()))
         for _ in range(2):
             for b in batches:
-                gen = render._generator(unet, vae, "aot", b)
+                gen = cached_generator(unet, vae, "aot", b)
                 s[f"b{b}/engine"] = gen.engine
                 s.setdefault(f"b{b}", []).append(br.measure_generator(gen, self.models, b))
                 print(f"b{b}", json.dumps(s[f"b{b}"][-1]), flush=True)
@@ -562,14 +564,15 @@ class Probe(br.Bench):
         return [(label, int(label.removesuffix("whole")), label.endswith("whole")) for label in labels]
 
     def short_chunks(self, s: dict) -> None:
-        from musetalk_ops import aot, render
+        from musetalk_ops.engine.spec import unet_batches
+        from musetalk_ops.render.fast import cached_generator
 
         keys, t = ("total", "unet", "vae_decode", "fps", "peak_gpu_gb"), self.templates["512"]
         for frames in self.args.chunk_frames:
             for round_ in range(6):  # the first is each configuration's first chunk; not in the median
                 for label, b, whole in self.engine_batches_arg():
-                    gen = render._generator(self.models.unet, self.models.vae, "aot", b)
-                    gen.buckets = (b,) if whole else aot.unet_batches(b)
+                    gen = cached_generator(self.models.unet, self.models.vae, "aot", b)
+                    gen.buckets = (b,) if whole else unet_batches(b)
                     row = br.render_once(
                         self.models, t, self.features, frames, self.work / "o.mp4", batch_size=b, mode="aot"
                     )
@@ -639,10 +642,10 @@ class Probe(br.Bench):
 def engine_kernels(unet, vae, batch: int) -> dict:
     """Kernel times of the AOT engine's UNet and VAE decode at ``batch`` (found, else built), called
     directly (no graph, so each kernel is seen): ``kernel_profile`` per step."""
-    from musetalk_ops import aot
+    from musetalk_ops.engine.load import engine_for
     from musetalk_ops.models.vae import decode_sliced
 
-    engine = aot.engine_for(unet, vae, batch)
+    engine = engine_for(unet, vae, batch)
     latents = torch.randn(batch, 8, 32, 32, device="cuda", dtype=torch.float16)
     tokens = torch.randn(batch, 50, 384, device="cuda", dtype=torch.float16)
     pred = engine.unet(latents, tokens)
@@ -713,26 +716,29 @@ def part_child(variant: str, models_root: str, parts_dir: str, batch: str) -> No
     time it and the same step of the engine already there, if any, both in CUDA graphs."""
     from dataclasses import replace
 
-    from musetalk_ops import aot
+    from musetalk_ops.engine.build import build_step
+    from musetalk_ops.engine.runner import bound_step
+    from musetalk_ops.engine.spec import engine_specs, find_engine_for, find_step
+    from musetalk_ops.engine.steps import engine_steps, step_inputs
     from musetalk_ops.models import load_models
 
     part, tuned = AOT_PARTS[variant]
     device, dtype = ("cuda", torch.float16) if br.cuda() else ("cpu", torch.float32)
     models = load_models(models_root, device=device, dtype=dtype, components=("unet", "vae"))
-    step = aot.engine_steps(models.unet, models.vae)[part]
-    specs = aot.engine_specs(models.unet, models.vae, int(batch))
+    step = engine_steps(models.unet, models.vae)[part]
+    specs = engine_specs(models.unet, models.vae, int(batch))
     own = max((spec for spec in specs.values() if spec.step == part), key=lambda spec: spec.batch)
     spec = replace(own, autotune=tuned)  # the UNet at the render batch, or the VAE
-    out: dict = {"part": part, "autotune": tuned, "reused": aot.find_step(spec, parts_dir) is not None}
+    out: dict = {"part": part, "autotune": tuned, "reused": find_step(spec, parts_dir) is not None}
     t = time.perf_counter()
-    path = aot.build_step(spec, step, models.device, root=parts_dir)
+    path = build_step(spec, step, models.device, root=parts_dir)
     out["build_s"] = round(time.perf_counter() - t, 1)
-    runners = {variant: aot.bound_step(path, part, step, models.device)}
-    engine = aot.find_engine_for(models.unet, models.vae, int(batch))
+    runners = {variant: bound_step(path, part, step, models.device)}
+    engine = find_engine_for(models.unet, models.vae, int(batch))
     if engine is not None:
-        runners["engine"] = aot.bound_step(engine[own.part], part, step, models.device)
+        runners["engine"] = bound_step(engine[own.part], part, step, models.device)
         out["engine"] = engine[own.part].name
-    inputs = aot.step_inputs(spec, models.device, dtype)
+    inputs = step_inputs(spec, models.device, dtype)
     for key, runner in runners.items():
 
         def run(x, runner=runner):

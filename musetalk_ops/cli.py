@@ -20,7 +20,7 @@ from musetalk_ops.errors import InputError, MuseTalkError
 from musetalk_ops.options import OPTIONS, VERSIONS
 
 if TYPE_CHECKING:  # render imports torch: only the commands that render load it
-    from musetalk_ops.render import RenderSettings
+    from musetalk_ops.render.settings import RenderSettings
 
 log = logging.getLogger("musetalk")
 
@@ -41,7 +41,7 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
 
 def _render_settings(args: argparse.Namespace, **more: object) -> "RenderSettings":
     """``RenderSettings`` from the ``_add_runtime_flags`` flags plus a command's own (``more``)."""
-    from musetalk_ops.render import RenderSettings
+    from musetalk_ops.render.settings import RenderSettings
 
     return RenderSettings(
         device=args.device, dtype=args.dtype, version=args.version, models_root=args.models, **more
@@ -155,7 +155,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         if not getattr(args, name).exists():
             raise InputError(f"--{name} {getattr(args, name)}: no such file or directory")
     _check_writable(args.out)
-    from musetalk_ops.render import render_file
+    from musetalk_ops.render.file import render_file
 
     settings = _render_settings(args, **{name: getattr(args, name) for name in RENDER_FLAGS})
     timings = render_file(
@@ -255,24 +255,26 @@ def cmd_engine(args: argparse.Namespace) -> int:
     in session 7; bench/RESULTS.md, session 10)."""
     import time
 
-    from musetalk_ops import aot
     from musetalk_ops.config import dtype_name
-    from musetalk_ops.render import load_engine
+    from musetalk_ops.engine.build import build_step
+    from musetalk_ops.engine.spec import engine_specs, find_step
+    from musetalk_ops.engine.steps import engine_steps
+    from musetalk_ops.render.models import load_render_models
 
     settings = _render_settings(args, batch_size=args.batch_size)
-    models = load_engine(settings, version=args.version or "v15", components=("unet", "vae"))
-    specs = aot.engine_specs(models.unet, models.vae, args.batch_size, autotune=args.autotune)
+    models = load_render_models(settings, version=args.version or "v15", components=("unet", "vae"))
+    specs = engine_specs(models.unet, models.vae, args.batch_size, autotune=args.autotune)
     if args.part and args.part not in specs:
         raise InputError(
             f"an engine for batch {args.batch_size} has no part {args.part!r}: {', '.join(specs)}"
         )
     parts = [args.part] if args.part else list(specs)
-    missing = [part for part in parts if aot.find_step(specs[part], args.dir) is None]
+    missing = [part for part in parts if find_step(specs[part], args.dir) is None]
     start = time.perf_counter()
     if len(missing) == 1:
         spec = specs[missing[0]]
-        aot.build_step(
-            spec, aot.engine_steps(models.unet, models.vae)[spec.step], models.device, args.dir, log=log.info
+        build_step(
+            spec, engine_steps(models.unet, models.vae)[spec.step], models.device, args.dir, log=log.info
         )
     elif missing:
         flags = ["--batch-size", str(args.batch_size), "--device", str(models.device)]
@@ -292,7 +294,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
         )
     print(f"engine for {models.device} at batch {args.batch_size} ({time.perf_counter() - start:.0f} s):")
     for part in parts:
-        print(f"  {part}: {aot.find_step(specs[part], args.dir)}")
+        print(f"  {part}: {find_step(specs[part], args.dir)}")
     return 0
 
 

@@ -19,22 +19,16 @@ without holding more decode memory or decoding its padding. Modes:
   would be a recompile. Compiled code is traced and run under ``no_grad`` rather than inference mode,
   whose tensors Inductor mishandles (pytorch/pytorch#180823: "weakref to UntypedStorage" on a
   transpose).
-* ``aot``: the same compiled code, built ahead of time (``musetalk_ops.aot``: once per GPU type and
+* ``aot``: the same compiled code, built ahead of time (``musetalk_ops.engine``: once per GPU type and
   batch size, then loaded without Inductor); buckets of the render batch and of one decode slice (a
   chunk's tail of at most 32 frames at batch 64 runs a UNet of 32); on CUDA captured into graphs like
   ``graphs`` (first batch of a bucket direct, capture at its second). Also runs on the CPU (no
-  graphs), which CI tests. The default on CUDA wherever an engine exists (``render.resolve_mode``): on
-  an H200 it ran UNet + VAE at 520.9–522.0 frames/s (b32) against 308–310 for ``graphs`` at b48,
-  loaded in 0.08–0.13 s, and its frames stayed within 4 levels of the reference path
-  (bench/RESULTS.md, session 5).
+  graphs), which CI tests. The default on CUDA wherever an engine exists (``render.chunks.resolve_mode``):
+  the fastest path, loaded in a fraction of a second, its frames within a few levels of the reference
+  path (bench/RESULTS.md).
 
-Measured on an H100 with our models (upsamplers folded; bench/RESULTS.md, session 3): UNet + VAE at
-20 / 48 frames per batch ran 223–256 / 274–295 frames/s eager and 264–269 / 295–300 under graphs;
-compiled 499.8 at 32 (cold compile 81 s, 33 s to the first frame with a warm cache), against a limit
-of ~950. So ``compiled`` is never a default: short clips cannot repay a compile; long renders and warm
-workers can (a 1000-frame 512² chunk: 271 frames/s graphs, 454 compiled), and ``aot`` gives every
-process the compiled speed for a load of a fraction of a second. Channels-last copies of the
-models were slower (VAE 3.90 vs 3.46 ms/frame) and are not used.
+``compiled`` is never a default: a short clip cannot repay its compile, while ``aot`` gives every process
+the compiled speed for a load of a fraction of a second (bench/RESULTS.md).
 
 The constant t = 0 time embedding is not precomputed: it is two tiny matmuls per batch, which the
 graphs already replay for free.
@@ -49,30 +43,30 @@ from contextlib import contextmanager
 
 import torch
 
-from musetalk_ops import aot
 from musetalk_ops.config import cache_dir
+from musetalk_ops.engine.load import engine_for
+from musetalk_ops.engine.spec import unet_batches
 from musetalk_ops.models.unet_model import UNet
 from musetalk_ops.models.vae import decode_latents, decode_slices
 from musetalk_ops.models.vae_model import VAE
+from musetalk_ops.options import GENERATOR_MODES
 
-MODES = ("eager", "graphs", "compiled", "aot")
 GRAPH_MODES = ("graphs", "compiled")  # modes that need CUDA
 SMALLEST_BUCKET = 4
-# cuDNN autotuning: eager/graphs found nothing faster on an H100 (and it costs seconds per process);
-# under compiled code (with freezing) it cut the UNet from 0.585 to 0.537 ms/frame (bench/probe.py).
+# cuDNN autotuning costs seconds per process and pays only under compiled code (bench/RESULTS.md).
 CUDNN_BENCHMARK = {"eager": False, "graphs": False, "compiled": True, "aot": False}
 
 
 def bucket_sizes(max_batch: int, mode: str = "graphs") -> tuple[int, ...]:
     """Powers of two from 4 below ``max_batch``, plus ``max_batch`` itself. Compiled code exists per
     shape: ``compiled`` has ``max_batch`` only (another shape would be a recompile), ``aot`` the sizes
-    its engine's UNet is built for (``aot.unet_batches``: the batch and one decode slice of it)."""
+    its engine's UNet is built for (``engine.spec.unet_batches``: the batch and one decode slice of it)."""
     if max_batch < 1:
         raise ValueError(f"batch size must be positive, got {max_batch}")
     if mode == "compiled":
         return (max_batch,)
     if mode == "aot":
-        return aot.unet_batches(max_batch)
+        return unet_batches(max_batch)
     sizes = {max_batch}
     size = SMALLEST_BUCKET
     while size < max_batch:
@@ -153,8 +147,8 @@ class FaceGenerator:
         cudnn_benchmark: bool | None = None,
         engines: str | os.PathLike | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown generator mode {mode!r}: use one of {', '.join(MODES)}")
+        if mode not in GENERATOR_MODES:
+            raise ValueError(f"unknown generator mode {mode!r}: use one of {', '.join(GENERATOR_MODES)}")
         self.device, self.dtype = unet.device, unet.dtype
         if mode in GRAPH_MODES and self.device.type != "cuda":
             raise ValueError(f"mode {mode} needs a CUDA device, not {self.device}")
@@ -177,7 +171,7 @@ class FaceGenerator:
         self.engine: str | None = None  # the aot engine's package names
         if mode == "aot":
             start = time.perf_counter()
-            engine = aot.engine_for(unet, vae, max_batch, root=engines)
+            engine = engine_for(unet, vae, max_batch, root=engines)
             self._unet, self._vae, self.engine = engine.unet, engine.vae, engine.name
             self.buckets = engine.batches
             self.build_seconds += time.perf_counter() - start
@@ -189,11 +183,9 @@ class FaceGenerator:
         """The bucket a batch of ``n`` frames is padded to: the smallest one already used that holds it,
         else the smallest that holds it. A chunk's last, partial batch so reuses the full bucket: in a
         fresh process a new shape's first run (cuDNN plans, kernel loading) costs more than the padding.
-        An engine's buckets are packages built for them: always the smallest that holds the batch. A 3 s
-        reply at 64 (64 + 11 frames) so runs its tail on the UNet of 32: 42 ms of UNet against 55 on
-        the padded 64 and 46 at batch 32 (H200; bench/RESULTS.md, session 11). The tail bucket's first
-        run in a process costs 23–38 ms more than later ones (lazy kernel loading), once; the 13 ms of
-        padding it saves are saved on every reply.
+        An engine's buckets are packages built for them: always the smallest that holds the batch, since
+        the padding a smaller package saves is saved on every reply and its first run's extra cost is
+        paid once per process (bench/RESULTS.md).
         """
         if not 1 <= n <= self.max_batch:
             raise ValueError(f"batch of {n} frames is outside 1..{self.max_batch}")
@@ -277,8 +269,8 @@ class FaceGenerator:
         self.build_seconds += time.perf_counter() - start
 
     def _compile_and_capture(self, state: _Bucket) -> None:
-        # Not Inductor's freezing: it took the UNet from 0.638 to 0.585 ms/frame, but frozen graphs bypass
-        # the on-disk graph cache, so every process compiled again (first frame 67–75 s instead of 33–35)
+        # Not Inductor's freezing: frozen graphs bypass the on-disk graph cache, so every process would
+        # compile again
         for _ in range(2):  # compile, then let lazy initialisation happen outside the capture
             self._run(state)
         # Inductor keeps a pool of compile processes; idle, they still cost the encoders' CPUs ~3 %

@@ -24,8 +24,8 @@ X264_PRESETS = (
     "slower",
     "veryslow",
 )
-# ``reference`` is the CPU reference arithmetic; the others are the fast path's model runners (generator.py).
-RENDER_MODES = ("reference", "eager", "graphs", "compiled", "aot")
+GENERATOR_MODES = ("eager", "graphs", "compiled", "aot")  # the fast path's model runners (generator.py)
+RENDER_MODES = ("reference", *GENERATOR_MODES)  # reference: the CPU reference arithmetic
 MAX_ENCODERS = 64
 
 

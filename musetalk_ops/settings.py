@@ -15,8 +15,8 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from musetalk_ops.errors import InputError
+from musetalk_ops.options import VERSIONS
 
-VERSIONS = ("v15", "v1")
 PARSING_MODES = ("jaw", "raw")
 MASK_SOURCES = ("parsing", "landmarks")
 NO_FACE = ("error", "passthrough")

@@ -1,8 +1,8 @@
 """RGB → YUV 4:2:0 (BT.709, limited range) in torch, on the device that holds the frames.
 
 x264 encodes YUV 4:2:0. Converting where the faces are composited (the GPU on the fast path) takes
-swscale's RGB → YUV off the encoder threads (11–17 ms per 1080p frame on the H100 host's CPU, the
-largest share of encoding after x264 itself) and halves the bytes copied back to the host.
+swscale's RGB → YUV off the encoder threads (the largest share of encoding after x264 itself) and
+halves the bytes copied back to the host.
 
 The arithmetic follows swscale's ``rgb24 → yuv420p`` (bilinear, accurate rounding), the path the
 reference render takes, in float32: the studio-swing BT.709 matrix on 8-bit RGB (Y 16–235, Cb/Cr

@@ -278,7 +278,7 @@ def speak(command: list[str], text: str, out: Path) -> Path:
 def welcome_video(
     context: dg.AssetExecutionContext, config: WelcomeConfig, store: StoreResource, render: RenderResource
 ) -> dg.MaterializeResult:
-    from musetalk_ops.render import render_file
+    from musetalk_ops.render.file import render_file
 
     tid = context.partition_key
     client = store.get()

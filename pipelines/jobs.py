@@ -20,7 +20,7 @@ from musetalk_ops.config import Limits
 from musetalk_ops.errors import CacheError, InputError
 from musetalk_ops.store import Store
 from musetalk_ops.timings import STAGES, Timings
-from musetalk_ops.video import mux
+from musetalk_ops.video import GENERATED_COMMENT, mux
 from pipelines.catalog import RENDERED_VIDEO, TEMPLATE_CACHE, latest_cache, user_errors
 from pipelines.executors import GPU_OP_TAGS, WEIGHTS_OP_TAGS
 from pipelines.partitions import render_requests
@@ -75,7 +75,7 @@ def load_request(context: dg.OpExecutionContext, store: StoreResource) -> Reques
 def audio_features(
     context: dg.OpExecutionContext, store: StoreResource, render: RenderResource, request: Request
 ) -> Features:
-    from musetalk_ops.render import compute_features, load_engine
+    from musetalk_ops.render.models import compute_features, load_render_models
 
     client = store.get()
     with user_errors(), tempfile.TemporaryDirectory(prefix="musetalk-audio-") as tmp:
@@ -83,7 +83,7 @@ def audio_features(
         client.get_file(request.audio, audio)
         start = time.perf_counter()
         settings = render.render_settings(**request.options)
-        models = load_engine(settings, version=request.version, components=("whisper",))
+        models = load_render_models(settings, version=request.version, components=("whisper",))
         loaded = time.perf_counter()
         features = compute_features(models, audio, Limits.from_env())
         computed = time.perf_counter()
@@ -108,7 +108,7 @@ def audio_features(
     description="Equal contiguous frame ranges, one per GPU, each ≥ min_chunk_frames.",
 )
 def plan_chunks(context: dg.OpExecutionContext, render: RenderResource, features: Features):
-    from musetalk_ops.render import plan_chunks as frame_ranges
+    from musetalk_ops.render.chunks import plan_chunks as frame_ranges
 
     with user_errors():
         ranges = frame_ranges(features.frames, render.gpu_count(), render.min_chunk_frames)
@@ -152,8 +152,8 @@ def render_chunk(
     chunk: Chunk,
 ) -> RenderedChunk:
     from musetalk_ops.audio import AudioFeatures
-    from musetalk_ops.render import load_engine
-    from musetalk_ops.render import render_chunk as render_frames
+    from musetalk_ops.render.chunks import render_chunk as render_frames
+    from musetalk_ops.render.models import load_render_models
 
     client = store.get()
     key = keys.work_chunk(request.id, chunk.index)
@@ -167,7 +167,7 @@ def render_chunk(
         with gpu_slots.slot(context.log), tempfile.TemporaryDirectory(prefix="musetalk-chunk-") as tmp:
             start = time.perf_counter()
             settings = render.render_settings(**request.options)
-            models = load_engine(settings, version=request.version, components=("unet", "vae"))
+            models = load_render_models(settings, version=request.version, components=("unet", "vae"))
             template = load_cached_template(client, request.cache)
             client.get_file(features.key, Path(tmp) / "features.safetensors")
             audio = AudioFeatures.load(Path(tmp) / "features.safetensors")
@@ -235,8 +235,6 @@ def _merge(
 ) -> dict:
     """Join the chunk segments with the request's audio into renders/<id>.mp4, then write its timings
     summary (last: it marks the request done), then drop the request's work objects."""
-    from musetalk_ops.render import GENERATED_COMMENT
-
     rid, tid = request.id, request.template
     video_key, timings_key = keys.render_video(rid), keys.render_timings(rid)
     with tempfile.TemporaryDirectory(prefix="musetalk-merge-") as tmp:

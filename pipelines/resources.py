@@ -20,11 +20,11 @@ from pydantic import Field
 from musetalk_ops.config import store_dir
 from musetalk_ops.errors import InputError
 from musetalk_ops.options import OPTIONS
+from musetalk_ops.render.settings import RenderSettings
 from musetalk_ops.store import LocalStore, Store
 from pipelines.executors import executor_name
 
 if TYPE_CHECKING:
-    from musetalk_ops.render import RenderSettings
     from musetalk_ops.s3_store import S3Store
 
 K8S_GPUS = 4  # one GPU node of the production cluster (design.md)
@@ -75,7 +75,7 @@ class RenderResource(dg.ConfigurableResource):
         default=None, description="GPUs for chunk planning (default: $MUSETALK_GPUS, 4 on k8s, else detected)"
     )
 
-    def render_settings(self, **overrides: object) -> "RenderSettings":
+    def render_settings(self, **overrides: object) -> RenderSettings:
         """Render settings; ``overrides`` are a request's validated options."""
 
         fields = {

@@ -15,7 +15,7 @@ from helpers import cli_engine_build, free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Tests never touch the user's engine cache or object store.
+# Tests never touch the user's local cache or object store.
 os.environ["MUSETALK_CACHE"] = tempfile.mkdtemp(prefix="musetalk-test-cache-")
 os.environ["MUSETALK_STORE"] = tempfile.mkdtemp(prefix="musetalk-test-store-")
 
@@ -152,19 +152,20 @@ def short_speech(tmp_path_factory, speech_wav) -> Path:
 
 
 @pytest.fixture(scope="session")
-def engine(demo_models):
+def render_models(demo_models):
     """Demo models on the CPU in float32, loaded once for every test that renders in-process."""
-    from musetalk_ops.render import RenderSettings, load_engine
+    from musetalk_ops.render.models import load_render_models
+    from musetalk_ops.render.settings import RenderSettings
 
-    return load_engine(RenderSettings(device="cpu", dtype="float32", models_root=demo_models))
+    return load_render_models(RenderSettings(device="cpu", dtype="float32", models_root=demo_models))
 
 
 @pytest.fixture(scope="session")
-def features(engine, speech_wav):
+def features(render_models, speech_wav):
     """Whisper features of ``speech_wav``."""
-    from musetalk_ops.render import compute_features
+    from musetalk_ops.render.models import compute_features
 
-    return compute_features(engine, speech_wav)
+    return compute_features(render_models, speech_wav)
 
 
 @pytest.fixture(scope="session")

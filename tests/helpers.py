@@ -1,5 +1,6 @@
 """Helpers shared by the tests: servers in their own process groups, polling, a cuttable TCP proxy,
-and the frames of an MP4 for exact comparisons."""
+the frames of an MP4 for exact comparisons, and injected faults (a GPU too small for a batch, child
+interpreters that crash)."""
 
 import contextlib
 import os
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+CRASH_AT_START = Path(__file__).resolve().parent / "faults" / "crash_at_start"
 BIN = Path(sys.executable).parent
 
 
@@ -222,7 +224,7 @@ def every_blend_triple() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
 
 
 def deployment_env(monkeypatch, tmp_path: Path, models: Path) -> Path:
-    """What a deployment sets for the pipeline: demo weights, a private engine cache, the local
+    """What a deployment sets for the pipeline: demo weights, a private local cache, the local
     store under ``tmp_path`` (returned), two GPUs for chunk planning, nothing inherited."""
     monkeypatch.setenv("MUSETALK_MODELS", str(models))
     monkeypatch.setenv("MUSETALK_CACHE", str(tmp_path / "cache"))
@@ -231,3 +233,30 @@ def deployment_env(monkeypatch, tmp_path: Path, models: Path) -> Path:
     for name in ("MUSETALK_S3_BUCKET", "MUSETALK_S3_PREFIX", "DAGSTER_HOME", "MUSETALK_EXECUTOR"):
         monkeypatch.delenv(name, raising=False)
     return tmp_path / "store"
+
+
+def limit_gpu_batch(monkeypatch, limit: int) -> None:
+    """Simulate a GPU whose memory holds batches of at most ``limit`` frames: a chunk rendered with a
+    larger batch raises CUDA out-of-memory before any work, so ``render_chunk``'s fallback runs on the
+    CPU too. Wraps whatever ``render.chunks._render_once`` is now (the real one, or a test's stand-in)."""
+    import torch
+
+    from musetalk_ops.render import chunks
+    from musetalk_ops.render.settings import RenderSettings
+
+    render_once = chunks._render_once
+
+    def too_small(*args, **kwargs):
+        settings = next(a for a in (*args, *kwargs.values()) if isinstance(a, RenderSettings))
+        if settings.batch_size > limit:
+            raise torch.cuda.OutOfMemoryError(f"simulated: batch {settings.batch_size} > {limit}")
+        return render_once(*args, **kwargs)
+
+    monkeypatch.setattr(chunks, "_render_once", too_small)
+
+
+def crash_python_children(monkeypatch) -> None:
+    """Every Python interpreter started from now on (until the test ends) dies of SIGSEGV as it starts:
+    ``faults/crash_at_start`` goes first on ``$PYTHONPATH``, so its ``sitecustomize`` runs."""
+    path = [str(CRASH_AT_START), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))

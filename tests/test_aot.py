@@ -11,16 +11,24 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import cli_engine_build, png_frames
+from helpers import cli_engine_build, crash_python_children, limit_gpu_batch, png_frames
 
-from musetalk_ops import aot
+from musetalk_ops.engine.build import BUILD_CONFIG, build_engine, build_step
+from musetalk_ops.engine.check import CHECK, check_step
+from musetalk_ops.engine.compiler import ENGINE_CXX, compiler_libstdcxx, engine_compiler, loaded_libstdcxx
+from musetalk_ops.engine.load import engine_for
+from musetalk_ops.engine.runner import oom_count, run_step
+from musetalk_ops.engine.spec import engine_specs, find_engine_for, find_step, step_spec, unet_batches
+from musetalk_ops.engine.steps import engine_steps
 from musetalk_ops.errors import EngineError
 from musetalk_ops.generator import FaceGenerator, StageClock
 from musetalk_ops.models import load_models
 from musetalk_ops.models import vae as vae_module
 from musetalk_ops.models.demo import write_demo_models
 from musetalk_ops.models.vae import decode_latents, decode_sliced, decode_slices
-from musetalk_ops.render import RenderSettings, _generator, render_chunk, resolve_mode
+from musetalk_ops.render.chunks import render_chunk, resolve_mode
+from musetalk_ops.render.fast import cached_generator
+from musetalk_ops.render.settings import RenderSettings
 from musetalk_ops.template_cache import load_template
 
 BATCH = 4  # the aot_cache fixture's engine
@@ -47,7 +55,7 @@ def level_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def test_the_cli_builds_a_complete_engine_once(aot_cache, demo_models):
     models = cpu_models(demo_models)
     engines = aot_cache / "engines"
-    found = aot.find_engine_for(models.unet, models.vae, BATCH, engines)
+    found = find_engine_for(models.unet, models.vae, BATCH, engines)
     assert found is not None and list(found) == ["unet-b4", "vae-b4"]  # one decode slice: no tail UNet
     for name, path in found.items():
         step = name.split("-")[0]
@@ -55,12 +63,12 @@ def test_the_cli_builds_a_complete_engine_once(aot_cache, demo_models):
         manifest = json.loads((path / "engine.json").read_text())
         assert manifest["spec"]["step"] == step and manifest["spec"]["batch"] == BATCH
         assert manifest["spec"]["device"] == "cpu"
-        assert manifest["cxx"] == aot.engine_compiler() == shutil.which("g++")
+        assert manifest["cxx"] == engine_compiler() == shutil.which("g++")
     # Nothing else, no staging directory left.
     assert sorted(p.name for p in engines.iterdir()) == sorted(p.name for p in found.values())
     # A second build finds both: nothing is compiled or rewritten.
     before = {name: (path / "engine.json").stat().st_mtime_ns for name, path in found.items()}
-    assert aot.build_engine(models.unet, models.vae, BATCH, root=engines) == found
+    assert build_engine(models.unet, models.vae, BATCH, root=engines) == found
     assert {name: (path / "engine.json").stat().st_mtime_ns for name, path in found.items()} == before
 
 
@@ -85,15 +93,15 @@ def test_an_engine_for_a_larger_batch_shares_the_decode_and_runs_a_short_tail_on
     runs the UNet of 4 and two decodes (the last padded), a batch of 1 the UNet of 2 and one decode, even
     after the bucket of 4 was used; the faces are the eager ones."""
     models = cpu_models(demo_models)
-    before = aot.find_engine_for(models.unet, models.vae, BATCH, aot_cache / "engines")
+    before = find_engine_for(models.unet, models.vae, BATCH, aot_cache / "engines")
     shutil.copytree(aot_cache / "engines", tmp_path, dirs_exist_ok=True)
     monkeypatch.setattr(vae_module, "DECODE_BATCH", 2)
-    assert aot.unet_batches(BATCH) == (2, 4)
+    assert unet_batches(BATCH) == (2, 4)
     generator = FaceGenerator(models.unet, models.vae, mode="aot", max_batch=BATCH, engines=tmp_path)
-    paths = aot.find_engine_for(models.unet, models.vae, BATCH, tmp_path)
+    paths = find_engine_for(models.unet, models.vae, BATCH, tmp_path)
     assert list(paths) == ["unet-b2", "unet-b4", "vae-b2"] and generator.buckets == (2, 4)
     assert paths["unet-b4"].name == before["unet-b4"].name and paths["vae-b2"].name != before["vae-b4"].name
-    assert {aot.step_spec(path).batch for path in paths.values()} == {2, 4}
+    assert {step_spec(path).batch for path in paths.values()} == {2, 4}
     for n, bucket in ((3, 4), (1, 2)):
         latents, tokens = inputs(n, seed=n)
         assert generator.bucket(n) == bucket
@@ -106,7 +114,7 @@ def test_an_engine_for_a_larger_batch_shares_the_decode_and_runs_a_short_tail_on
 
 def test_an_engine_runs_only_the_batch_sizes_it_was_built_for(aot_cache, demo_models):
     models = cpu_models(demo_models)
-    engine = aot.engine_for(models.unet, models.vae, BATCH, root=aot_cache / "engines")
+    engine = engine_for(models.unet, models.vae, BATCH, root=aot_cache / "engines")
     assert engine.batches == (BATCH,)
     with pytest.raises(ValueError, match=r"the engine's UNet runs batches of \[4\], not 2"):
         engine.unet(*inputs(2))
@@ -145,7 +153,7 @@ def test_the_engine_binds_other_weights_of_the_same_architecture(aot_cache, demo
     write_demo_models(tmp_path, seed=1)
     other = cpu_models(tmp_path)
     engines = aot_cache / "engines"
-    assert aot.find_engine_for(other.unet, other.vae, BATCH, engines) is not None  # same spec
+    assert find_engine_for(other.unet, other.vae, BATCH, engines) is not None  # same spec
     latents, tokens = inputs(BATCH, seed=1)
     got = faces_of(other, "aot", latents, tokens, engines)
     want = faces_of(other, "eager", latents, tokens)
@@ -156,37 +164,39 @@ def test_the_engine_binds_other_weights_of_the_same_architecture(aot_cache, demo
 
 def test_incomplete_or_foreign_engines_are_not_found(aot_cache, demo_models, tmp_path):
     models = cpu_models(demo_models)
-    spec = aot.engine_specs(models.unet, models.vae, BATCH)["vae-b4"]
+    spec = engine_specs(models.unet, models.vae, BATCH)["vae-b4"]
     copy = tmp_path / spec.key
-    shutil.copytree(aot.find_step(spec, aot_cache / "engines"), copy)
-    assert aot.find_step(spec, tmp_path) == copy
-    assert aot.find_engine_for(models.unet, models.vae, BATCH, tmp_path) is None  # no UNet step
-    assert aot.find_step(aot.engine_specs(models.unet, models.vae, 8)["vae-b8"], tmp_path) is None  # batch
+    shutil.copytree(find_step(spec, aot_cache / "engines"), copy)
+    assert find_step(spec, tmp_path) == copy
+    assert find_engine_for(models.unet, models.vae, BATCH, tmp_path) is None  # no UNet step
+    assert find_step(engine_specs(models.unet, models.vae, 8)["vae-b8"], tmp_path) is None  # batch
     manifest = json.loads((copy / "engine.json").read_text())
     (copy / "engine.json").write_text(json.dumps({**manifest, "format": 0}))
-    assert aot.find_step(spec, tmp_path) is None  # another format
+    assert find_step(spec, tmp_path) is None  # another format
     (copy / "engine.json").write_text("{")
-    assert aot.find_step(spec, tmp_path) is None  # torn manifest
+    assert find_step(spec, tmp_path) is None  # torn manifest
     (copy / "engine.json").unlink()
-    assert aot.find_step(spec, tmp_path) is None  # still being built
+    assert find_step(spec, tmp_path) is None  # still being built
 
 
 def test_render_chunk_through_the_engine_gives_the_reference_frames(
-    aot_cache, engine, features, astronaut_cache, tmp_path, monkeypatch
+    aot_cache, render_models, features, astronaut_cache, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("MUSETALK_CACHE", str(aot_cache))
-    _generator.cache_clear()
+    cached_generator.cache_clear()
     template = load_template(astronaut_cache)
     stop = min(features.num_frames(template.fps), 10)
     fast = RenderSettings(batch_size=BATCH, device="cpu", dtype="float32", mode="aot", encoders=2)
     ref = RenderSettings(batch_size=BATCH, device="cpu", dtype="float32", mode="reference")
     try:
         a = render_chunk(
-            engine, template, features, 0, stop, tmp_path / "a.mp4", fast, frames_dir=tmp_path / "a"
+            render_models, template, features, 0, stop, tmp_path / "a.mp4", fast, frames_dir=tmp_path / "a"
         )
     finally:
-        _generator.cache_clear()
-    render_chunk(engine, template, features, 0, stop, tmp_path / "b.mp4", ref, frames_dir=tmp_path / "b")
+        cached_generator.cache_clear()
+    render_chunk(
+        render_models, template, features, 0, stop, tmp_path / "b.mp4", ref, frames_dir=tmp_path / "b"
+    )
     got, want = png_frames(tmp_path / "a"), png_frames(tmp_path / "b")
     assert sorted(got) == sorted(want) and len(want) == stop
     for name in want:
@@ -194,7 +204,7 @@ def test_render_chunk_through_the_engine_gives_the_reference_frames(
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01, name
     assert a.timings.unet > 0 and a.timings.vae_decode > 0 and a.timings.mode == "aot"
     # The default stays the reference path on the CPU, engine or not.
-    assert resolve_mode(None, engine, BATCH) == "reference"
+    assert resolve_mode(None, render_models, BATCH) == "reference"
 
 
 def test_the_cuda_default_runs_an_engine_built_for_the_batch_size(
@@ -214,18 +224,18 @@ def test_the_cuda_default_runs_an_engine_built_for_the_batch_size(
 
 
 def test_out_of_memory_inside_the_engine_halves_the_batch_off_the_engine(
-    aot_cache, engine, features, astronaut_cache, tmp_path, monkeypatch
+    aot_cache, render_models, features, astronaut_cache, tmp_path, monkeypatch
 ):
     """An engine exists for one batch size: after an out-of-memory error an ``aot`` render retries at
     half the batch on the default path (here the CPU's reference), without building another engine."""
     monkeypatch.setenv("MUSETALK_CACHE", str(aot_cache))
-    monkeypatch.setenv("MUSETALK_FAULT_MAX_BATCH", str(BATCH // 2))
+    limit_gpu_batch(monkeypatch, BATCH // 2)
     before = sorted(p.name for p in (aot_cache / "engines").iterdir())
     template = load_template(astronaut_cache)
     settings = RenderSettings(batch_size=BATCH, device="cpu", dtype="float32", mode="aot", encoders=1)
     told: list[str] = []
     result = render_chunk(
-        engine, template, features, 0, 3, tmp_path / "a.mp4", settings, on_retry=told.append
+        render_models, template, features, 0, 3, tmp_path / "a.mp4", settings, on_retry=told.append
     )
     assert told == [f"CUDA out of memory at batch size {BATCH}: retrying with {BATCH // 2}"]
     assert (result.timings.batch_size, result.timings.mode) == (BATCH // 2, "reference")
@@ -248,13 +258,13 @@ def test_an_engine_step_reports_an_out_of_memory_error_as_one():
             ooms += self.outcome == "oom"
             raise RuntimeError("run_func_( container_handle_, ...) API call failed")
 
-    assert aot.run_step(Runner("ok"), [torch.zeros(2)], lambda: ooms).tolist() == [1.0, 1.0]
+    assert run_step(Runner("ok"), [torch.zeros(2)], lambda: ooms).tolist() == [1.0, 1.0]
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        aot.run_step(Runner("oom"), [], lambda: ooms)
+        run_step(Runner("oom"), [], lambda: ooms)
     with pytest.raises(RuntimeError, match="API call failed") as raised:
-        aot.run_step(Runner("fails"), [], lambda: ooms)
+        run_step(Runner("fails"), [], lambda: ooms)
     assert not isinstance(raised.value, torch.cuda.OutOfMemoryError)
-    assert aot.oom_count(torch.device("cpu")) == 0
+    assert oom_count(torch.device("cpu")) == 0
 
 
 def test_engine_build_with_missing_weights_is_a_one_line_error(tmp_path):
@@ -292,16 +302,16 @@ def test_an_engine_whose_runtime_crashes_is_refused(aot_cache, demo_models, tmp_
     AOTInductor runtime (simulated: the check process dies of SIGSEGV, as engines built with the lent GPU
     image's own ``$CXX`` do there) is a one-line EngineError naming the signal."""
     models = cpu_models(demo_models)
-    spec = aot.engine_specs(models.unet, models.vae, BATCH)["unet-b4"]
-    step = aot.engine_steps(models.unet, models.vae)["unet"]
-    copy = shutil.copytree(aot.find_step(spec, aot_cache / "engines"), tmp_path / "engine")
-    aot.check_step(copy, spec, step, models.device)
-    monkeypatch.setenv(aot.FAULT_CHECK_SIGNAL, "SEGV")
+    spec = engine_specs(models.unet, models.vae, BATCH)["unet-b4"]
+    step = engine_steps(models.unet, models.vae)["unet"]
+    copy = shutil.copytree(find_step(spec, aot_cache / "engines"), tmp_path / "engine")
+    check_step(copy, spec, step, models.device)
+    crash_python_children(monkeypatch)
     with pytest.raises(
         EngineError, match="does not load and run in a fresh process \\(crashed with SIGSEGV\\)"
     ):
-        aot.check_step(copy, spec, step, models.device)
-    assert not (copy / aot.CHECK).exists()
+        check_step(copy, spec, step, models.device)
+    assert not (copy / CHECK).exists()
 
 
 @pytest.mark.parametrize("autotune", [False, True])
@@ -321,13 +331,13 @@ def test_a_build_asks_inductor_for_tuned_kernels_only_when_told(demo_models, tmp
     monkeypatch.setattr(torch.export, "export", lambda step, inputs: step)
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
     models = cpu_models(demo_models)
-    steps = aot.engine_steps(models.unet, models.vae)
-    for spec in aot.engine_specs(models.unet, models.vae, BATCH, autotune=autotune).values():
+    steps = engine_steps(models.unet, models.vae)
+    for spec in engine_specs(models.unet, models.vae, BATCH, autotune=autotune).values():
         with pytest.raises(RuntimeError, match="compiler stopped here"):
-            aot.build_step(spec, steps[spec.step], models.device, root=tmp_path)
+            build_step(spec, steps[spec.step], models.device, root=tmp_path)
     assert set(seen) == {"unet", "vae"}
     for configs in seen.values():
-        assert aot.BUILD_CONFIG.items() <= configs.items()
+        assert BUILD_CONFIG.items() <= configs.items()
         assert configs.get("max_autotune", False) is autotune
     assert seen["unet"].get("coordinate_descent_tuning", False) is autotune
     assert seen["vae"]["coordinate_descent_tuning"] is True
@@ -350,18 +360,18 @@ def static_runtime_compiler(directory) -> str:
 
 def test_engine_compiler_shares_the_process_cxx_runtime(tmp_path, monkeypatch):
     fake = static_runtime_compiler(tmp_path)
-    loaded = aot.loaded_libstdcxx()
+    loaded = loaded_libstdcxx()
     assert loaded is not None and loaded.name.startswith("libstdc++.so")  # torch maps it
-    assert aot.compiler_libstdcxx(shutil.which("g++")) == loaded
-    assert aot.compiler_libstdcxx(fake) is None
-    assert aot.compiler_libstdcxx(str(tmp_path / "missing")) is None
+    assert compiler_libstdcxx(shutil.which("g++")) == loaded
+    assert compiler_libstdcxx(fake) is None
+    assert compiler_libstdcxx(str(tmp_path / "missing")) is None
     monkeypatch.setenv("CXX", fake)
-    assert aot.engine_compiler() == shutil.which("g++")  # $CXX passed over
-    monkeypatch.setenv(aot.ENGINE_CXX, fake)
-    assert aot.engine_compiler() == fake  # the explicit choice is taken as given
-    monkeypatch.delenv(aot.ENGINE_CXX)
+    assert engine_compiler() == shutil.which("g++")  # $CXX passed over
+    monkeypatch.setenv(ENGINE_CXX, fake)
+    assert engine_compiler() == fake  # the explicit choice is taken as given
+    monkeypatch.delenv(ENGINE_CXX)
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert aot.engine_compiler() is None  # nothing suitable: Inductor's default, still checked
+    assert engine_compiler() is None  # nothing suitable: Inductor's default, still checked
 
 
 def test_an_engine_linked_with_its_own_cxx_runtime_is_refused(demo_models, tmp_path):
@@ -369,7 +379,7 @@ def test_an_engine_linked_with_its_own_cxx_runtime_is_refused(demo_models, tmp_p
     does not load (SIGSEGV there, a failed container creation here); the build says so in one line and
     leaves no engine behind."""
     proc = cli_engine_build(
-        demo_models, tmp_path / "cache", **{aot.ENGINE_CXX: static_runtime_compiler(tmp_path)}
+        demo_models, tmp_path / "cache", **{ENGINE_CXX: static_runtime_compiler(tmp_path)}
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]

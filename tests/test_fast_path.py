@@ -16,12 +16,10 @@ from musetalk_ops.generator import FaceGenerator, StageClock, bucket_sizes
 from musetalk_ops.models import load_models
 from musetalk_ops.models import vae as vae_module
 from musetalk_ops.models.vae import decode_latents
-from musetalk_ops.render import (
-    RenderSettings,
-    _interleave,
-    encoder_count,
-    render_chunk,
-)
+from musetalk_ops.render.chunks import render_chunk
+from musetalk_ops.render.encoders import encoder_count
+from musetalk_ops.render.fast import _interleave
+from musetalk_ops.render.settings import RenderSettings
 from musetalk_ops.template_cache import Face, Template, load_template
 from musetalk_ops.video import SegmentWriter, mux, probe
 from musetalk_ops.yuv import i420, i420_planes, rgb_to_yuv420
@@ -211,13 +209,17 @@ def test_settings_refuse_unknown_mode_and_encoders():
         RenderSettings(encoders=0)
 
 
-def test_graphs_mode_needs_cuda(engine, features, astronaut_cache, tmp_path):
+def test_graphs_mode_needs_cuda(render_models, features, astronaut_cache, tmp_path):
     template = load_template(astronaut_cache)
     with pytest.raises(InputError, match="render mode graphs needs a CUDA GPU"):
-        render_chunk(engine, template, features, 0, 2, tmp_path / "x.mp4", RenderSettings(mode="graphs"))
+        render_chunk(
+            render_models, template, features, 0, 2, tmp_path / "x.mp4", RenderSettings(mode="graphs")
+        )
 
 
-def test_fast_path_renders_the_reference_frames(engine, features, astronaut_cache, tmp_path, speech_wav):
+def test_fast_path_renders_the_reference_frames(
+    render_models, features, astronaut_cache, tmp_path, speech_wav
+):
     """Eager fast path (buckets, device paste, two parallel sub-segments) vs the reference path, with a
     second template frame that has no face (passed through) in the ping-pong cycle."""
     template = load_template(astronaut_cache)
@@ -233,8 +235,12 @@ def test_fast_path_renders_the_reference_frames(engine, features, astronaut_cach
     stop = min(total, 14)
     fast = RenderSettings(batch_size=5, device="cpu", dtype="float32", mode="eager", encoders=2)
     ref = dataclasses.replace(fast, mode="reference")
-    a = render_chunk(engine, template, features, 1, stop, tmp_path / "a.mp4", fast, frames_dir=tmp_path / "a")
-    render_chunk(engine, template, features, 1, stop, tmp_path / "b.mp4", ref, frames_dir=tmp_path / "b")
+    a = render_chunk(
+        render_models, template, features, 1, stop, tmp_path / "a.mp4", fast, frames_dir=tmp_path / "a"
+    )
+    render_chunk(
+        render_models, template, features, 1, stop, tmp_path / "b.mp4", ref, frames_dir=tmp_path / "b"
+    )
     got, want = png_frames(tmp_path / "a"), png_frames(tmp_path / "b")
     assert sorted(got) == sorted(want) == [f"{i:08d}.png" for i in range(1, stop)]
     for name in want:  # model batches differ (padding to buckets): float summation order only
@@ -245,13 +251,13 @@ def test_fast_path_renders_the_reference_frames(engine, features, astronaut_cach
     assert info.frames == stop - 1 and info.keyframe_at_start and info.video_codec == "h264"
 
     # The joined sub-segments are an ordinary chunk segment: the merge step remuxes it with others.
-    head = render_chunk(engine, template, features, 0, 1, tmp_path / "head.mp4", fast)
+    head = render_chunk(render_models, template, features, 0, 1, tmp_path / "head.mp4", fast)
     mux([head.path, a.path], speech_wav, tmp_path / "joined.mp4", comment="test")
     assert probe(tmp_path / "joined.mp4").frames == stop
 
 
 def test_a_failing_encoder_fails_the_chunk_and_leaves_no_files(
-    engine, features, astronaut_cache, tmp_path, monkeypatch
+    render_models, features, astronaut_cache, tmp_path, monkeypatch
 ):
     template = load_template(astronaut_cache)
     calls = []
@@ -268,5 +274,5 @@ def test_a_failing_encoder_fails_the_chunk_and_leaves_no_files(
     out = tmp_path / "out" / "c.mp4"
     out.parent.mkdir()
     with pytest.raises(OSError, match="disk full"):
-        render_chunk(engine, template, features, 0, 12, out, settings)
+        render_chunk(render_models, template, features, 0, 12, out, settings)
     assert list(out.parent.iterdir()) == []  # no segment, no sub-segments, no temporary directory

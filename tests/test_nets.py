@@ -264,10 +264,12 @@ import sys
 from pathlib import Path
 from musetalk_ops.audio import AudioFeatures
 from musetalk_ops.template_cache import load_template
-from musetalk_ops.render import RenderSettings, load_engine, render_chunk
+from musetalk_ops.render.chunks import render_chunk
+from musetalk_ops.render.models import load_render_models
+from musetalk_ops.render.settings import RenderSettings
 settings = RenderSettings(models_root=Path({str(demo_models)!r}), device="cpu", mode={mode!r}, batch_size=4)
 template = load_template(Path({str(astronaut_cache)!r}))
-models = load_engine(settings, version=template.version, components=("unet", "vae"))
+models = load_render_models(settings, version=template.version, components=("unet", "vae"))
 features = AudioFeatures.load(Path({str(tmp_path / "features.safetensors")!r}))
 render_chunk(models, template, features, 0, 6, Path({str(tmp_path / "out.mp4")!r}), settings)
 print(",".join(m for m in {heavy!r} if m in sys.modules))

@@ -232,7 +232,7 @@ def test_reexecution_rerenders_only_missing_chunks_and_stats_count_requests_once
     backend, instance, astronaut_png, short_speech, monkeypatch, tmp_path
 ):
     from musetalk_ops import errors, video
-    from musetalk_ops import render as engine_render
+    from musetalk_ops.render import chunks as chunk_api
     from pipelines.graphql import GraphQLClient
     from pipelines.stats import collect_stats, format_stats
 
@@ -241,7 +241,7 @@ def test_reexecution_rerenders_only_missing_chunks_and_stats_count_requests_once
     submit_request("flaky", short_speech)
     instance.add_dynamic_partitions("render_requests", ["flaky"])
     rendered: list[int] = []
-    real_render, real_mux = engine_render.render_chunk, video.mux
+    real_render, real_mux = chunk_api.render_chunk, video.mux
     broken = {"chunk": True, "merge": True}
 
     def render_chunk(models, template, features, start, stop, *args, **kwargs):
@@ -255,7 +255,7 @@ def test_reexecution_rerenders_only_missing_chunks_and_stats_count_requests_once
             raise errors.InputError("injected: merge failed")
         return real_mux(*args, **kwargs)
 
-    monkeypatch.setattr(engine_render, "render_chunk", render_chunk)
+    monkeypatch.setattr(chunk_api, "render_chunk", render_chunk)
     monkeypatch.setattr("pipelines.jobs.mux", mux)
     job = dg.reconstructable(render_job)
     tags = {"dagster/partition": "flaky", "musetalk/template": "astro"}

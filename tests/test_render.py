@@ -3,6 +3,8 @@
 import itertools
 import json
 import pickle
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -15,9 +17,21 @@ from musetalk_ops.blend import frame_indices, paste_face
 from musetalk_ops.errors import InputError
 from musetalk_ops.models.unet import unet_predict
 from musetalk_ops.models.vae import decode_latents
-from musetalk_ops.render import RenderSettings, plan_chunks, render_chunk
+from musetalk_ops.render.chunks import plan_chunks, render_chunk
+from musetalk_ops.render.settings import RenderSettings
 from musetalk_ops.template_cache import load_template
 from musetalk_ops.video import mux, probe
+
+
+def test_render_settings_import_neither_torch_nor_numpy():
+    """The Dagster code location validates request options with ``RenderSettings``: importing it must not
+    load the models' stack."""
+    heavy = ("torch", "numpy", "cv2", "av")
+    code = (
+        f"import sys, musetalk_ops.render.settings; print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == ""
 
 
 @pytest.mark.parametrize(
@@ -50,12 +64,14 @@ def test_plan_chunks_refuses_empty_clip():
         plan_chunks(0, 4)
 
 
-def test_render_chunk_frame_matches_independent_computation(engine, features, astronaut_cache, tmp_path):
+def test_render_chunk_frame_matches_independent_computation(
+    render_models, features, astronaut_cache, tmp_path
+):
     """Output frame i = paste(template frame cycle[i], decode(unet(latent cycle[i], pe(window i))))."""
     template = load_template(astronaut_cache)
     settings = RenderSettings(batch_size=3, device="cpu", dtype="float32")
     result = render_chunk(
-        engine, template, features, 2, 9, tmp_path / "c.mp4", settings, frames_dir=tmp_path / "frames"
+        render_models, template, features, 2, 9, tmp_path / "c.mp4", settings, frames_dir=tmp_path / "frames"
     )
     assert result.frames == 7 and result.timings.frames == 7
     written = png_frames(tmp_path / "frames")
@@ -65,8 +81,8 @@ def test_render_chunk_frame_matches_independent_computation(engine, features, as
     k = int(frame_indices(i, i + 1, len(template.frames), template.cycle)[0])
     with torch.inference_mode():
         tokens = add_positional_encoding(features.windows(template.fps, i, i + 1))
-        pred = unet_predict(engine.unet, template.latents[k : k + 1], tokens)
-        face = decode_latents(engine.vae, pred)[0].numpy()
+        pred = unet_predict(render_models.unet, template.latents[k : k + 1], tokens)
+        face = decode_latents(render_models.vae, pred)[0].numpy()
     face_entry = template.faces[k]
     expected = paste_face(
         template.frames[k], face, face_entry.face_box, template.masks[k], face_entry.crop_box
@@ -85,17 +101,24 @@ def test_render_chunk_frame_matches_independent_computation(engine, features, as
 
 
 def test_chunks_join_into_the_same_frames_as_one_render(
-    engine, features, astronaut_cache, tmp_path, speech_wav
+    render_models, features, astronaut_cache, tmp_path, speech_wav
 ):
     template = load_template(astronaut_cache)
     settings = RenderSettings(batch_size=4, device="cpu", dtype="float32")
     total = features.num_frames(template.fps)
     whole = render_chunk(
-        engine, template, features, 0, total, tmp_path / "whole.mp4", settings, frames_dir=tmp_path / "whole"
+        render_models,
+        template,
+        features,
+        0,
+        total,
+        tmp_path / "whole.mp4",
+        settings,
+        frames_dir=tmp_path / "whole",
     )
     parts = [
         render_chunk(
-            engine,
+            render_models,
             template,
             features,
             start,
@@ -118,11 +141,11 @@ def test_chunks_join_into_the_same_frames_as_one_render(
     assert joined.audio_codec == "aac"
 
 
-def test_render_chunk_refuses_range_outside_clip(engine, features, astronaut_cache, tmp_path):
+def test_render_chunk_refuses_range_outside_clip(render_models, features, astronaut_cache, tmp_path):
     template = load_template(astronaut_cache)
     total = features.num_frames(template.fps)
     with pytest.raises(InputError, match="outside the clip"):
-        render_chunk(engine, template, features, 0, total + 1, tmp_path / "x.mp4", RenderSettings())
+        render_chunk(render_models, template, features, 0, total + 1, tmp_path / "x.mp4", RenderSettings())
     assert not (tmp_path / "x.mp4").exists()
 
 
@@ -147,7 +170,7 @@ def _write_official_avatar(cache_dir, avatar_dir):
     )
 
 
-def test_official_avatar_renders_like_the_cache(engine, features, astronaut_cache, tmp_path):
+def test_official_avatar_renders_like_the_cache(render_models, features, astronaut_cache, tmp_path):
     avatar = tmp_path / "avatar"
     _write_official_avatar(astronaut_cache, avatar)
     imported, ours = load_template(avatar), load_template(astronaut_cache)
@@ -155,8 +178,12 @@ def test_official_avatar_renders_like_the_cache(engine, features, astronaut_cach
     settings = RenderSettings(batch_size=5, device="cpu", dtype="float32")
     # Latents round-trip through fp16 like the official cache, so compare with fp16-rounded ours.
     ours.latents = ours.latents.half().float()
-    render_chunk(engine, imported, features, 0, 10, tmp_path / "a.mp4", settings, frames_dir=tmp_path / "a")
-    render_chunk(engine, ours, features, 0, 10, tmp_path / "b.mp4", settings, frames_dir=tmp_path / "b")
+    render_chunk(
+        render_models, imported, features, 0, 10, tmp_path / "a.mp4", settings, frames_dir=tmp_path / "a"
+    )
+    render_chunk(
+        render_models, ours, features, 0, 10, tmp_path / "b.mp4", settings, frames_dir=tmp_path / "b"
+    )
     a, b = png_frames(tmp_path / "a"), png_frames(tmp_path / "b")
     assert sorted(a) == sorted(b) and len(a) == 10
     assert all(np.array_equal(a[n], b[n]) for n in a)

@@ -18,7 +18,7 @@ import dagster as dg
 import pytest
 import torch
 from dagster._core.definitions.reconstruct import ReconstructableJob
-from helpers import TcpProxy, decoded_frames, wait_for
+from helpers import TcpProxy, decoded_frames, limit_gpu_batch, wait_for
 from test_pipeline_render import (
     CHUNK_CONFIG,
     expected_frames,
@@ -30,7 +30,7 @@ from test_pipeline_render import (
 )
 
 from musetalk_ops.errors import GpuMemoryError, StoreError
-from musetalk_ops.render import RenderSettings
+from musetalk_ops.render.settings import RenderSettings
 from musetalk_ops.s3_store import S3Store
 from musetalk_ops.store import open_store
 from musetalk_ops.video import probe
@@ -138,7 +138,7 @@ def test_damaged_cache_is_refused_then_repaired(pipeline_env, instance, astronau
 
 
 def test_out_of_memory_halves_the_batch_until_it_fits(monkeypatch):
-    from musetalk_ops import render as engine
+    from musetalk_ops.render import chunks
 
     tried: list[int] = []
 
@@ -149,11 +149,11 @@ def test_out_of_memory_halves_the_batch_until_it_fits(monkeypatch):
         return args[6].batch_size
 
     def render(batch_size: int) -> int:
-        return engine.render_chunk(
+        return chunks.render_chunk(
             *"mtfab", "out.mp4", RenderSettings(batch_size=batch_size), on_retry=told.append
         )
 
-    monkeypatch.setattr(engine, "_render_once", once)
+    monkeypatch.setattr(chunks, "_render_once", once)
     told: list[str] = []
     limit = 3
     assert render(20) == 2
@@ -171,17 +171,16 @@ def test_out_of_memory_halves_the_batch_until_it_fits(monkeypatch):
 
     tried.clear()
     limit = 100
-    monkeypatch.setenv(engine.FAULT_MAX_BATCH, "6")  # the hook refuses before the engine runs
+    limit_gpu_batch(monkeypatch, 6)  # refuses before the stand-in runs
     assert render(32) == 4
     assert tried == [4]
 
 
 def test_a_failed_attempt_holds_nothing_when_gpu_memory_is_released(monkeypatch):
     """The retry returns GPU memory only after the error's traceback is gone: while it lives, it keeps
-    the failed attempt's frames, and so their tensors and generator. (Under the same memory cap an aot
-    render on an H200 went down to batch 2 where earlier renders had fitted 5: bench/RESULTS.md, session
-    5; not measured again since this change.)"""
-    from musetalk_ops import render as engine
+    the failed attempt's frames, and so their tensors and generator, and a smaller batch would not fit
+    where it could."""
+    from musetalk_ops.render import chunks
 
     class Held:  # stands for the failed attempt's tensors and generator
         pass
@@ -196,11 +195,11 @@ def test_a_failed_attempt_holds_nothing_when_gpu_memory_is_released(monkeypatch)
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return "rendered"
 
-    monkeypatch.setattr(engine, "_render_once", once)
+    monkeypatch.setattr(chunks, "_render_once", once)
     monkeypatch.setattr(
-        engine, "release_gpu_memory", lambda: alive_at_release.append([a() is not None for a in attempts])
+        chunks, "release_gpu_memory", lambda: alive_at_release.append([a() is not None for a in attempts])
     )
-    assert engine.render_chunk(*"mtfab", "out.mp4", RenderSettings(batch_size=4)) == "rendered"
+    assert chunks.render_chunk(*"mtfab", "out.mp4", RenderSettings(batch_size=4)) == "rendered"
     assert alive_at_release == [[False]]
 
 
@@ -212,7 +211,7 @@ def test_chunk_out_of_memory_retries_smaller_and_matches_a_small_batch_render(
     put_request("calm", short_speech, {"batch_size": 4})
     assert run_render(instance, "calm", tags=TAGS).success
 
-    monkeypatch.setenv("MUSETALK_FAULT_MAX_BATCH", "4")
+    limit_gpu_batch(monkeypatch, 4)
     put_request("squeezed", short_speech, {"batch_size": 16})
     result = run_render(instance, "squeezed", tags=TAGS)
     assert result.success and retries(result.all_events) == []  # handled inside the step
@@ -307,7 +306,7 @@ def test_s3_cut_during_a_run_fails_clearly_and_reexecution_completes(
     """Cut while the merge uploads the video: the step fails with one line, renders/ stays empty,
     the chunks stay for re-execution from failure, which completes. Cut during a chunk: the step
     retry (RetryPolicy, after 10 s) completes once the endpoint is back."""
-    from musetalk_ops import render as engine_render
+    from musetalk_ops.render import chunks as chunk_api
     from musetalk_ops.video import mux as real_mux
 
     proxy, listing = s3_via_proxy
@@ -340,7 +339,7 @@ def test_s3_cut_during_a_run_fails_clearly_and_reexecution_completes(
     assert sorted(listing("renders/")) == ["renders/cut.json", "renders/cut.mp4"] and listing("work/") == {}
     assert probe(fetch("renders/cut.mp4", tmp_path)).frames == expected_frames(short_speech)
 
-    real_render = engine_render.render_chunk
+    real_render = chunk_api.render_chunk
     cuts = []
 
     def render_then_cut(*args, **kwargs):
@@ -350,7 +349,7 @@ def test_s3_cut_during_a_run_fails_clearly_and_reexecution_completes(
             threading.Timer(3, proxy.restore).start()
         return result
 
-    monkeypatch.setattr(engine_render, "render_chunk", render_then_cut)
+    monkeypatch.setattr(chunk_api, "render_chunk", render_then_cut)
     submit_request("blip", short_speech)
     run = execute(instance, "blip")
     assert run.status == dg.DagsterRunStatus.SUCCESS
@@ -368,14 +367,14 @@ def test_s3_paused_briefly_only_delays_the_run(
     pipeline_env, moto_server, s3_via_proxy, instance, astronaut_png, short_speech, monkeypatch
 ):
     """SIGSTOP the moto process for 3 s mid-chunk: requests wait (read timeout 60 s), nothing fails."""
-    from musetalk_ops import render as engine_render
+    from musetalk_ops.render import chunks as chunk_api
 
     proc, _url = moto_server
     _proxy, listing = s3_via_proxy
     push_template(astronaut_png)
     materialize(instance)
     submit_request("pause", short_speech)
-    real_render = engine_render.render_chunk
+    real_render = chunk_api.render_chunk
     paused: list[float] = []
 
     def render_then_pause(*args, **kwargs):
@@ -386,7 +385,7 @@ def test_s3_paused_briefly_only_delays_the_run(
             threading.Timer(3, os.kill, (proc.pid, signal.SIGCONT)).start()
         return result
 
-    monkeypatch.setattr(engine_render, "render_chunk", render_then_pause)
+    monkeypatch.setattr(chunk_api, "render_chunk", render_then_pause)
     run = execute(instance, "pause")
     assert run.status == dg.DagsterRunStatus.SUCCESS and retries(events_of(instance, run)) == []
     assert time.monotonic() - paused[0] >= 3

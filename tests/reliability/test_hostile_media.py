@@ -273,7 +273,8 @@ def test_unusual_templates_and_audio_render_end_to_end(
     tmp_path, astronaut_rgb, unusual_audio, demo_models, monkeypatch
 ):
     from musetalk_ops.prepare import prepare_template
-    from musetalk_ops.render import RenderSettings, render_file
+    from musetalk_ops.render.file import render_file
+    from musetalk_ops.render.settings import RenderSettings
     from musetalk_ops.settings import TemplateSettings
     from musetalk_ops.video import probe
 

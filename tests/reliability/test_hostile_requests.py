@@ -103,7 +103,7 @@ def check_parsed(rid: str, data: bytes) -> None:
     assert request.audio.startswith("audio/") and ID_PATTERN.fullmatch(name) and ext in AUDIO_EXTS
     assert check_key(request.audio) == request.audio
     assert set(request.options) <= set(REQUEST_OPTIONS)
-    from musetalk_ops.render import RenderSettings
+    from musetalk_ops.render.settings import RenderSettings
 
     RenderSettings(**request.options)  # the run would accept the same options
 
