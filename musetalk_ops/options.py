@@ -39,7 +39,7 @@ class Option:
     default: object
     help: str
     choices: tuple[str, ...] | None = None
-    low: float | None = None
+    low: float | None = None  # with high: the inclusive range of a number
     high: float | None = None
     per_request: bool = False
     label: str = ""  # how errors name it; default: the name with spaces
@@ -58,7 +58,7 @@ class Option:
             raise InputError(f"{label} {value!r} has the wrong type (expected {self.kind.__name__})")
         if self.choices is not None and value not in self.choices:
             raise InputError(f"unknown {label} {value!r}: use one of {', '.join(self.choices)}")
-        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+        if self.low is not None and not self.low <= value <= self.high:  # NaN is out of every range
             raise InputError(f"{label} {value} is out of range ({self.low:g}-{self.high:g})")
 
     def add_flag(self, parser: argparse.ArgumentParser, *, with_default: bool = True) -> None:
