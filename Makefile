@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo dev test lint clean
+.PHONY: setup demo dev test unit lint clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	@command -v espeak-ng >/dev/null && command -v sox >/dev/null || \
@@ -24,8 +24,13 @@ demo: setup
 dev: setup
 	$(BIN)/dagster dev -w workspace.yaml
 
+# The whole suite (what CI runs), one xdist worker per core.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
+
+# The quick tests only: everything not marked slow.
+unit: setup
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check musetalk_ops pipelines tests bench

@@ -15,9 +15,24 @@ from helpers import cli_engine_build, free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Tests never touch the user's local cache or object store.
+# Tests never touch the user's local cache or object store (each xdist worker imports this module: a
+# pair of directories per worker).
 os.environ["MUSETALK_CACHE"] = tempfile.mkdtemp(prefix="musetalk-test-cache-")
 os.environ["MUSETALK_STORE"] = tempfile.mkdtemp(prefix="musetalk-test-store-")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # An equal share of the cores per xdist worker for torch (imported later) and the processes tests
+    # start: a thread per core in every worker would oversubscribe them.
+    share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, share)))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns xdist_group marks into node ids
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup``, the tests that need the engine build of ``aot_cache`` share one
+    worker, so that the build (about a minute) runs once."""
+    for item in items:
+        if "aot_cache" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("aot_cache"))
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from helpers import ROOT, free_port, start_group, stop_group, wait_for
-from test_pipeline_render import materialize, push_template, submit_request
+from pipeline.test_render import materialize, push_template, submit_request
 
 from musetalk_ops.store import open_store
 from musetalk_ops.video import probe

@@ -19,7 +19,7 @@ import pytest
 import torch
 from dagster._core.definitions.reconstruct import ReconstructableJob
 from helpers import TcpProxy, decoded_frames, limit_gpu_batch, wait_for
-from test_pipeline_render import (
+from pipeline.test_render import (
     CHUNK_CONFIG,
     expected_frames,
     materialize,

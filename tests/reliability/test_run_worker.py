@@ -18,8 +18,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from helpers import dagster_dev_server, decoded_frames, free_port, wait_for, wait_for_template
-from test_faults import TAGS, fetch, put_request
-from test_pipeline_render import CHUNK_CONFIG, expected_frames, push_template, run_render
+from pipeline.test_render import CHUNK_CONFIG, expected_frames, push_template, run_render
 
 from musetalk_ops import keys
 from musetalk_ops.store import Store, open_store
@@ -27,6 +26,8 @@ from pipelines.demo import instance_yaml
 from pipelines.graphql import GraphQLClient
 from pipelines.stats import collect_stats
 from pipelines.submit import submit, wait
+
+from .test_faults import TAGS, fetch, put_request
 
 RUN_WORKER = re.compile(r"Started process for run \(pid: (\d+)\)")
 

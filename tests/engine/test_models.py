@@ -37,7 +37,7 @@ from musetalk_ops.models.vae import VAE_SCALE, decode_latents, encode_crops, loa
 from musetalk_ops.models.whisper import load_whisper
 
 # Key names and shapes of the official BiSeNet checkpoint (copied from shared/docs).
-KEYS_JSON = Path(__file__).parent / "data" / "bisenet-79999_iter-keys.json"
+KEYS_JSON = Path(__file__).parents[1] / "data" / "bisenet-79999_iter-keys.json"
 
 
 @pytest.fixture(autouse=True)

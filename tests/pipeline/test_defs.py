@@ -13,7 +13,7 @@ import pytest
 
 from musetalk_ops.errors import InputError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_definitions_have_the_canonical_names(monkeypatch):

@@ -95,7 +95,7 @@ def test_settings_missing_file(tmp_path):
 def test_bundled_template_settings_are_valid():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "templates"
+    root = Path(__file__).resolve().parents[2] / "templates"
     for settings in root.glob("*/settings.yaml"):
         s = load_settings(settings)
         if s.welcome_audio:

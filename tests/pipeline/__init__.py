@@ -1,0 +1,1 @@
+"""Tests of the Dagster code location (pipelines): definitions, render job, sensors, submit, dev."""
