@@ -27,7 +27,7 @@ Run from the repository root::
 
     python -m bench.probe --batch 64 --engines DIR --sections engine_batches,short_chunks \
         --engine-batches 32,64,64whole --chunk-frames 75,1000
-    python -m bench.probe --quick --frames 50 --sections bframes   # CPU, no GPU needed
+    python -m bench.probe --quick --sections bframes   # CPU, no GPU needed
 
 Writes ``probe.json`` into ``--out`` (default ``$OUT``, else ``./bench-out/``) and prints each
 measurement as a line (a section's key and its JSON) as it finishes, then a table of the measurements

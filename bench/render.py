@@ -37,7 +37,7 @@ rest still run), in this order; the last ones are skipped first when ``--budget`
 Run from the repository root (the project importable: installed, or on ``PYTHONPATH``)::
 
     python -m bench.render --batch 64 --sections ceiling,baseline_512,baseline_1080p,aot,cold_start
-    python -m bench.render --quick --frames 50 --sections ours_512_eager   # a CPU smoke run
+    python -m bench.render --quick --frames 4 --batch 4 --sections ours_512_eager   # CPU smoke run, ~1 min
 
 Writes ``bench.json`` into ``--out`` (default ``$OUT``, else ``./bench-out/``; the AOT engine it built
 in ``engines/``, for ``--engines`` of a later run) and prints the device and limits, a table of UNet +
