@@ -7,6 +7,7 @@ encoder and BiSeNet come from the demo set, whose shapes are already the real on
 """
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -15,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-from load_models import write_random_unet
 
 from musetalk_ops.models.convert import convert_models
 from musetalk_ops.models.demo import write_demo_models
 from musetalk_ops.models.layout import ModelLayout
+from musetalk_ops.models.unet import OFFICIAL_UNET_CONFIG, build_unet
 from musetalk_ops.models.vae import OFFICIAL_VAE_CONFIG, build_vae
 from musetalk_ops.prepare import prepare_template
 from musetalk_ops.settings import TemplateSettings
@@ -30,6 +31,21 @@ ASTRONAUT_BOX = (177, 66, 272, 175)  # landmark box before extra_margin (tests/c
 HD_SCALE = 4  # the astronaut scaled ×4 and cut to 1920×1080: a face of ~380×436 px, as in a close shot
 HD_BOX = tuple(v * HD_SCALE for v in ASTRONAUT_BOX)
 HD_FRAMES = 16
+
+
+def write_random_unet(root: Path) -> Path:
+    """The official UNet config with random weights as an fp32 ``unet.pth`` under ``root`` (3.4 GB)."""
+    layout = ModelLayout(root)
+    layout.unet_dir("v15").mkdir(parents=True)
+    layout.unet_config("v15").write_text(json.dumps(OFFICIAL_UNET_CONFIG, indent=2))
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in build_unet(OFFICIAL_UNET_CONFIG, "official").state_dict().items()}
+    state = {k: torch.empty(s).normal_(0, 0.02) for k, s in shapes.items()}
+    with layout.unet_weights("v15").open("wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return layout.unet_weights("v15")
 
 
 def write_models(root: Path, cache: Path) -> dict[str, float]:

@@ -1,5 +1,5 @@
 """Our re-creation of how the official realtime script (``realtime_inference.py``, reference §5–6) spends
-its time, for side-by-side ratios in bench_render.py. Written from the reference's description, not copied.
+its time, for side-by-side ratios in ``bench.render``. Written from the reference's description, not copied.
 
 Main thread: batches of 20 (``datagen``) → positional encoding → eager fp16 UNet at t = 0 → VAE decode →
 ``.cpu()`` numpy BGR faces → an unbounded queue; UNet and VAE are diffusers' models, as in the official

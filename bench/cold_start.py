@@ -1,14 +1,15 @@
-"""One cold start: a fresh interpreter renders a short clip; prints when each step was done (JSON).
+"""One cold start: a fresh interpreter renders a short clip and prints, as one JSON line, when each step
+was done (``marks``: interpreter, imports, template, models, features, first_frame, segment_done, as
+Unix times), the frames, the heavy modules it imported and the render's timings.
 
-    python bench/cold_start.py MODE BATCH MODELS TEMPLATE_CACHE WAV OUT [FEATURES]
+    python -m bench.cold_start MODE BATCH MODELS TEMPLATE_CACHE WAV OUT [FEATURES]
 
 MODE is a render mode, or ``default`` for the one RenderSettings picks; BATCH the render batch size (an
-``aot`` render needs an engine built for it).
-
-With ``FEATURES`` (an audio step's ``features.safetensors``) the process is a render step: UNet and VAE
-only, no whisper; without, it is the CLI (whisper computes the features in the process). Imports only
-what that path imports, so the marks are the engine's own (bench_render.py's cold_start section runs
-it and reads the marks relative to the moment it spawned the process).
+``aot`` render needs an engine built for it). With ``FEATURES`` (an audio step's ``features.safetensors``)
+the process is a render step: UNet and VAE only, no whisper; without, it is the CLI (whisper computes the
+features in the process). It imports only what that path imports, so the marks are the engine's own;
+``bench.render``'s ``cold_start`` and ``aot`` sections run it and read the marks from the moment they
+spawned the process.
 """
 
 import time
@@ -62,4 +63,6 @@ def main(
 
 
 if __name__ == "__main__":
+    if len(sys.argv) not in (7, 8):
+        sys.exit(__doc__)
     main(*sys.argv[1:])

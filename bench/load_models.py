@@ -6,12 +6,15 @@ deletes everything. "cold" evicts the file from the page cache first (posix_fadv
 reads from disk; "warm" reads the page cache. Times run until every weight page has been read (mapped
 files load lazily), so they are comparable. Medians of ``--repeat`` runs.
 
-    python bench/load_models.py [--device cuda] [--repeat 3] [--dir /tmp]
+    python -m bench.load_models [--device cuda] [--repeat 3] [--dir /tmp] [--skip-official]
+
+Prints the seconds to write, hash and convert the file, then a table: one row per way of loading
+(the official recipe, ours from the ``.pth`` in fp32 and fp16, ours from the converted copy), with its
+cold and warm seconds.
 """
 
 import argparse
 import gc
-import json
 import os
 import shutil
 import statistics
@@ -23,23 +26,10 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
+from bench.assets import write_random_unet
 from musetalk_ops.models.convert import convert_models
 from musetalk_ops.models.layout import ModelLayout, file_sha256
-from musetalk_ops.models.unet import OFFICIAL_UNET_CONFIG, build_unet, load_unet
-
-
-def write_random_unet(root: Path) -> Path:
-    layout = ModelLayout(root)
-    layout.unet_dir("v15").mkdir(parents=True)
-    layout.unet_config("v15").write_text(json.dumps(OFFICIAL_UNET_CONFIG, indent=2))
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in build_unet(OFFICIAL_UNET_CONFIG, "official").state_dict().items()}
-    state = {k: torch.empty(s).normal_(0, 0.02) for k, s in shapes.items()}
-    with layout.unet_weights("v15").open("wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    return layout.unet_weights("v15")
+from musetalk_ops.models.unet import OFFICIAL_UNET_CONFIG, load_unet
 
 
 def evict(path: Path) -> None:

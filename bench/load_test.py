@@ -4,9 +4,13 @@ N requests are dropped into ``requests/`` at once (render_request_sensor path) a
 through the GraphQL API (``pipelines.submit``), all against the bundled astronaut template with demo
 weights and the in-process executor. Checks: every run succeeds, every MP4 decodes with the frame count
 and duration of its audio, at most ``--concurrency`` runs execute at once (the run queue), and
-``musetalk stats`` counts every request. Prints throughput and p50/p95 latency per path.
+``musetalk stats`` counts every request (a failed check exits 1 and names it).
 
-    python bench/load_test.py --sensor 20 --api 20 --concurrency 2
+    python -m bench.load_test --sensor 20 --api 20 --concurrency 2   # espeak-ng and sox on PATH
+
+Prints the throughput, the most runs at once and ``musetalk stats``, a table of latency per path (n, p50,
+p95, max seconds) and each stage's median seconds per request; ``--json`` prints the whole report.
+tests/reliability/test_load.py runs it at a CI-sized N.
 """
 
 import argparse

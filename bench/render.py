@@ -1,304 +1,129 @@
-"""Render benchmark: our chunk path vs an official-style baseline, side by side in one run.
+"""Render benchmark: our chunk path against an official-style baseline, side by side in one run.
 
-Builds full-size random-weight models in the official layout (bench/assets.py), a 512² template (one
-image) and a 1920×1080 template (16-frame clip), prepared on the GPU with manual face boxes, and 40 s
-of speech-like audio. Then, each section timed and saved as it finishes (a failing section is
-recorded and the rest still run), in this order (the last ones are skipped first when ``--budget``
-runs out):
+Full-size random-weight models in the official layout (``bench.assets``), a 512² template (one image)
+and a 1920×1080 template (16-frame clip), prepared with manual face boxes, and 40 s of speech-like
+audio. Then these sections, each timed and saved as it finishes (a failing section is recorded and the
+rest still run), in this order; the last ones are skipped first when ``--budget`` runs out:
 
-* ``ceiling``: measured fp16 matmul rate → physical limit in frames/s at 800 GFLOP/frame, on a cold
-  GPU (a burst) and sustained (after ``HOT_SECONDS`` of matmuls: a power-capped GPU lowers its clock);
-* ``prepare``: template preparation per stage (issue 3's GPU timing with a manual box);
-* ``ours_<template>_<path>``: ``render_chunk`` (features in → encoded H.264 segment out), cold (first
-  chunk of the path in the process: capture included) and warm; design.md timing schema, frames/s,
-  real-time factor, peak GPU memory (allocated and reserved), CPU cores busy;
-* ``baseline_<template>``: bench/baseline.py (eager fp16, batch 20, per-frame PIL paste-back, PNGs,
+* ``ceiling``: the measured fp16 matmul rate as a limit in frames/s (800 GFLOP/frame), on a cold GPU (a
+  burst) and sustained (after ``HOT_SECONDS`` of matmuls: a power-capped GPU lowers its clock);
+* ``ours_<template>_<mode>`` (templates ``512``, ``1080p``; modes ``graphs``, ``eager``):
+  ``render_chunk`` (features in → encoded H.264 segment out), cold (the mode's first chunk in the
+  process) and warm: stage seconds, frames/s, real-time factor, peak GPU memory, CPU cores busy;
+* ``baseline_<template>``: ``bench.baseline`` (eager fp16, batch 20, per-frame PIL paste-back, PNGs,
   then a separate encode);
-* ``equality``: device paste vs ``paste_face`` on the GPU's own faces, their YUV (block converted on the
-  GPU vs the whole frame, and vs swscale); fast path vs reference path;
-* ``oom``: GPU memory capped below what the batch needs: the real out-of-memory fallback, its frames
-  vs an undisturbed render at the batch size it settled on;
-* ``kill_retry``: a render step process SIGKILLed mid-chunk, run again in a fresh process, its decoded
+* ``equality``: device paste vs ``paste_face`` on the GPU's own faces, their YUV (the block converted
+  on the GPU vs the whole frame, and vs swscale); the fast path vs the reference path;
+* ``oom``: GPU memory capped below what the batch needs: the out-of-memory fallback, and its frames vs
+  an undisturbed render at the batch size it settled on;
+* ``kill_retry``: a render step process SIGKILLed mid-chunk, run again in a fresh process: its decoded
   frames vs an undisturbed render;
-* ``compiled``: the torch.compile path in its own process (cold compile cost, warm chunks, the
-  generator alone), then its cold start with the on-disk compile cache warm;
-* ``aot`` / ``aot_autotune``: an AOTInductor engine built in its own process (build cost; plain, or
-  with Inductor's max-autotune), warm chunks and the generator alone through it, its frames vs the
-  reference path's, then cold starts of a render step that loads it (mode ``aot``, and the default
-  mode, which finds it);
+* ``compiled``: the torch.compile path in its own process (compile cost, warm chunks, UNet + VAE alone),
+  then its cold start with the on-disk compile cache warm;
+* ``aot``: the AOT engine built as a deployment builds it (``musetalk engine build``, unless
+  ``--engines`` has it), warm chunks and UNet + VAE alone through it, its frames vs the reference path's,
+  then cold starts of a render step on mode ``aot`` and on the default mode (which finds the engine);
 * ``cold_start``: fresh processes, process start → first frame (3 s clip; the median of
-  ``--cold-repeats`` runs), as a render step (features from the audio step: no whisper) on the default
-  path and each fast path, and as the CLI (whisper in the process) on the default path; plus one render
-  step's ``-X importtime`` profile, ``import torch`` alone, and the default render step again with a
-  filled bytecode cache (the condition of an image pip installed torch into);
-* ``encoding``: chunks with 2 and 8 encoders and two presets;
+  ``--cold-repeats``), as a render step (features from the audio step: no whisper) on the default mode
+  and each fast path, and as the CLI (whisper in the process); one ``-X importtime`` profile, ``import
+  torch`` alone, and the default render step with a filled bytecode cache (as in our image, whose pip
+  compiled torch's bytecode), also at each ``--cold-batches`` size;
 * ``encoder_alone``: x264 alone on the templates' frames (segments at once, with and without B-frames,
-  presets, RGB vs YUV input; bytes and PSNR);
-* ``generator``: UNet + VAE decode alone per path and batch size (here and in ``aot``/``compiled``: a
-  batch at a time, then sustained, with the SM clock and power it ran at);
+  two presets, RGB vs YUV input; bytes and PSNR);
+* ``generator``: UNet + VAE decode alone per fallback mode and batch size (here and in ``aot`` and
+  ``compiled``: a batch at a time, then sustained, with the SM clock and power it ran at);
 * ``cpu_reference``: the GPU fp16 fast path vs the CPU fp32 reference path on the same frames.
 
-    python bench/bench_render.py [--frames 1000] [--baseline-frames 150] [--batch 20] [--budget 540]
-                                 [--sections a,b,...] [--cold-repeats 3] [--engines DIR] [--quick]
+Run from the repository root (the project importable: installed, or on ``PYTHONPATH``)::
 
-Writes ``$OUT/bench.json`` (or ``./bench-out/``) and prints a table; results go to bench/RESULTS.md.
-``--quick`` is a CPU smoke run with demo-size models.
+    python -m bench.render --batch 64 --sections ceiling,baseline_512,baseline_1080p,aot,cold_start
+    python -m bench.render --quick --frames 4 --batch 4 --sections ours_512_eager   # CPU smoke run, ~1 min
+
+Writes ``bench.json`` into ``--out`` (default ``$OUT``, else ``./bench-out/``; the AOT engine it built
+in ``engines/``, for ``--engines`` of a later run) and prints the device and limits, a table of UNet +
+VAE alone per path (frames/s, burst and sustained, as a share of the limit), a table per template and
+path (frames/s, real-time factor, stage seconds, peak GPU GB, × the baseline) and the cold starts.
+Results are recorded in bench/RESULTS.md.
 """
 
-import argparse
-import gc
 import json
 import os
-import re
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
-START = time.time()
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from bench.common import (
+    GFLOP_PER_FRAME,
+    HOT_SECONDS,
+    ROOT,
+    START,
+    Bench,
+    GpuClock,
+    Report,
+    child_failure,
+    cpu_seconds,
+    cuda,
+    decoded,
+    diff_stats,
+    generator_fps,
+    matmul_tflops,
+    measure_generator,
+    module_command,
+    packed_yuv,
+    parser,
+    png_dir_stats,
+    psnr_db,
+    render_once,
+    swscale_yuv,
+    work_dir,
+)
+from musetalk_ops.audio import AudioFeatures, add_positional_encoding
+from musetalk_ops.blend import frame_indices, paste_face
+from musetalk_ops.device_paste import DevicePaster
+from musetalk_ops.engine.spec import engine_specs, find_engine_for, find_step
+from musetalk_ops.generator import FaceGenerator, StageClock
+from musetalk_ops.render.chunks import render_chunk
+from musetalk_ops.render.fast import cached_generator, release_gpu_memory
+from musetalk_ops.render.models import compute_features, load_render_models
+from musetalk_ops.render.settings import RenderSettings
+from musetalk_ops.template_cache import load_template
+from musetalk_ops.video import SegmentWriter
+from musetalk_ops.yuv import i420, i420_planes, rgb_to_yuv420
 
-CHILD_LOGS = Path(os.environ.get("OUT", "bench-out"))  # main() sets --out
-GFLOP_PER_FRAME = 800.0  # UNet 177.8 + VAE decode 622.2 (docs/performance.md)
-
-
-def cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def sync() -> None:
-    if cuda():
-        torch.cuda.synchronize()
-
-
-def reset_peak() -> None:
-    gc.collect()
-    if cuda():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gb() -> float:
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda() else 0.0
-
-
-class Report:
-    """Sections of results, saved to JSON after each one; failures are recorded, not fatal."""
-
-    def __init__(
-        self,
-        out: Path,
-        budget: float,
-        argv: list[str],
-        sections: list[str] | None = None,
-        filename: str = "bench.json",
-    ) -> None:
-        self.out, self.deadline, self.sections, self.filename = out, START + budget, sections, filename
-        self.data: dict = {"command": " ".join(["python", *argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-        self.data["errors"] = {}
-
-    def run(self, name: str, fn: Callable[[dict], None], needs: float = 0.0) -> None:
-        """``fn(entry)`` fills ``data[name]``; skipped when less than ``needs`` seconds of budget are left
-        or when ``--sections`` names others (setup, prepare and engine always run)."""
-        left = self.deadline - time.time()
-        if self.sections and name not in self.sections and name not in ("setup", "prepare", "engine"):
-            return
-        if left < needs:
-            self.data.setdefault("skipped", []).append(name)
-            print(f"[{name}] skipped: {left:.0f} s left, needs ~{needs:.0f}", flush=True)
-            return
-        t = time.time()
-        print(f"[{name}] start ({left:.0f} s left)", flush=True)
-        entry = self.data.setdefault(name, {})
-        try:
-            fn(entry)
-        except Exception as exc:  # recorded; the remaining sections still run
-            self.data["errors"][name] = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
-        entry["section_seconds"] = round(time.time() - t, 2)
-        print(f"[{name}] done in {time.time() - t:.1f} s", flush=True)
-        self.save()
-
-    def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / self.filename).write_text(json.dumps(self.data, indent=1, default=str))
-
-
-HOT_SECONDS = 8.0  # back-to-back work before a "sustained" measurement: the H200 reaches its 700 W cap
-
-
-class GpuClock:
-    """SM clock (MHz) and board power (W) sampled by ``nvidia-smi`` every 100 ms inside the block: a
-    power-capped GPU lowers its clock under sustained load."""
-
-    def __enter__(self) -> "GpuClock":
-        query = ["--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "100"]
-        self.proc = subprocess.Popen(["nvidia-smi", *query], stdout=subprocess.PIPE, text=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        rows = [line.split(",") for line in self.proc.communicate()[0].splitlines() if line.count(",") == 1]
-        clocks, power = [float(c) for c, _ in rows], [float(w) for _, w in rows]
-        self.summary = {
-            "samples": len(rows),
-            "sm_mhz_median": statistics.median(clocks) if clocks else None,
-            "sm_mhz_min": min(clocks, default=None),
-            "power_w_max": max(power, default=None),
-        }
-
-
-def heat(step: Callable[[], object], seconds: float = HOT_SECONDS) -> None:
-    """Run ``step`` back to back for ``seconds`` (synced every 8 calls, so the queue stays short)."""
-    end, calls = time.perf_counter() + seconds, 0
-    while time.perf_counter() < end:
-        step()
-        calls += 1
-        if calls % 8 == 0:
-            torch.cuda.synchronize()
-    torch.cuda.synchronize()
-
-
-def matmul_tflops(hot: bool = False) -> float:
-    """fp16 8192³ matmul rate: a cold GPU's burst, or (``hot``) after ``HOT_SECONDS`` of matmuls."""
-    n = 8192
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.float16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    if hot:
-        heat(lambda: a @ b)
-    times = []
-    for _ in range(20):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        a @ b
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1000)
-    return 2 * n**3 / statistics.median(times) / 1e12
-
-
-def generator_fps(models, mode: str, batch: int, cudnn_benchmark: bool) -> dict:
-    """UNet + VAE decode alone, a new generator for one full bucket: frames/s, stage split, peak memory."""
-    from musetalk_ops.generator import FaceGenerator
-
-    reset_peak()
-    gen = FaceGenerator(models.unet, models.vae, mode=mode, max_batch=batch, cudnn_benchmark=cudnn_benchmark)
-    result = measure_generator(gen, models, batch)
-    del gen
-    return result
-
-
-def synced_seconds(step: Callable[[int], object], iters: int) -> list[float]:
-    """Wall seconds of ``step(i)`` for i in range(iters), each alone: the device synced before and after."""
-    times = []
-    for i in range(iters):
-        sync()
-        t = time.perf_counter()
-        step(i)
-        sync()
-        times.append(time.perf_counter() - t)
-    return times
-
-
-def measure_generator(gen, models, batch: int, iters: int = 8) -> dict:
-    from musetalk_ops.generator import StageClock
-
-    inputs = [
-        (
-            torch.randn(batch, 8, 32, 32, device=models.device, dtype=models.dtype),
-            torch.randn(batch, 50, 384, device=models.device, dtype=models.dtype),
-        )
-        for _ in range(2)
-    ]
-    t = time.perf_counter()
-    gen(*inputs[0], StageClock(models.device))
-    sync()
-    first = time.perf_counter() - t
-    for i in range(2):
-        gen(*inputs[i % 2], StageClock(models.device))
-    clock = StageClock(models.device)
-    times = synced_seconds(lambda i: gen(*inputs[i % 2], clock), iters)
-    split = clock.totals()
-    result = {
-        "fps": round(batch / statistics.median(times), 1),
-        "unet_ms_per_frame": round(1000 * split.get("unet", 0) / iters / batch, 3),
-        "vae_ms_per_frame": round(1000 * split.get("vae_decode", 0) / iters / batch, 3),
-        "first_call_s": round(first, 2),
-        "build_s": round(gen.build_seconds, 2),
-        "peak_gpu_gb": peak_gb(),
-    }
-    if models.device.type == "cuda":  # as a long render runs: back to back, after the GPU is hot
-        with GpuClock() as gpu:
-            heat(lambda: gen(*inputs[0], StageClock(models.device)))
-            t, calls = time.perf_counter(), 48
-            for i in range(calls):
-                gen(*inputs[i % 2], StageClock(models.device))
-            sync()
-            result["sustained_fps"] = round(calls * batch / (time.perf_counter() - t), 1)
-        result["sustained_gpu"] = gpu.summary
-    return result
-
-
-def render_once(models, template, features, frames, out: Path, **settings) -> dict:
-    from musetalk_ops.render.chunks import render_chunk
-    from musetalk_ops.render.settings import RenderSettings
-
-    reset_peak()
-    cpu = cpu_seconds()
-    result = render_chunk(models, template, features, 0, frames, out, RenderSettings(**settings))
-    d = result.timings.to_dict()
-    d["peak_gpu_gb"] = peak_gb()
-    d["peak_gpu_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda() else 0.0
-    d["cpu_cores_busy"] = round((cpu_seconds() - cpu) / result.timings.total, 1)
-    out.unlink(missing_ok=True)
-    return d
-
-
-def diff_stats(a: np.ndarray, b: np.ndarray) -> dict:
-    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
-    return {
-        "max": int(d.max()),
-        "mean": round(float(d.mean()), 5),
-        "frac_gt0": round(float((d > 0).mean()), 6),
-    }
-
-
-def png_dir_stats(a: Path, b: Path) -> dict:
-    names = sorted(p.name for p in a.glob("*.png"))
-    if names != sorted(p.name for p in b.glob("*.png")) or not names:
-        raise RuntimeError(f"frame sets differ: {len(names)} vs {len(list(b.glob('*.png')))}")
-    stats = [diff_stats(cv2.imread(str(a / n)), cv2.imread(str(b / n))) for n in names]
-    return {
-        "frames": len(names),
-        "max": max(s["max"] for s in stats),
-        "mean": round(statistics.mean(s["mean"] for s in stats), 5),
-        "frac_gt0": round(statistics.mean(s["frac_gt0"] for s in stats), 6),
-    }
+# name: (method, seconds of budget it needs to start, CUDA only)
+SECTIONS = {
+    "ceiling": ("ceiling", 0, False),
+    **{
+        f"ours_{template}_{mode}": ("ours", 30, mode == "graphs")
+        for template in ("512", "1080p")
+        for mode in ("graphs", "eager")
+    },
+    "baseline_512": ("baseline", 50, False),
+    "baseline_1080p": ("baseline", 50, False),
+    "equality": ("equality", 30, False),
+    "oom": ("oom", 30, True),
+    "kill_retry": ("kill_retry", 40, True),
+    "compiled": ("compiled", 200, True),
+    "aot": ("aot", 150, False),
+    "cold_start": ("cold_starts", 45, False),
+    "encoder_alone": ("encoder_alone", 60, False),
+    "generator": ("generator", 20, False),
+    "cpu_reference": ("cpu_reference", 15, True),
+}
 
 
 def paste_equality(models, template, batch: int) -> dict:
     """Faces generated on the GPU, pasted on the GPU (device_paste) and on the CPU (paste_face); the
     frame's YUV from the block converted on the GPU vs the whole pasted frame converted on the GPU
     (exact) and by swscale (what the reference path encodes)."""
-    from musetalk_ops.audio import add_positional_encoding
-    from musetalk_ops.blend import frame_indices, paste_face
-    from musetalk_ops.device_paste import DevicePaster
-    from musetalk_ops.generator import FaceGenerator, StageClock
-    from musetalk_ops.yuv import i420, i420_planes, rgb_to_yuv420
-
     gen = FaceGenerator(models.unet, models.vae, mode="eager", max_batch=batch)
     ks = frame_indices(0, batch, len(template.frames), template.cycle)
     lat = template.latents[torch.from_numpy(ks)].to(models.device, models.dtype)
@@ -338,42 +163,20 @@ def paste_equality(models, template, batch: int) -> dict:
     return {"rgb_vs_paste_face": rgb, "yuv_block_vs_whole_frame": yuv_block, "yuv_vs_swscale": yuv_swscale}
 
 
-def swscale_yuv(rgb: np.ndarray) -> np.ndarray:
-    """What ``SegmentWriter.write`` (the reference path) hands x264 for an RGB frame."""
-    from av.video.frame import VideoFrame
-    from av.video.reformatter import Interpolation
-
-    frame = VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
-        format="yuv420p",
-        dst_colorspace="itu709",
-        dst_color_range="MPEG",
-        interpolation=Interpolation.BILINEAR | Interpolation.ACCURATE_RND,
-    )
-    return frame.to_ndarray()
-
-
-def run_child(kind: str, *args) -> tuple[dict, float]:
-    """This script in a fresh interpreter (``--child KIND ...``); its last stdout line is JSON."""
+def run_child(kind: str, logs: Path, *args) -> tuple[dict, float]:
+    """This module in a fresh interpreter (``--child KIND ...``); its last stdout line is JSON."""
     started = time.time()
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", kind, *map(str, args)],
+        module_command(__spec__.name, "--child", kind, *args),
+        cwd=ROOT,
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         timeout=1200,
     )
     if proc.returncode != 0:
-        raise RuntimeError(child_failure(kind, proc.stderr))
+        raise RuntimeError(child_failure(kind, proc.stderr, logs))
     return json.loads(proc.stdout.strip().splitlines()[-1]), started
-
-
-def child_failure(kind: str, stderr: str) -> str:
-    """Keep a failed child's whole stderr beside the report; name its exception (warnings come last)."""
-    log = CHILD_LOGS / f"child-{kind}-stderr.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(stderr)
-    errors = [line for line in stderr.splitlines() if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line)]
-    return f"{errors[-1] if errors else kind + ' child failed'} (stderr in {log.name})"
 
 
 def cold_start(
@@ -384,10 +187,11 @@ def cold_start(
     wav: Path,
     out: Path,
     *features: Path,
+    logs: Path,
     repeats: int = 1,
     env: dict | None = None,
 ) -> dict:
-    """Fresh interpreters render a short clip (bench/cold_start.py, which imports only what a render
+    """Fresh interpreters render a short clip (``bench.cold_start``, which imports only what a render
     needs); process start → first frame handed to the encoder. With ``repeats`` > 1 the median run is
     reported (the imports alone vary by a second between runs on the lent machines), with every run's time.
     """
@@ -396,7 +200,7 @@ def cold_start(
         started = time.time()
         proc = cold_start_process(mode, batch, models_root, cache, wav, out, *features, env=env)
         if proc.returncode != 0:
-            raise RuntimeError(child_failure(f"cold-start-{mode}", proc.stderr))
+            raise RuntimeError(child_failure(f"cold-start-{mode}", proc.stderr, logs))
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         marks = {k: round(v - started, 3) for k, v in result.pop("marks").items()}
         runs.append({"first_frame_s": marks["first_frame"], "marks_since_process_start": marks, **result})
@@ -404,12 +208,11 @@ def cold_start(
     return {**runs[len(runs) // 2], "runs_first_frame_s": [run["first_frame_s"] for run in runs]}
 
 
-def import_profile(batch: int, models_root: Path, cache: Path, wav: Path, out: Path, features: Path) -> None:
-    """One render step's ``-X importtime`` report, kept beside the report (not timed: it slows imports)."""
-    proc = cold_start_process(
-        "default", batch, models_root, cache, wav, out, features, python_flags=("-X", "importtime")
-    )
-    (CHILD_LOGS / "importtime-render-step.log").write_text(proc.stderr)
+def import_profile(logs: Path, *args: object) -> None:
+    """One render step's ``-X importtime`` report (``args`` as ``cold_start_process`` takes them after the
+    mode), kept in ``logs`` beside the report (not timed: it slows imports)."""
+    proc = cold_start_process("default", *args, python_flags=("-X", "importtime"))
+    (logs / "importtime-render-step.log").write_text(proc.stderr)
 
 
 BYTECODE = """
@@ -448,10 +251,10 @@ def import_torch_seconds(repeats: int = 3) -> dict:
 def cold_start_process(
     mode: str, batch: int, *paths: Path, python_flags: tuple[str, ...] = (), env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """bench/cold_start.py in a fresh interpreter (see its docstring for the arguments)."""
-    script = str(Path(__file__).parent / "cold_start.py")
+    """``bench.cold_start`` in a fresh interpreter (see its docstring for the arguments)."""
     return subprocess.run(
-        [sys.executable, *python_flags, script, mode, str(batch), *map(str, paths)],
+        module_command("bench.cold_start", mode, batch, *paths, python_flags=python_flags),
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=400,
@@ -462,11 +265,6 @@ def cold_start_process(
 def compiled_child(models_root: str, cache_512: str, cache_hd: str, wav: str, work: str, batch: str) -> None:
     """The compiled path in its own process: a compiler failure cannot disturb the other sections, and
     the first chunk pays a cold compile as the first process on a new GPU type would."""
-    from musetalk_ops.render.fast import cached_generator
-    from musetalk_ops.render.models import compute_features, load_render_models
-    from musetalk_ops.render.settings import RenderSettings
-    from musetalk_ops.template_cache import load_template
-
     models = load_render_models(RenderSettings(models_root=Path(models_root)))
     features = compute_features(models, Path(wav))
     frames, batch_size = features.num_frames(25), int(batch)
@@ -487,16 +285,8 @@ def compiled_child(models_root: str, cache_512: str, cache_hd: str, wav: str, wo
     print(json.dumps(r))
 
 
-def aot_child(
-    models_root: str, cache_512: str, cache_hd: str, wav: str, work: str, batch: str, autotune: str
-) -> None:
-    """Build an AOTInductor engine (musetalk_ops/engine/) in its own process, then render through it."""
-    from musetalk_ops.engine.spec import engine_specs, find_engine_for, find_step
-    from musetalk_ops.render.chunks import render_chunk
-    from musetalk_ops.render.fast import cached_generator, release_gpu_memory
-    from musetalk_ops.render.models import compute_features, load_render_models
-    from musetalk_ops.render.settings import RenderSettings
-    from musetalk_ops.template_cache import load_template
+def aot_child(models_root: str, cache_512: str, cache_hd: str, wav: str, work: str, batch: str) -> None:
+    """Build an AOTInductor engine (``musetalk engine build``) in its own process, then render through it."""
 
     def say(message: str) -> None:  # progress on stderr: kept beside the report if the child fails
         print(f"[aot child {time.time() - START:.0f} s] {message}", file=sys.stderr, flush=True)
@@ -505,13 +295,11 @@ def aot_child(
     features = compute_features(models, Path(wav))
     frames, batch_size = features.num_frames(25), int(batch)
     t = time.perf_counter()
-    specs = engine_specs(models.unet, models.vae, batch_size, autotune=autotune == "1")
+    specs = engine_specs(models.unet, models.vae, batch_size)
     reused = [name for name, spec in specs.items() if find_step(spec) is not None]
     # As a deployment builds it: the CLI, its missing steps side by side in their own processes
     build = ["engine", "build", "--models", models_root, "--batch-size", str(batch_size)]
-    subprocess.run(
-        [sys.executable, "-m", "musetalk_ops.cli", *build, *["--autotune"] * (autotune == "1")], check=True
-    )
+    subprocess.run([sys.executable, "-m", "musetalk_ops.cli", *build], check=True)
     paths = find_engine_for(models.unet, models.vae, batch_size)
     r = {
         "build_s": round(time.perf_counter() - t, 1),
@@ -549,12 +337,6 @@ def aot_child(
 def chunk_child(models_root: str, cache: str, features_file: str, frames: str, out: str) -> None:
     """A render step in its own process: features from a file, frames [0, frames) into ``out``; touches
     ``out``.started once its first frame is encoded (the parent kills it after that)."""
-    from musetalk_ops.audio import AudioFeatures
-    from musetalk_ops.render.chunks import render_chunk
-    from musetalk_ops.render.models import load_render_models
-    from musetalk_ops.render.settings import RenderSettings
-    from musetalk_ops.template_cache import load_template
-
     template = load_template(cache)
     settings = RenderSettings(models_root=Path(models_root))
     models = load_render_models(settings, version=template.version, components=("unet", "vae"))
@@ -568,25 +350,6 @@ def chunk_child(models_root: str, cache: str, features_file: str, frames: str, o
     print(json.dumps({"done": True}))
 
 
-def decoded(path: Path, pixel_format: str = "rgb24") -> np.ndarray:
-    """A video's frames, decoded: RGB [n,H,W,3], or packed YUV 4:2:0 [n,H·3/2,W] with "yuv420p"."""
-    import av
-
-    with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format=pixel_format) for f in container.decode(video=0)])
-
-
-def psnr_db(frames: Iterable[np.ndarray], expected: Iterable[np.ndarray]) -> float:
-    """PSNR of ``frames`` against ``expected`` (uint8, frame by frame, same shapes)."""
-    mse = np.mean([np.mean((a.astype(np.float32) - b) ** 2) for a, b in zip(frames, expected, strict=True)])
-    return round(float(10 * np.log10(255**2 / max(mse, 1e-9))), 2)
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
-    return usage.ru_utime + usage.ru_stime
-
-
 def encode_alone(
     frames: np.ndarray, count: int, writers: int, directory: Path, preset: str, yuv: bool, bframes: int = 0
 ) -> dict:
@@ -594,9 +357,6 @@ def encode_alone(
     handed over already converted (``write_yuv``, as the fast path does), else RGB converted by
     swscale on the encoder threads (``write``, the reference path). Bytes per frame and the PSNR of
     the first segment's decoded YUV against its input say what a setting costs in quality."""
-    from musetalk_ops.blend import frame_indices
-    from musetalk_ops.video import SegmentWriter
-
     per = count // writers
     order = frame_indices(0, per, len(frames), "pingpong")
     height, width = frames.shape[1:3]
@@ -631,104 +391,23 @@ def encode_alone(
     }
 
 
-def work_dir(prefix: str, engines: Path | None) -> Path:
-    """A fresh working directory, made this process's ``$MUSETALK_CACHE``; with the AOT ``engines`` of an
-    earlier run copied in, so that they are found instead of built."""
-    work = Path(tempfile.mkdtemp(prefix=prefix))
-    os.environ["MUSETALK_CACHE"] = str(work / "cache")
-    if engines:
-        shutil.copytree(engines, work / "cache" / "engines")
-    return work
-
-
-def packed_yuv(frame: np.ndarray) -> np.ndarray:
-    """An RGB frame as the fast path hands it to x264: converted by ``yuv.py``, packed ``[H·3/2, W]``."""
-    from musetalk_ops.yuv import i420, rgb_to_yuv420
-
-    return i420(*(p.numpy() for p in rgb_to_yuv420(torch.from_numpy(frame))))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=1000, help="frames per chunk of our path")
-    parser.add_argument("--baseline-frames", type=int, default=150)
-    parser.add_argument("--batch", type=int, default=20, help="render batch size (the official default)")
-    parser.add_argument("--budget", type=float, default=540, help="seconds; later sections are skipped")
-    parser.add_argument("--quick", action="store_true", help="CPU smoke run with demo-size models")
-    parser.add_argument("--cold-repeats", type=int, default=3, help="fresh processes per cold start (median)")
-    parser.add_argument(
-        "--cold-batches",
-        type=lambda v: [int(b) for b in v.split(",")],
-        default=[],
-        help="cold_start: the render step's default path also at these batch sizes (bytecode cached)",
-    )
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
-    parser.add_argument(
-        "--sections", type=lambda v: v.split(","), help="comma-separated section names to run"
-    )
-    parser.add_argument(
-        "--engines", type=Path, help="AOT engines of an earlier run (its $OUT/engines) to reuse"
-    )
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        children = {"compiled": compiled_child, "chunk": chunk_child, "aot": aot_child}
-        children[args.child[0]](*args.child[1:])
-        return
-    global CHILD_LOGS
-    CHILD_LOGS = args.out
-    work = work_dir("musetalk-bench-", args.engines)
-    report = Report(args.out, args.budget, sys.argv, args.sections)
-    Bench(args, work, report).run()
-    print_table(report.data)
-    report.save()
-
-
-class Bench:
-    """The sections, in order of importance (later ones are the first to be skipped)."""
-
-    def __init__(self, args: argparse.Namespace, work: Path, report: Report) -> None:
-        self.args, self.work, self.report, self.r = args, work, report, report.data
-        self.batch = args.batch
-        self.modes = ["graphs", "eager"] if cuda() else ["eager"]
-        self.models_root = work / "models"
+class RenderBench(Bench):
+    """The sections (``SECTIONS``), in order of importance: the last are the first skipped."""
 
     def run(self) -> None:
-        sys.path.insert(0, str(Path(__file__).parent))
-        self.r["env"] = {
-            "device": torch.cuda.get_device_name() if cuda() else "cpu",
-            "torch": torch.__version__,
-            "cv2": cv2.__version__,
-            "cpus": len(os.sched_getaffinity(0)),
-            "frames": self.args.frames,
-            "batch": self.batch,
-        }
-        print(json.dumps(self.r["env"]), flush=True)
+        self.record_env(frames=self.args.frames, batch=self.batch)
         run = self.report.run
         run("ceiling", self.ceiling)
-        run("setup", self.setup)
-        run("prepare", self.prepare)
-        run("engine", self.engine)
-        for name in self.templates:
-            for mode in self.modes:
-                run(f"ours_{name}_{mode}", lambda s, n=name, m=mode: self.ours(s, n, m), needs=30)
-        for name in self.templates:
-            run(f"baseline_{name}", lambda s, n=name: self.baseline(s, n), needs=50)
-        run("equality", self.equality, needs=30)
-        if cuda():
-            run("oom", self.oom, needs=30)
-            run("kill_retry", self.kill_retry, needs=40)
-        if cuda():
-            run("compiled", self.compiled, needs=200)
-        run("aot", lambda s: self.aot(s, False), needs=150)
-        if cuda():
-            run("aot_autotune", lambda s: self.aot(s, True), needs=300)
-        run("cold_start", self.cold_starts, needs=45)
-        run("encoding", self.encoding, needs=40)
-        run("encoder_alone", self.encoder_alone, needs=60)
-        run("generator", self.generator, needs=20)
-        if cuda():
-            run("cpu_reference", self.cpu_reference, needs=15)
+        self.inputs()
+        for name, (method, needs, needs_cuda) in SECTIONS.items():
+            if name != "ceiling" and (cuda() or not needs_cuda):
+                fn = self.per_template(name) if method in ("ours", "baseline") else getattr(self, method)
+                run(name, fn, needs=needs)
+
+    def per_template(self, name: str) -> Callable[[dict], None]:
+        """``ours_<template>_<mode>`` and ``baseline_<template>``: one method per kind, per template."""
+        kind, template, *mode = name.split("_")
+        return lambda s: self.ours(s, template, *mode) if kind == "ours" else self.baseline(s, template)
 
     def ceiling(self, s: dict) -> None:
         if cuda():
@@ -739,62 +418,19 @@ class Bench:
             s["sustained_gpu"] = gpu.summary
             s["limit_fps_sustained"] = round(s["fp16_matmul_tflops_sustained"] * 1000 / GFLOP_PER_FRAME, 1)
 
-    def setup(self, s: dict) -> None:
-        import assets
-
-        if self.args.quick:
-            from musetalk_ops.models.demo import write_demo_models
-
-            write_demo_models(self.models_root)
-        else:
-            s["write_models_s"] = assets.write_models(self.models_root, self.work / "cache")
-        self.sources = assets.write_sources(self.work)
-        self.wav = assets.write_speech_like(self.work / "speech.wav", self.args.frames / 25 + 0.02)
-        self.short_wav = assets.write_speech_like(self.work / "short.wav", 3.02, seed=1)
-
-    def prepare(self, s: dict) -> None:
-        import assets
-
-        from musetalk_ops.template_cache import load_template
-
-        png, video = self.sources
-        self.prepared = {}
-        for name, source, box in (("512", png, assets.ASTRONAUT_BOX), ("1080p", video, assets.HD_BOX)):
-            self.prepared[name], s[name] = assets.prepare(
-                source, self.work / f"tpl-{name}", box, self.models_root, f"t{name}"
-            )
-        self.templates = {name: load_template(path) for name, path in self.prepared.items()}
-
-    def engine(self, s: dict) -> None:
-        from musetalk_ops.render.models import compute_features, load_render_models
-        from musetalk_ops.render.settings import RenderSettings
-
-        t = time.perf_counter()
-        self.models = load_render_models(RenderSettings(models_root=self.models_root))
-        s["load_s"] = round(time.perf_counter() - t, 2)
-        t = time.perf_counter()
-        self.features = compute_features(self.models, self.wav)
-        s["audio_features_s"] = round(time.perf_counter() - t, 3)
-        self.frames = min(self.args.frames, self.features.num_frames(25))
-        s["frames"] = self.frames
-
-    def render(self, name: str, frames: int | None = None, **settings) -> dict:
-        t = self.templates[name]
-        n = frames or self.frames
-        return render_once(
-            self.models, t, self.features, n, self.work / "o.mp4", batch_size=self.batch, **settings
-        )
-
     def ours(self, s: dict, name: str, mode: str) -> None:
-        from musetalk_ops.render.fast import cached_generator
-
         cached_generator.cache_clear()  # each path's memory and one-off costs on their own
         s["cold"] = self.render(name, mode=mode)  # first chunk of this path in the process
         s["warm"] = self.render(name, mode=mode)
         self.r.setdefault("ours", {})[f"{name}/{mode}"] = s
 
     def baseline(self, s: dict, name: str) -> None:
-        from baseline import OfficialAvatar, encode_pngs, official_models, run_baseline
+        from bench.baseline import (  # diffusers: 10 s
+            OfficialAvatar,
+            encode_pngs,
+            official_models,
+            run_baseline,
+        )
 
         avatar = OfficialAvatar(self.templates[name], self.models)
         official = official_models(self.models_root, self.models)
@@ -810,9 +446,6 @@ class Bench:
         s.update(fps_skip_save=round(n / skip, 2))
 
     def equality(self, s: dict) -> None:
-        from musetalk_ops.render.chunks import render_chunk
-        from musetalk_ops.render.settings import RenderSettings
-
         n = min(40, self.frames)
         for name, template in self.templates.items():
             s[f"paste_{name}"] = paste_equality(self.models, template, self.batch)
@@ -829,26 +462,25 @@ class Bench:
     def cold_starts(self, s: dict) -> None:
         """Render step (features from the audio step) per path, the default one first; the CLI (whisper in
         the process) on the default path."""
-        from musetalk_ops.render.models import compute_features
-
         step_features = self.work / "short-features.safetensors"
         compute_features(self.models, self.short_wav).save(step_features)
         args = (self.batch, self.models_root, self.prepared["512"], self.short_wav, self.work / "c.mp4")
+        runs = {"logs": self.args.out, "repeats": self.args.cold_repeats}
         for mode in ("default", *self.modes):
-            s[f"{mode}/render_step"] = cold_start(mode, *args, step_features, repeats=self.args.cold_repeats)
-        s["default/cli"] = cold_start("default", *args, repeats=self.args.cold_repeats)
-        import_profile(*args, step_features)
+            s[f"{mode}/render_step"] = cold_start(mode, *args, step_features, **runs)
+        s["default/cli"] = cold_start("default", *args, **runs)
+        import_profile(self.args.out, *args, step_features)
         s["import_torch"] = import_torch_seconds()
         # As in an image whose installer compiled every module's bytecode (pip does; k8s/Dockerfile):
         # a bytecode cache filled by one untimed run first.
         cached = bytecode_cache_env()
         cold_start_process("default", *args, step_features, env=cached)
         s["default/render_step/bytecode_cached"] = cold_start(
-            "default", *args, step_features, repeats=self.args.cold_repeats, env=cached
+            "default", *args, step_features, **runs, env=cached
         )
         for batch in self.args.cold_batches:  # the same at other batch sizes (their engines found or not)
             s[f"default/render_step/bytecode_cached/b{batch}"] = cold_start(
-                "default", batch, *args[1:], step_features, repeats=self.args.cold_repeats, env=cached
+                "default", batch, *args[1:], step_features, **runs, env=cached
             )
 
     def generator(self, s: dict) -> None:
@@ -872,22 +504,9 @@ class Bench:
                 self.templates["512"].frames, 1200, 4, self.work, "veryfast", True, bframes
             )
 
-    def encoding(self, s: dict) -> None:
-        """Whole chunks with other encoder counts and presets than the default."""
-        for name in self.templates:
-            for encoders in (2, 8):
-                for preset in ("veryfast", "superfast"):
-                    s[f"{name}/{preset}/encoders{encoders}"] = self.render(
-                        name, mode=self.modes[0], encoders=encoders, preset=preset
-                    )
-
     def oom(self, s: dict) -> None:
         """The real CUDA out-of-memory path: cap this process's GPU memory so that the batch does not fit,
         render, and compare with an undisturbed render at the batch size the fallback settled on."""
-        from musetalk_ops.render.chunks import render_chunk
-        from musetalk_ops.render.fast import release_gpu_memory
-        from musetalk_ops.render.settings import RenderSettings
-
         template, n = self.templates["512"], min(120, self.frames)
         release_gpu_memory()
         total = torch.cuda.get_device_properties(0).total_memory
@@ -928,18 +547,15 @@ class Bench:
     def kill_retry(self, s: dict) -> None:
         """Issue 8 on the GPU: a render step process SIGKILLed mid-chunk, then run again in a fresh process
         (what the RetryPolicy does); its segment's decoded frames vs an undisturbed render of this process."""
-        from musetalk_ops.audio import AudioFeatures
-        from musetalk_ops.render.chunks import render_chunk
-        from musetalk_ops.render.models import compute_features
-        from musetalk_ops.render.settings import RenderSettings
-
         n, cache = min(200, self.frames), self.prepared["1080p"]
         features = self.work / "kill-features.safetensors"
         compute_features(self.models, self.wav).save(features)
         out = self.work / "killed.mp4"
-        args = [sys.executable, __file__, "--child", "chunk", self.models_root, cache, features, n, out]
         victim = subprocess.Popen(
-            [str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            module_command(__spec__.name, "--child", "chunk", self.models_root, cache, features, n, out),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         started = Path(f"{out}.started")
         t = time.time()
@@ -950,11 +566,11 @@ class Bench:
         s["killed_after_first_frame"] = started.exists()
         s["segment_left_by_killed_process"] = out.exists()
         started.unlink(missing_ok=True)
-        run_child("chunk", self.models_root, cache, features, n, out)
+        run_child("chunk", self.args.out, self.models_root, cache, features, n, out)
         # The undisturbed render as production makes it (a fresh step process), and one in this long-lived
         # process, whose memory state can lead cuDNN to other convolution algorithms.
         fresh, here = self.work / "calm-fresh.mp4", self.work / "calm-here.mp4"
-        run_child("chunk", self.models_root, cache, features, n, fresh)
+        run_child("chunk", self.args.out, self.models_root, cache, features, n, fresh)
         settings = RenderSettings(batch_size=self.batch)
         render_chunk(self.models, self.templates["1080p"], AudioFeatures.load(features), 0, n, here, settings)
         a, b, c = decoded(out), decoded(fresh), decoded(here)
@@ -965,6 +581,7 @@ class Bench:
     def compiled(self, s: dict) -> None:
         result, _ = run_child(
             "compiled",
+            self.args.out,
             self.models_root,
             self.prepared["512"],
             self.prepared["1080p"],
@@ -985,20 +602,18 @@ class Bench:
             self.prepared["512"],
             self.short_wav,
             self.work / "cc.mp4",
+            logs=self.args.out,
         )
 
-    def aot(self, s: dict, autotune: bool) -> None:
-        from musetalk_ops.render.models import compute_features
-
-        args = (self.prepared["512"], self.prepared["1080p"], self.wav, self.work, self.batch, int(autotune))
-        result, _ = run_child("aot", self.models_root, *args)
+    def aot(self, s: dict) -> None:
+        args = (self.prepared["512"], self.prepared["1080p"], self.wav, self.work, self.batch)
+        result, _ = run_child("aot", self.args.out, self.models_root, *args)
         s.update(result)
         # Kept with the report: a later run given --engines reuses it instead of building again
         for package in s["engine"].values():
             shutil.copytree(self.work / "cache" / "engines" / package, self.args.out / "engines" / package)
-        path = "aot_autotune" if autotune else "aot"
         for name in self.templates:
-            self.r.setdefault("ours", {})[f"{name}/{path}"] = {
+            self.r.setdefault("ours", {})[f"{name}/aot"] = {
                 "warm": s[f"{name}_warm"],
                 "cold": s["512_cold"],
             }
@@ -1013,14 +628,11 @@ class Bench:
                 self.short_wav,
                 self.work / "ac.mp4",
                 features,
+                logs=self.args.out,
                 repeats=self.args.cold_repeats,
             )
 
     def cpu_reference(self, s: dict) -> None:
-        from musetalk_ops.render.chunks import render_chunk
-        from musetalk_ops.render.models import compute_features, load_render_models
-        from musetalk_ops.render.settings import RenderSettings
-
         cpu_models = load_render_models(
             RenderSettings(models_root=self.models_root, device="cpu", dtype="float32")
         )
@@ -1113,6 +725,28 @@ def print_table(r: dict) -> None:
             print(f"cold start {path}: first frame {c['first_frame_s']} s after process start (runs: {runs})")
     if r.get("errors"):
         print("errors:", json.dumps(r["errors"], indent=1))
+
+
+def main() -> None:
+    p = parser(__spec__.name, __doc__, SECTIONS)
+    p.add_argument("--baseline-frames", type=int, default=150, help="frames of the official-style baseline")
+    p.add_argument("--cold-repeats", type=int, default=3, help="fresh processes per cold start (median)")
+    p.add_argument(
+        "--cold-batches",
+        type=lambda v: [int(b) for b in v.split(",")],
+        default=[],
+        help="cold_start: the render step's default path also at these batch sizes (bytecode cached)",
+    )
+    args = p.parse_args()
+    if args.child:
+        children = {"compiled": compiled_child, "chunk": chunk_child, "aot": aot_child}
+        children[args.child[0]](*args.child[1:])
+        return
+    work = work_dir("musetalk-bench-", args.engines)
+    report = Report(args.out, args.budget, ["-m", __spec__.name, *sys.argv[1:]], args.sections)
+    RenderBench(args, work, report).run()
+    print_table(report.data)
+    report.save()
 
 
 if __name__ == "__main__":
