@@ -41,7 +41,7 @@ from musetalk_ops.timings import Timings
 
 log = logging.getLogger(__name__)
 
-BATCH = 8  # frames per VAE / BiSeNet forward pass
+BATCH = 8  # frames per step of the stages (the models see one frame per call: vae.encode_crops)
 STAGES = ("decode", "detect", "load", "crop", "vae", "parse", "masks", "write")
 
 
@@ -222,7 +222,7 @@ def _process(
         if bisenet is not None:
             with timings.stage("parse", device):
                 regions = [region(frames[i], cb) for i, cb in zip(batch, crop_boxes, strict=True)]
-                labels = parse_faces(bisenet, regions, batch_size=BATCH)
+                labels = parse_faces(bisenet, regions)
         with timings.stage("masks"):
             for j, (i, box, crop_box) in enumerate(zip(batch, boxes, crop_boxes, strict=True)):
                 if bisenet is not None:
