@@ -6,7 +6,6 @@ One module per stage: ``audio`` (Whisper features), ``models`` (official weights
 """
 
 __version__ = "0.1.0"
-ENGINE_VERSION = __version__
 
 # Frames per model batch. On an H100 (bench/RESULTS.md, session 3) UNet + VAE ran 269 frames/s at 20 (the
 # official realtime default) and 300 at 48 under graphs; compiled 470 / 495 / 496 at 20 / 32 / 48, with

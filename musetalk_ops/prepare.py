@@ -15,7 +15,6 @@ import cv2
 import numpy as np
 import torch
 
-from musetalk_ops import ENGINE_VERSION
 from musetalk_ops.blend import Box, crop_box_for
 from musetalk_ops.config import Limits, models_dir, resolve_device, resolve_dtype
 from musetalk_ops.config import cache_dir as default_cache_dir
@@ -30,13 +29,7 @@ from musetalk_ops.models.vae import CROP, encode_crops, load_vae
 from musetalk_ops.models.vae_model import VAE
 from musetalk_ops.settings import TemplateSettings
 from musetalk_ops.sources import IMAGE_SUFFIXES, read_source
-from musetalk_ops.template_cache import (
-    MANIFEST,
-    Face,
-    settings_sha256,
-    template_fingerprint,
-    write_cache,
-)
+from musetalk_ops.template_cache import MANIFEST, Face, template_fingerprint, write_cache
 from musetalk_ops.timings import Timings
 
 log = logging.getLogger(__name__)
@@ -259,9 +252,7 @@ def prepare_to_cache(
         source_sha = sha256_file(source)
     except OSError as e:
         raise InputError(f"{source}: cannot read ({e.strerror})") from None
-    fingerprint = template_fingerprint(
-        source_sha, settings_sha256(settings.to_dict()), weights_id(root, settings), ENGINE_VERSION
-    )
+    fingerprint = template_fingerprint(source_sha, settings.to_dict(), weights_id(root, settings))
     out = default_cache_dir(cache_root) / "templates" / template_id / fingerprint
     if (out / MANIFEST).is_file():
         return out

@@ -27,7 +27,6 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from musetalk_ops import ENGINE_VERSION
 from musetalk_ops.blend import Box
 from musetalk_ops.errors import CacheError, InputError
 from musetalk_ops.files import sha256_file
@@ -35,6 +34,10 @@ from musetalk_ops.ids import validate_id
 from musetalk_ops.sources import read_source
 
 SCHEMA = "musetalk-template/1"
+# The preparation code that made a cache's latents and masks, named in the manifest and the fingerprint:
+# bump it whenever the same inputs would be prepared into other numbers, so old caches are not reused.
+# 2: the VAE encoder gets the official contiguous input one crop at a time (issue #23).
+PREPARATION_VERSION = 2
 MANIFEST = "manifest.json"
 LATENTS = "latents.safetensors"
 MASKS = "masks.npz"
@@ -81,10 +84,14 @@ def settings_sha256(settings: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def template_fingerprint(source_sha256: str, settings_sha256: str, weights: str, engine_version: str) -> str:
-    """16 hex naming a cache directory: any changed input gives a new directory, never an overwrite.
-    The parts are hashed as a JSON list so no two different tuples can collide by concatenation."""
-    parts = [SCHEMA, source_sha256, settings_sha256, weights, engine_version]
+def template_fingerprint(
+    source_sha256: str, settings: dict, weights: str, preparation: int | None = PREPARATION_VERSION
+) -> str:
+    """16 hex naming a cache directory: any changed input (source, settings, weights, the preparation
+    code) gives a new directory, never an overwrite. ``preparation`` is None for an official avatar,
+    whose latents no code of ours made. The parts are hashed as a JSON list so no two different tuples
+    can collide by concatenation."""
+    parts = [SCHEMA, source_sha256, settings_sha256(settings), weights, preparation]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -136,7 +143,7 @@ def write_cache(
             "source": {"file": source_file, "sha256": sha256_file(tmp / source_file)},
             "settings": settings,
             "settings_sha256": settings_sha256(settings),
-            "engine_version": ENGINE_VERSION,
+            "preparation_version": PREPARATION_VERSION,
             "model": {"version": version, "weights": weights},
             "fps": float(fps),
             "frame_size": [int(frame_size[0]), int(frame_size[1])],
@@ -216,7 +223,7 @@ def load_template(path: str | Path) -> Template:
 
 
 def read_cache(path: str | Path) -> Template:
-    """Load and verify a cache: every file present and intact, made by this engine version."""
+    """Load and verify a cache: every file present and intact, made by this preparation version."""
     path = Path(path)
     if not path.is_dir():
         raise CacheError(f"no template cache at {path}")
@@ -233,11 +240,7 @@ def read_cache(path: str | Path) -> Template:
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         shown = manifest.get("schema") if isinstance(manifest, dict) else None
         raise CacheError(f"cache {path} has schema {shown!r}, not {SCHEMA!r}: re-run musetalk prepare")
-    if manifest.get("engine_version") != ENGINE_VERSION:
-        raise CacheError(
-            f"stale cache {path}: made by engine {manifest.get('engine_version')!r}, this is "
-            f"{ENGINE_VERSION!r}: re-run musetalk prepare"
-        )
+    _check_preparation(path, manifest.get("preparation_version"))
     try:
         parsed = _parse_manifest(manifest)
     except (KeyError, TypeError, ValueError, InputError) as e:
@@ -273,10 +276,22 @@ def read_cache(path: str | Path) -> Template:
         version=model["version"],
         weights=model["weights"],
         fingerprint=template_fingerprint(
-            manifest["source"]["sha256"], manifest["settings_sha256"], model["weights"], ENGINE_VERSION
+            manifest["source"]["sha256"], manifest["settings"], model["weights"]
         ),
         manifest=manifest,
     )
+
+
+def _check_preparation(path: Path, version: Any) -> None:
+    """CacheError unless the cache was made by this preparation version (older manifests name none)."""
+    if version == PREPARATION_VERSION:
+        return
+    if isinstance(version, int) and version > PREPARATION_VERSION:
+        raise CacheError(
+            f"cache {path} was made by a newer preparation (version {version}, this is "
+            f"{PREPARATION_VERSION}): upgrade musetalk or re-run musetalk prepare --force"
+        )
+    raise CacheError(f"cache {path} was made by an older preparation: re-run musetalk prepare --force")
 
 
 def _parse_manifest(m: dict) -> tuple[str, list[Face | None], float, list[int]]:
@@ -488,7 +503,7 @@ def import_official_avatar(path: str | Path) -> Template:
         "source": {"file": str(path), "sha256": digest.hexdigest()},
         "settings": settings,
         "settings_sha256": settings_sha256(settings),
-        "engine_version": ENGINE_VERSION,
+        "preparation_version": None,  # official latents and masks, kept as they are
         "model": {"version": version, "weights": weights},
         "fps": OFFICIAL_FPS,
         "frame_size": [frame_array.shape[2], frame_array.shape[1]],
@@ -507,8 +522,6 @@ def import_official_avatar(path: str | Path) -> Template:
         masks=masks,
         version=version,
         weights=weights,
-        fingerprint=template_fingerprint(
-            digest.hexdigest(), manifest["settings_sha256"], weights, ENGINE_VERSION
-        ),
+        fingerprint=template_fingerprint(digest.hexdigest(), settings, weights, preparation=None),
         manifest=manifest,
     )
