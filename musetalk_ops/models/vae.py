@@ -36,11 +36,8 @@ OFFICIAL_VAE_CONFIG = {  # stabilityai/sd-vae-ft-mse config.json (the official s
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 
-# Frames per VAE decode call: larger batches are decoded in slices of at most this many. The decode
-# gains nothing from more frames per call (H200 engine: 1.185 ms/frame at 64 vs 1.152 at 32), and its
-# 128²–256² activations are what a render's GPU memory holds (1080p, reserved: 12.5 GB at 64 vs 7.5 at
-# 32), while the UNet still gains from the larger batch (0.48 vs 0.52 ms/frame); bench/RESULTS.md,
-# session 9.
+# Frames per VAE decode call: the decode gains nothing from larger calls while its activations set a
+# render's GPU memory, so larger batches decode in slices of this many (bench/RESULTS.md).
 DECODE_BATCH = 32
 VAE_SCALE = 0.18215  # SD 1.x's scaling_factor; VAEConfig rejects a config.json with another
 CROP = 256
