@@ -1,4 +1,4 @@
-"""Our re-creation of how the official realtime script (``realtime_inference.py``, reference §5–6) spends
+"""Our re-creation of how the official ``realtime_inference.py`` (docs/reference.md §5–6) spends
 its time, for side-by-side ratios in ``bench.render``. Written from the reference's description, not copied.
 
 Main thread: batches of 20 (``datagen``) → positional encoding → eager fp16 UNet at t = 0 → VAE decode →

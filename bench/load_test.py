@@ -56,7 +56,7 @@ def _expected_frames(wav: Path) -> int:
 
 
 def _start_dagster(env: dict, port: int, log: Path) -> subprocess.Popen:
-    """``dagster dev`` in its own process group with default signal handling (dagster-notes §11.14)."""
+    """``dagster dev`` in its own process group with default signal handling (docs/architecture.md §7.1)."""
 
     def reset() -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)

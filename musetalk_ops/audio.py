@@ -1,4 +1,4 @@
-"""Speech audio → Whisper-tiny encoder states → per-video-frame audio windows (reference §4.1–4.2).
+"""Speech audio → Whisper-tiny encoder states → per-video-frame audio windows (docs/reference.md §4.1–4.2).
 
 The request's audio is decoded and encoded once (``load_audio`` + ``extract_features``); each render
 chunk then cuts the windows of its own frame range from the stored states (``AudioFeatures.windows``).
@@ -187,7 +187,7 @@ class AudioFeatures:
     def windows(self, fps: float | Fraction, start: int, stop: int) -> torch.Tensor:
         """Audio tokens of frames [start, stop): [stop − start, 50, 384], token = 5·t + layer.
 
-        Official indexing (reference §4.1 steps 4–6): with m = 50/fps and pad = ⌈m⌉, frame i takes
+        Official indexing (docs/reference.md §4.1 steps 5–6): with m = 50/fps and pad = ⌈m⌉, frame i takes
         rows [⌊i·m⌋ − 2·pad, ⌊i·m⌋ − 2·pad + 10) of the states, rows outside [0, F) being zeros.
         Identical to the official windows for integer rates where its float ⌊i·m⌋ is exact (24, 25,
         30, 50, 60 …; not e.g. 29, where 145·(50/29) rounds below 250). Where the official code

@@ -1,6 +1,6 @@
 """Paste-back: put a generated 256² face into its template frame exactly as the official code does.
 
-The official realtime path (reference §2.10, P12/P13/P16) resizes the face with OpenCV, pastes it into
+The official realtime path (docs/reference.md §2.10, P12/P13/P16) resizes the face with OpenCV, pastes it into
 a PIL crop of the frame and pastes that crop back through an "L" matte. Only the face box can change
 (elsewhere the crop holds the frame's own pixels and blending a pixel with itself is the identity),
 so we compute the same integer arithmetic on the face-box region alone instead of full-frame PIL
@@ -79,7 +79,7 @@ def paste_face(
 
 def frame_indices(start: int, stop: int, n: int, cycle: Literal["pingpong", "none"]) -> np.ndarray:
     """Template frame for each output frame in [start, stop): "pingpong" plays 0..N−1 then N−1..0
-    (a cycle of 2N, official §2.7), "none" repeats 0..N−1 (an imported cycle is already unrolled)."""
+    (a cycle of 2N, docs/reference.md §2.7), "none" repeats 0..N−1 (an imported cycle is already unrolled)."""
     if n <= 0:
         raise ValueError(f"a template needs at least one frame, got {n}")
     i = np.arange(start, stop, dtype=np.int64)

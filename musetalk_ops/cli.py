@@ -250,9 +250,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_engine(args: argparse.Namespace) -> int:
     """Build the engine's missing packages: one in this process, several at once, each in its own
-    process (``--part``), so that the wall time is the slowest part's, not the sum (H200: three packages
-    side by side in 221 s, the VAE's 212 s the longest; one after the other the two steps took 157 + 182 s
-    in session 7; bench/RESULTS.md, session 10)."""
+    process (``--part``), so that the wall time is the slowest part's, not the sum (bench/RESULTS.md)."""
     import time
 
     from musetalk_ops.config import dtype_name

@@ -1,4 +1,4 @@
-"""Configuration from environment variables (design.md); CLI flags and resource config override.
+"""Configuration from environment variables (docs/architecture.md §6); CLI flags and resource config override.
 
 Every default lives here, once, so the CLI, the Dagster resources and the tests agree. Importing it
 does not import torch: the Dagster code location reads the same configuration.

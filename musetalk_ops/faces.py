@@ -1,4 +1,4 @@
-"""Face landmarks and the official MuseTalk face box (reference §2.3–2.5).
+"""Face landmarks and the official MuseTalk face box (docs/reference.md §2.3–2.5).
 
 The official code finds 68 face landmarks with DWPose; we use dlib's 68-point shape predictor
 (shipped by ``face-recognition-models``), whose point indices are the same iBUG-68 layout, and
@@ -92,7 +92,7 @@ class DlibDetector:
 
 
 def landmark_box(lm: np.ndarray, shift: int = 0, fallback: Box | None = None) -> Box | None:
-    """The official landmark box (reference §2.4): x from the extreme points, y2 at the lowest point,
+    """The official landmark box (docs/reference.md §2.4): x from the extreme points, y2 at the lowest point,
     y1 mirrored about the (shifted) nose point 29 and clamped at 0.
 
     Landmarks are truncated to int32 like the official ``astype(np.int32)``. The official code shifts
@@ -111,7 +111,7 @@ def landmark_box(lm: np.ndarray, shift: int = 0, fallback: Box | None = None) ->
 
 
 def apply_extra_margin(box: Box, margin: int, height: int) -> Box:
-    """v1.5's extra chin margin: ``y2 = min(y2 + margin, height)`` (reference §2.5)."""
+    """v1.5's extra chin margin: ``y2 = min(y2 + margin, height)`` (docs/reference.md §2.5)."""
     x1, y1, x2, y2 = box
     return (x1, y1, x2, min(y2 + margin, height))
 

@@ -1,4 +1,4 @@
-"""Object keys of the store layout (design.md), built in one place from validated parts.
+"""Object keys of the store layout (docs/template-cache.md §4), built in one place from validated parts.
 
 Request and template ids arrive from users; every helper validates them (and extensions and
 fingerprints) before they become part of a key, so a key built here is always a valid store key.
@@ -29,7 +29,7 @@ def _ext(ext: object, allowed: tuple[str, ...], what: str) -> str:
 
 
 def validate_fingerprint(value: object) -> str:
-    """A cache fingerprint is exactly 16 lowercase hex digits (design.md, template cache format)."""
+    """A cache fingerprint is exactly 16 lowercase hex digits (docs/template-cache.md §3)."""
     if not isinstance(value, str) or not _FINGERPRINT.fullmatch(value):
         raise InputError(f"invalid fingerprint {value!r}: expected 16 lowercase hex digits")
     return value

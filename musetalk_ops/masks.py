@@ -1,4 +1,4 @@
-"""Blending masks: which pixels of the crop box the generated face replaces (reference §2.9–2.10).
+"""Blending masks: which pixels of the crop box the generated face replaces (docs/reference.md §2.9–2.10).
 
 The official v1.5 mask comes from BiSeNet face parsing in ``jaw`` mode: skin grown upwards by a
 cone kernel, pulled in at the cheeks, nose cut out, mouth and lips always in. It is then resized to

@@ -1,6 +1,6 @@
-"""Template preparation: a source image or video → a template cache (design.md), done once per template.
+"""Template preparation: source image or video → template cache (docs/template-cache.md), once per template.
 
-Per frame, as the official realtime avatar preparation (reference §2.4–2.10, §3.1) does it: face box
+Per frame, as the official realtime avatar preparation (docs/reference.md §2.4–2.10, §3.1) does it: face box
 from 68 landmarks (or the manual box) → extra_margin → crop → 256² LANCZOS4 → VAE latents (posterior
 mean) → square crop box → BiSeNet parsing of the crop box → parsing mode → blending mask. Model work
 runs in batches; a video gets one detection per frame and is played ping-pong by the renderer.
@@ -15,7 +15,6 @@ import cv2
 import numpy as np
 import torch
 
-from musetalk_ops import ENGINE_VERSION
 from musetalk_ops.blend import Box, crop_box_for
 from musetalk_ops.config import Limits, models_dir, resolve_device, resolve_dtype
 from musetalk_ops.config import cache_dir as default_cache_dir
@@ -23,6 +22,7 @@ from musetalk_ops.errors import InputError
 from musetalk_ops.faces import FaceTrack, LandmarkDetector, track_faces
 from musetalk_ops.files import sha256_file
 from musetalk_ops.ids import validate_id
+from musetalk_ops.keys import MANIFEST
 from musetalk_ops.masks import blending_mask, landmark_mask, parse_mask
 from musetalk_ops.models.bisenet import BiSeNet, load_bisenet, parse_faces
 from musetalk_ops.models.layout import ModelLayout, check_models, weights_fingerprint
@@ -30,18 +30,12 @@ from musetalk_ops.models.vae import CROP, encode_crops, load_vae
 from musetalk_ops.models.vae_model import VAE
 from musetalk_ops.settings import TemplateSettings
 from musetalk_ops.sources import IMAGE_SUFFIXES, read_source
-from musetalk_ops.template_cache import (
-    MANIFEST,
-    Face,
-    settings_sha256,
-    template_fingerprint,
-    write_cache,
-)
+from musetalk_ops.template_cache import Face, template_fingerprint, write_cache
 from musetalk_ops.timings import Timings
 
 log = logging.getLogger(__name__)
 
-BATCH = 8  # frames per VAE / BiSeNet forward pass
+BATCH = 8  # frames per step of the stages (the models see one frame per call: vae.encode_crops)
 STAGES = ("decode", "detect", "load", "crop", "vae", "parse", "masks", "write")
 
 
@@ -74,7 +68,7 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
 
 
 def face_crops(frames: Sequence[np.ndarray], boxes: Sequence[Box]) -> np.ndarray:
-    """``frame[y1:y2, x1:x2]`` resized to 256² with LANCZOS4 (aspect not kept), as official (§2.6)."""
+    """``frame[y1:y2, x1:x2]`` resized to 256² with LANCZOS4 (aspect not kept; docs/reference.md §2.6)."""
     crops = [
         cv2.resize(frame[y1:y2, x1:x2], (CROP, CROP), interpolation=cv2.INTER_LANCZOS4)
         for frame, (x1, y1, x2, y2) in zip(frames, boxes, strict=True)
@@ -222,7 +216,7 @@ def _process(
         if bisenet is not None:
             with timings.stage("parse", device):
                 regions = [region(frames[i], cb) for i, cb in zip(batch, crop_boxes, strict=True)]
-                labels = parse_faces(bisenet, regions, batch_size=BATCH)
+                labels = parse_faces(bisenet, regions)
         with timings.stage("masks"):
             for j, (i, box, crop_box) in enumerate(zip(batch, boxes, crop_boxes, strict=True)):
                 if bisenet is not None:
@@ -259,9 +253,7 @@ def prepare_to_cache(
         source_sha = sha256_file(source)
     except OSError as e:
         raise InputError(f"{source}: cannot read ({e.strerror})") from None
-    fingerprint = template_fingerprint(
-        source_sha, settings_sha256(settings.to_dict()), weights_id(root, settings), ENGINE_VERSION
-    )
+    fingerprint = template_fingerprint(source_sha, settings.to_dict(), weights_id(root, settings))
     out = default_cache_dir(cache_root) / "templates" / template_id / fingerprint
     if (out / MANIFEST).is_file():
         return out

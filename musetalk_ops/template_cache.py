@@ -1,9 +1,9 @@
-"""Template caches: the self-contained directory format of design.md, and official avatar imports.
+"""Template caches: the self-contained directory format (docs/template-cache.md) and official avatar imports.
 
 A cache is everything the renderer needs about one template (frames via the copied source, boxes,
 VAE latents, blending masks), written once by ``prepare`` and read by every render. It is written
 atomically (temp sibling, manifest last, rename) and refused on read when partial, stale or damaged,
-so a render never runs on half a template. Official MuseTalk realtime avatar directories (reference
+so a render never runs on half a template. Official MuseTalk realtime avatar directories (docs/reference.md
 §2.8) are imported as-is; their pickles are untrusted input and are loaded by a restricted unpickler.
 """
 
@@ -27,21 +27,22 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from musetalk_ops import ENGINE_VERSION
+from musetalk_ops import PREPARATION_VERSION
 from musetalk_ops.blend import Box
 from musetalk_ops.errors import CacheError, InputError
 from musetalk_ops.files import sha256_file
 from musetalk_ops.ids import validate_id
+from musetalk_ops.keys import MANIFEST
+from musetalk_ops.options import VERSIONS
 from musetalk_ops.sources import read_source
 
 SCHEMA = "musetalk-template/1"
-MANIFEST = "manifest.json"
 LATENTS = "latents.safetensors"
 MASKS = "masks.npz"
 PREVIEW = "preview.png"
 CYCLES = ("pingpong", "none")
 MASK_SOURCES = ("parsing-jaw", "parsing-raw", "landmarks")
-VERSIONS = ("v15", "v1")
+
 LATENT_SHAPE = (8, 32, 32)
 OFFICIAL_FPS = 25.0  # official realtime default (--fps 25); avatar directories do not record it
 UNKNOWN_WEIGHTS = "unknown"  # an imported avatar does not say which weights made its latents
@@ -81,10 +82,14 @@ def settings_sha256(settings: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def template_fingerprint(source_sha256: str, settings_sha256: str, weights: str, engine_version: str) -> str:
-    """16 hex naming a cache directory: any changed input gives a new directory, never an overwrite.
-    The parts are hashed as a JSON list so no two different tuples can collide by concatenation."""
-    parts = [SCHEMA, source_sha256, settings_sha256, weights, engine_version]
+def template_fingerprint(
+    source_sha256: str, settings: dict, weights: str, preparation: int | None = PREPARATION_VERSION
+) -> str:
+    """16 hex naming a cache directory: any changed input (source, settings, weights, the preparation
+    code) gives a new directory, never an overwrite. ``preparation`` is None for an official avatar,
+    whose latents no code of ours made. The parts are hashed as a JSON list so no two different tuples
+    can collide by concatenation."""
+    parts = [SCHEMA, source_sha256, settings_sha256(settings), weights, preparation]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -136,7 +141,7 @@ def write_cache(
             "source": {"file": source_file, "sha256": sha256_file(tmp / source_file)},
             "settings": settings,
             "settings_sha256": settings_sha256(settings),
-            "engine_version": ENGINE_VERSION,
+            "preparation_version": PREPARATION_VERSION,
             "model": {"version": version, "weights": weights},
             "fps": float(fps),
             "frame_size": [int(frame_size[0]), int(frame_size[1])],
@@ -216,7 +221,7 @@ def load_template(path: str | Path) -> Template:
 
 
 def read_cache(path: str | Path) -> Template:
-    """Load and verify a cache: every file present and intact, made by this engine version."""
+    """Load and verify a cache: every file present and intact, made by this preparation version."""
     path = Path(path)
     if not path.is_dir():
         raise CacheError(f"no template cache at {path}")
@@ -233,11 +238,7 @@ def read_cache(path: str | Path) -> Template:
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         shown = manifest.get("schema") if isinstance(manifest, dict) else None
         raise CacheError(f"cache {path} has schema {shown!r}, not {SCHEMA!r}: re-run musetalk prepare")
-    if manifest.get("engine_version") != ENGINE_VERSION:
-        raise CacheError(
-            f"stale cache {path}: made by engine {manifest.get('engine_version')!r}, this is "
-            f"{ENGINE_VERSION!r}: re-run musetalk prepare"
-        )
+    _check_preparation(path, manifest.get("preparation_version"))
     try:
         parsed = _parse_manifest(manifest)
     except (KeyError, TypeError, ValueError, InputError) as e:
@@ -273,10 +274,22 @@ def read_cache(path: str | Path) -> Template:
         version=model["version"],
         weights=model["weights"],
         fingerprint=template_fingerprint(
-            manifest["source"]["sha256"], manifest["settings_sha256"], model["weights"], ENGINE_VERSION
+            manifest["source"]["sha256"], manifest["settings"], model["weights"]
         ),
         manifest=manifest,
     )
+
+
+def _check_preparation(path: Path, version: Any) -> None:
+    """CacheError unless the cache was made by this preparation version (older manifests name none)."""
+    if version == PREPARATION_VERSION:
+        return
+    if isinstance(version, int) and version > PREPARATION_VERSION:
+        raise CacheError(
+            f"cache {path} was made by a newer preparation (version {version}, this is "
+            f"{PREPARATION_VERSION}): upgrade musetalk or re-run musetalk prepare --force"
+        )
+    raise CacheError(f"cache {path} was made by an older preparation: re-run musetalk prepare --force")
 
 
 def _parse_manifest(m: dict) -> tuple[str, list[Face | None], float, list[int]]:
@@ -488,7 +501,7 @@ def import_official_avatar(path: str | Path) -> Template:
         "source": {"file": str(path), "sha256": digest.hexdigest()},
         "settings": settings,
         "settings_sha256": settings_sha256(settings),
-        "engine_version": ENGINE_VERSION,
+        "preparation_version": None,  # official latents and masks, kept as they are
         "model": {"version": version, "weights": weights},
         "fps": OFFICIAL_FPS,
         "frame_size": [frame_array.shape[2], frame_array.shape[1]],
@@ -507,8 +520,6 @@ def import_official_avatar(path: str | Path) -> Template:
         masks=masks,
         version=version,
         weights=weights,
-        fingerprint=template_fingerprint(
-            digest.hexdigest(), manifest["settings_sha256"], weights, ENGINE_VERSION
-        ),
+        fingerprint=template_fingerprint(digest.hexdigest(), settings, weights, preparation=None),
         manifest=manifest,
     )

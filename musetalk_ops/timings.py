@@ -1,4 +1,4 @@
-"""The timing schema of design.md, shared by the CLI, ``renders/<id>.json``, Dagster metadata and stats."""
+"""The timing schema of docs/timings.md, shared by the CLI, ``renders/<id>.json``, Dagster and stats."""
 
 import time
 from collections.abc import Iterator

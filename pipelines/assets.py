@@ -2,7 +2,7 @@
 the ``rendered_video`` spec that render runs materialize (lineage: rendered_video ← template_cache).
 
 A template cache lives in the store under ``cache/templates/<id>/<fingerprint>/``; the fingerprint
-names every input (source, settings, weights, engine version), so a changed template gets a new
+names every input (source, settings, weights, preparation version), so a changed template gets a new
 directory and an unchanged one is not prepared again.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from musetalk_ops import ENGINE_VERSION, keys
+from musetalk_ops import __version__, keys
 from musetalk_ops.config import models_dir
 from musetalk_ops.errors import InputError, MuseTalkError
 from musetalk_ops.files import sha256_file
@@ -31,7 +31,7 @@ from pipelines.partitions import render_requests, templates
 from pipelines.resources import RenderResource, StoreResource
 from pipelines.template_store import download_cache, local_cache, stored_manifest, upload_cache
 
-CODE_VERSION = ENGINE_VERSION
+CODE_VERSION = __version__
 FACES_CHECK = "faces_present"
 LOADABLE_CHECK = "cache_loadable"
 PREVIEW_WIDTH = 256  # embedded in the metadata: keep the event log small
@@ -119,6 +119,7 @@ def _cache_metadata(
     width, height = manifest["frame_size"]
     metadata = {
         "fingerprint": ref.fingerprint,
+        "preparation_version": manifest.get("preparation_version"),
         "weights": ref.weights,
         "weights_fingerprint": weights_fp,
         "uri": store.uri(ref.prefix),
@@ -177,7 +178,7 @@ def template_cache(
 ):
     from musetalk_ops.models.layout import weights_kind
     from musetalk_ops.prepare import prepare_template, weights_id
-    from musetalk_ops.template_cache import settings_sha256, template_fingerprint
+    from musetalk_ops.template_cache import template_fingerprint
 
     tid = context.partition_key
     client = store.get()
@@ -185,9 +186,7 @@ def template_cache(
         source, settings = _template_inputs(client, tid, Path(tmp))
         root = models_dir(render.models_dir)
         weights_fp = weights_id(root, settings)
-        fingerprint = template_fingerprint(
-            sha256_file(source), settings_sha256(settings.to_dict()), weights_fp, ENGINE_VERSION
-        )
+        fingerprint = template_fingerprint(sha256_file(source), settings.to_dict(), weights_fp)
         ref = CacheRef(tid, fingerprint, weights_kind(root))
         stored = client.exists(ref.manifest)
         previous = latest_cache(context.instance, tid)

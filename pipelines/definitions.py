@@ -1,6 +1,6 @@
 """The ``musetalk`` code location (workspace.yaml): every Dagster object, assembled in one place.
 
-Resources and the executor come from the environment (design.md, Configuration), read when this
+Resources and the executor come from the environment (docs/architecture.md §6), read when this
 module is imported: by the webserver, the daemon, each run worker and each step process or pod.
 """
 

@@ -1,4 +1,4 @@
-"""Where steps run, chosen by ``$MUSETALK_EXECUTOR`` (design.md, Execution).
+"""Where steps run, chosen by ``$MUSETALK_EXECUTOR`` (docs/architecture.md §3).
 
 * ``in_process`` (default): one process per run, so the models are loaded once per run.
 * ``multiprocess``: one process per step on one box; every GPU step takes a GPU slot

@@ -197,7 +197,7 @@ def render_chunk(
 def request_timings(
     features: Features, chunks: list[RenderedChunk], mux_seconds: float, total: float
 ) -> Timings:
-    """The request's timings (design.md schema): stage seconds summed over steps, total = run wall time."""
+    """The request's timings (docs/timings.md §2): stage seconds summed over steps, total = run wall time."""
     first = chunks[0].timings
     timings = Timings(
         device=first["device"],

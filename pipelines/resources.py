@@ -1,6 +1,6 @@
 """Resources injected into assets, ops and sensors by typed parameters.
 
-Every field left empty falls back to the environment variables of design.md at use time, so the
+Every field left empty falls back to the environment (docs/architecture.md §6) at use time, so the
 webserver, the daemon, step processes and step pods all configure themselves the same way.
 """
 
@@ -27,7 +27,7 @@ from pipelines.executors import executor_name
 if TYPE_CHECKING:
     from musetalk_ops.s3_store import S3Store
 
-K8S_GPUS = 4  # one GPU node of the production cluster (design.md)
+K8S_GPUS = 4  # one GPU node of the production cluster (docs/architecture.md §3)
 
 
 @lru_cache(maxsize=8)

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
-from musetalk_ops import keys
+from musetalk_ops import PREPARATION_VERSION, keys
 from musetalk_ops.errors import InputError, StoreError
 from musetalk_ops.ids import ID_PATTERN
 from musetalk_ops.store import ObjectInfo, Store
@@ -40,20 +40,51 @@ def _template_inputs(objects: list[ObjectInfo]) -> dict[str, str]:
     }
 
 
+def _read_cursor(cursor: str | None) -> tuple[dict[str, str], int | None]:
+    """(signatures seen, the preparation version they were checked under) from the sensor's cursor; a
+    cursor of the older format (signatures only) was checked under no known version."""
+    data = json.loads(cursor) if cursor else {}
+    if isinstance(data.get("signatures"), dict):
+        return data["signatures"], data.get("preparation_version")
+    return data, None
+
+
+def _made_by_other_preparation(instance: dg.DagsterInstance, tid: str) -> bool:
+    """Whether the current cache of ``tid`` (its latest materialization) was made by another preparation
+    version than this one; materializations from before the version was recorded name none."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=TEMPLATE_CACHE, asset_partitions=[tid]), limit=1
+    ).records
+    if not records:
+        return False
+    version = records[0].asset_materialization.metadata.get("preparation_version")
+    return version is None or version.value != PREPARATION_VERSION
+
+
 @dg.sensor(
     asset_selection=[TEMPLATE_CACHE],
     minimum_interval_seconds=15,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Keeps the templates partitions in step with the store's templates/ prefix and "
-    "materializes template_cache for new or changed templates.",
+    "materializes template_cache for new or changed templates, and once for every template whose cache "
+    "an older preparation version made.",
 )
 def template_sensor(context: dg.SensorEvaluationContext, store: StoreResource) -> dg.SensorResult:
     current = _template_inputs(store.get().list("templates/"))
-    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    seen, checked_under = _read_cursor(context.cursor)
     known = set(context.instance.get_dynamic_partitions(templates.name))
     added = sorted(set(current) - known)
     removed = sorted(known - set(current))
     changed = [tid for tid in sorted(current) if seen.get(tid) != current[tid]]
+    if checked_under != PREPARATION_VERSION:  # first tick of this preparation code: one query per template
+        stale = [
+            tid
+            for tid in sorted(current)
+            if tid not in changed and _made_by_other_preparation(context.instance, tid)
+        ]
+        if stale:
+            context.log.info(f"caches made by an older preparation, preparing again: {', '.join(stale)}")
+        changed = sorted(changed + stale)
     partition_requests = []
     if added:
         partition_requests.append(templates.build_add_request(added))
@@ -63,7 +94,9 @@ def template_sensor(context: dg.SensorEvaluationContext, store: StoreResource) -
     return dg.SensorResult(
         run_requests=[dg.RunRequest(partition_key=tid, asset_selection=[TEMPLATE_CACHE]) for tid in changed],
         dynamic_partitions_requests=partition_requests,
-        cursor=json.dumps(current, sort_keys=True),
+        cursor=json.dumps(
+            {"preparation_version": PREPARATION_VERSION, "signatures": current}, sort_keys=True
+        ),
     )
 
 

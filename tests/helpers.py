@@ -44,7 +44,7 @@ def restore_signals() -> None:
 
 
 def start_group(argv: list[str], env: dict, log: Path, cwd: Path = ROOT) -> subprocess.Popen:
-    """A server in its own process group (dagster-notes §11.14), output appended to ``log``."""
+    """A server in its own process group (docs/architecture.md §7.1), output appended to ``log``."""
     with open(log, "ab") as out:
         return subprocess.Popen(
             argv,

@@ -4,12 +4,9 @@
 loads each component and casts it once, after loading, to the requested device and dtype.
 
 The models it returns are made for inference: every ×2 upsampler of the UNet and the VAE decoder is
-folded into phase convolutions (``layers.Upsample2D.fold``), the same function with less work: the
-decoder's upsamplers hold 28 % of a decode's multiply-adds and 12 % once folded. On an H100 in fp16
-this cut the VAE decode from 3.46 to 2.78 ms/frame eager and from 1.56 to 1.44 compiled
-(``bench/probe.py``, sections ``vae_variants`` and ``compile_variants``); the decoded uint8 faces differ
-from the unfolded decoder's by at most 1 level, in 6.7 % of the values (float rounding). The single
-loaders (``load_unet``, ``load_vae``) return the official modules as stored.
+folded into phase convolutions (``layers.Upsample2D.fold``), the same function with less than half the
+multiply-adds of the upsampling convolutions (timings and the ±1-level effect on faces: bench/RESULTS.md).
+The single loaders (``load_unet``, ``load_vae``) return the official modules as stored.
 """
 
 import os
@@ -95,8 +92,8 @@ def load_models(
 
 def _warm_up_libraries(device: torch.device, dtype: torch.dtype) -> threading.Thread | None:
     """On CUDA, start the one-off costs of a fresh process's first convolution, attention and matmul
-    (library loading, cuDNN and cuBLAS set-up: 0.35 s, 0.44 s and 0.1 s on an H100) on a side thread,
-    so they overlap the weights' loading instead of delaying the first batch. None elsewhere."""
+    (library loading, cuDNN and cuBLAS set-up) on a side thread, so they overlap the weights' loading
+    instead of delaying the first batch. None elsewhere."""
     if device.type != "cuda":
         return None
 

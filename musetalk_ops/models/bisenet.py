@@ -1,4 +1,4 @@
-"""BiSeNet face parser (ResNet-18 context path, 19 CelebAMask-HQ classes), reference §11 and §2.9.
+"""BiSeNet face parser (ResNet-18 context path, 19 CelebAMask-HQ classes), docs/reference.md §11 and §2.9.
 
 Module and attribute names follow the official ``79999_iter.pth`` checkpoint key for key, so the
 checkpoint loads strictly. Only the main head runs at inference; the auxiliary heads exist so that
@@ -159,22 +159,27 @@ def load_bisenet(root: str | os.PathLike, device: torch.device | str, dtype: tor
 
 
 def preprocess(images: list[np.ndarray]) -> torch.Tensor:
-    """RGB uint8 crops → [B,3,512,512] float32: PIL bilinear resize, /255, ImageNet normalisation."""
+    """RGB uint8 crops → contiguous [B,3,512,512] float32, as the official ``ToTensor`` + ``Normalize``:
+    PIL bilinear resize, /255, ImageNet normalisation."""
     size = (PARSE_SIZE, PARSE_SIZE)
     batch = np.stack([np.asarray(Image.fromarray(im).resize(size, Image.BILINEAR)) for im in images])
-    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().float() / 255
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
 @torch.inference_mode()
-def parse_faces(model: BiSeNet, images: list[np.ndarray], batch_size: int = 8) -> np.ndarray:
-    """Per-pixel class labels (uint8 [B,512,512], 0..18) for RGB uint8 face crops of any size."""
+def parse_faces(model: BiSeNet, images: list[np.ndarray]) -> np.ndarray:
+    """Per-pixel class labels (uint8 [B,512,512], 0..18) for RGB uint8 face crops of any size.
+
+    One image per forward pass, as the official parser: CPU convolutions pick their algorithm by batch
+    size, and other logits could flip an argmax that is close to a tie.
+    """
     param = next(model.parameters())
     labels = []
-    for i in range(0, len(images), batch_size):
-        x = preprocess(images[i : i + batch_size]).to(device=param.device, dtype=param.dtype)
+    for image in images:
+        x = preprocess([image]).to(device=param.device, dtype=param.dtype)
         labels.append(model(x).argmax(dim=1).to(torch.uint8).cpu().numpy())
     if not labels:
         return np.zeros((0, PARSE_SIZE, PARSE_SIZE), np.uint8)

@@ -86,13 +86,9 @@ class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters and result), which compiled code computes from per-channel
     moments (``group_norm_from_channel_moments``).
 
-    Why: compiled convolutions leave feature maps channels-last, where a group's values are a few
-    channels of every pixel, strided. Inductor read those at about 1 TB/s on an H200, and per-channel
-    moments, across whole pixels, at twice that; with the rest of the norm the engine's VAE decode went
-    from 1.36 to 1.13 ms/frame (with its kernels tuned; bench/RESULTS.md, session 7). Uncompiled (eager,
-    CUDA graphs, the CPU reference) the same formula is several kernels where torch has one fused kernel:
-    with it the graphs path's VAE decode took 3.43 ms/frame instead of 2.61 (session 8), so there torch's
-    own norm runs.
+    Why: compiled convolutions leave feature maps channels-last, where a group's values are strided
+    across pixels and per-channel moments read faster; uncompiled (eager, CUDA graphs, the CPU
+    reference) torch's one fused kernel beats the several of that formula (bench/RESULTS.md).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,8 +184,8 @@ class Upsample2D(nn.Module):
         phases = [
             out[:, (2 * a + col) * c : (2 * a + col + 1) * c, a : a + h, col : col + w] for a, col in _PHASES
         ]
-        # [B, C, a, col, H, W] → [B, C, H, a, W, col]: one pointwise kernel once compiled (writing into
-        # strided views of an empty tensor compiled to four whole-tensor scatters: VAE 1.56 vs 1.44 ms)
+        # [B, C, a, col, H, W] → [B, C, H, a, W, col]: one pointwise kernel once compiled, where writes
+        # into strided views of an empty tensor compile to four whole-tensor scatters
         y = torch.stack(phases, 2).unflatten(2, (2, 2))
         return y.permute(0, 1, 4, 2, 5, 3).reshape(b, c, 2 * h, 2 * w)
 

@@ -17,8 +17,8 @@ from torch import nn
 from musetalk_ops import config
 from musetalk_ops.errors import InputError, ModelFilesError
 from musetalk_ops.files import sha256_file, write_atomic
+from musetalk_ops.options import VERSIONS
 
-VERSIONS = ("v15", "v1")
 COMPONENTS = ("unet", "vae", "whisper", "bisenet")
 DEMO_MARKER = "musetalk-demo.json"
 
@@ -31,7 +31,7 @@ _LFS_MAGIC = b"version https://git-lfs"
 
 
 class ModelLayout:
-    """Paths of the official layout (musetalk-reference.md §1.1) under one models directory."""
+    """Paths of the official layout (docs/reference.md §1.1) under one models directory."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)

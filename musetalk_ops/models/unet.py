@@ -1,4 +1,4 @@
-"""MuseTalk UNet (``unet_model.UNet``) run once at timestep 0 (reference §1.2, P10).
+"""MuseTalk UNet (``unet_model.UNet``) run once at timestep 0 (docs/reference.md §1.2, P10).
 
 The model is built on the meta device and adopts the loaded tensors (``assign``), so loading costs one
 read of the weights and no random initialisation; the cast to the requested dtype comes after loading,
@@ -21,7 +21,7 @@ from musetalk_ops.models.layout import (
 )
 from musetalk_ops.models.unet_model import UNet, UNetConfig
 
-# ``musetalk.json`` of the official release (reference §1.2); ``attention_head_dim`` 8 is diffusers' legacy
+# The official ``musetalk.json`` (docs/reference.md §1.2); ``attention_head_dim`` 8 is diffusers' legacy
 # name for 8 heads per attention layer.
 OFFICIAL_UNET_CONFIG = {
     "_class_name": "UNet2DConditionModel",

@@ -1,7 +1,7 @@
-"""SD VAE (``sd-vae-ft-mse``): crops → 8-channel UNet latents, UNet output → faces (reference §3).
+"""SD VAE (``sd-vae-ft-mse``): crops → 8-channel UNet latents, UNet output → faces (docs/reference.md §3).
 
 Encoding uses the posterior **mean**: the official code samples (``latent_dist.sample()``), which makes
-template latents random; the mean is what training used and keeps caches reproducible (P5).
+template latents random; the mean is what training used and keeps caches reproducible (docs/reference.md P5).
 """
 
 import os
@@ -36,11 +36,8 @@ OFFICIAL_VAE_CONFIG = {  # stabilityai/sd-vae-ft-mse config.json (the official s
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 
-# Frames per VAE decode call: larger batches are decoded in slices of at most this many. The decode
-# gains nothing from more frames per call (H200 engine: 1.185 ms/frame at 64 vs 1.152 at 32), and its
-# 128²–256² activations are what a render's GPU memory holds (1080p, reserved: 12.5 GB at 64 vs 7.5 at
-# 32), while the UNet still gains from the larger batch (0.48 vs 0.52 ms/frame); bench/RESULTS.md,
-# session 9.
+# Frames per VAE decode call: the decode gains nothing from larger calls while its activations set a
+# render's GPU memory, so larger batches decode in slices of this many (bench/RESULTS.md).
 DECODE_BATCH = 32
 VAE_SCALE = 0.18215  # SD 1.x's scaling_factor; VAEConfig rejects a config.json with another
 CROP = 256
@@ -68,8 +65,9 @@ def load_vae(root: str | os.PathLike, device: torch.device | str, dtype: torch.d
 
 
 def _vae_input(crops: np.ndarray, device: torch.device) -> torch.Tensor:
-    """[2B,3,256,256] in [-1,1]: the masked crops (lower half exactly -1), then the full crops."""
-    x = torch.from_numpy(np.ascontiguousarray(crops)).to(device).permute(0, 3, 1, 2).float() / 255
+    """[2B,3,256,256] contiguous NCHW in [-1,1], as the official code builds it: the masked crops (lower
+    half exactly -1), then the full crops."""
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous().to(device).float() / 255
     masked = x.clone()
     masked[:, :, MASK_FROM_ROW:, :] = 0  # zeroed before normalising, so it becomes -1
     return (torch.cat([masked, x]) - 0.5) / 0.5
@@ -77,11 +75,16 @@ def _vae_input(crops: np.ndarray, device: torch.device) -> torch.Tensor:
 
 @torch.inference_mode()
 def encode_crops(vae: VAE, crops: np.ndarray) -> torch.Tensor:
-    """RGB uint8 [B,256,256,3] → float32 [B,8,32,32]: masked latents (0–3) ‖ reference latents (4–7)."""
+    """RGB uint8 [B,256,256,3] → float32 [B,8,32,32]: masked latents (0–3) ‖ reference latents (4–7).
+
+    Each image is encoded alone, as the official code does: on the CPU, torch picks its convolution and
+    channels-last group-norm algorithms (diffusers' mid-block attention leaves that layout) by batch
+    size, so only one image per call reproduces the official latents bit for bit.
+    """
     if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != (CROP, CROP, 3):
         raise ValueError(f"encode_crops wants uint8 [B,{CROP},{CROP},3], got {crops.dtype} {crops.shape}")
     x = _vae_input(crops, vae.device).to(vae.dtype)
-    latents = vae.encode_mean(x) * VAE_SCALE
+    latents = torch.cat([vae.encode_mean(image[None]) for image in x]) * VAE_SCALE
     masked, full = latents.float().chunk(2)
     return torch.cat([masked, full], dim=1)
 

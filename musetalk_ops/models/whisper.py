@@ -1,4 +1,4 @@
-"""whisper-tiny encoder and its log-mel front end (reference §1.3, §4.1), from local files only."""
+"""whisper-tiny encoder and its log-mel front end (docs/reference.md §1.3, §4.1), from local files only."""
 
 import os
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""Audio path (reference §4, parity P6–P9): decoding, Whisper states, frame windows, positional encoding.
+"""Audio path (docs/reference.md §4, P6–P9): decoding, Whisper states, frame windows, positional encoding.
 
 References are computed independently: librosa itself for decoding, raw WAV bytes, hand-run encoder
 submodules for the Whisper states, literal transcriptions of the official index arithmetic for windows.

@@ -10,7 +10,7 @@ from musetalk_ops.blend import crop_box_for, frame_indices, paste_face, pil_blen
 
 
 def official_get_image_blending(frame, face256, face_box, mask, crop_box):
-    """The official realtime path, written independently with PIL (reference §2.10, §3.3)."""
+    """The official realtime path, written independently with PIL (docs/reference.md §2.10, §3.3)."""
     x, y, x1, y1 = face_box
     x_s, y_s = crop_box[0], crop_box[1]
     face = cv2.resize(face256, (x1 - x, y1 - y))  # OpenCV default: INTER_LINEAR

@@ -1,4 +1,4 @@
-"""Template cache format (design.md): round trip, fingerprint, refusals, official avatar import."""
+"""Template cache format (docs/template-cache.md): round trip, fingerprint, refusals, official avatars."""
 
 import hashlib
 import json
@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from musetalk_ops import ENGINE_VERSION
+from musetalk_ops import PREPARATION_VERSION
 from musetalk_ops.blend import crop_box_for
 from musetalk_ops.errors import CacheError
 from musetalk_ops.template_cache import (
@@ -87,7 +87,7 @@ def test_round_trip_with_the_astronaut(tmp_path, astronaut_png, astronaut_rgb):
         "source": {"file": "source.png", "sha256": source_sha},
         "settings": SETTINGS,
         "settings_sha256": hashlib.sha256(canonical).hexdigest(),
-        "engine_version": ENGINE_VERSION,
+        "preparation_version": PREPARATION_VERSION,
         "model": {"version": "v15", "weights": "demo"},
         "fps": 25.0,
         "frame_size": [512, 512],
@@ -106,9 +106,7 @@ def test_round_trip_with_the_astronaut(tmp_path, astronaut_png, astronaut_rgb):
     assert t.faces == [face]
     assert t.latents.dtype == torch.float32 and torch.equal(t.latents, latents.float())
     np.testing.assert_array_equal(t.masks[0], mask)
-    assert t.fingerprint == template_fingerprint(
-        source_sha, manifest["settings_sha256"], "demo", ENGINE_VERSION
-    )
+    assert t.fingerprint == template_fingerprint(source_sha, SETTINGS, "demo")
     assert len(t.fingerprint) == 16 and int(t.fingerprint, 16) >= 0
     assert load_template(out).fingerprint == t.fingerprint
 
@@ -138,16 +136,20 @@ def test_video_template_with_a_frame_without_face(tmp_path):
 
 
 def test_fingerprint_changes_with_each_input():
-    base = ("a" * 64, "b" * 64, "demo", "0.1.0")
+    base = ("a" * 64, {"extra_margin": 10}, "demo", PREPARATION_VERSION)
     prints = {template_fingerprint(*base)}
-    for i, changed in enumerate(["c" * 64, "d" * 64, "0123456789abcdef", "0.1.1"]):
+    for i, changed in enumerate(
+        ["c" * 64, {"extra_margin": 11}, "0123456789abcdef", PREPARATION_VERSION - 1]
+    ):
         args = list(base)
         args[i] = changed
         prints.add(template_fingerprint(*args))
     assert len(prints) == 5
     assert template_fingerprint(*base) == template_fingerprint(*base)
+    assert template_fingerprint(*base[:3]) == template_fingerprint(*base)  # this preparation by default
+    assert template_fingerprint(*base[:3], preparation=None) not in prints  # an official avatar's
     # Parts cannot bleed into each other: moving a character between fields changes the print.
-    assert template_fingerprint("ab", "c", "demo", "1") != template_fingerprint("a", "bc", "demo", "1")
+    assert template_fingerprint("ab", {}, "c") != template_fingerprint("a", {}, "bc")
 
 
 def test_existing_cache_is_kept_unless_forced(image_cache, astronaut_png):
@@ -186,8 +188,17 @@ def test_partial_cache_is_refused(image_cache):
 def test_stale_and_foreign_caches_are_refused(image_cache):
     out = image_cache[0]
     manifest = json.loads((out / "manifest.json").read_text())
-    (out / "manifest.json").write_text(json.dumps({**manifest, "engine_version": "0.0.1"}))
-    _refused(out, "stale cache .*0.0.1.*re-run musetalk prepare")
+    older = {k: v for k, v in manifest.items() if k != "preparation_version"}
+    (out / "manifest.json").write_text(json.dumps({**older, "engine_version": "0.1.0"}))  # before #23
+    _refused(out, "made by an older preparation: re-run musetalk prepare")
+    (out / "manifest.json").write_text(
+        json.dumps({**manifest, "preparation_version": PREPARATION_VERSION - 1})
+    )
+    _refused(out, "made by an older preparation: re-run musetalk prepare")
+    (out / "manifest.json").write_text(
+        json.dumps({**manifest, "preparation_version": PREPARATION_VERSION + 1})
+    )
+    _refused(out, f"made by a newer preparation \\(version {PREPARATION_VERSION + 1}, this is")
     (out / "manifest.json").write_text(json.dumps({**manifest, "schema": "musetalk-template/9"}))
     _refused(out, "schema 'musetalk-template/9'")
     (out / "manifest.json").write_text(json.dumps({**manifest, "frames": 2}))
@@ -299,6 +310,41 @@ def test_official_avatar_is_imported_as_is(avatar):
     assert load_template(root).fingerprint == t.fingerprint
     cv2.imwrite(str(root / "full_imgs" / "00000003.png"), cycle[1][:, :, ::-1])
     assert import_official_avatar(root).fingerprint != t.fingerprint
+
+
+def test_official_avatar_keeps_its_latents_whatever_the_preparation_version(avatar, monkeypatch):
+    """An imported avatar's latents are the official ones: no preparation version applies to them."""
+    from musetalk_ops import template_cache
+
+    root, *_, latents = avatar
+    t = load_template(root)
+    assert t.manifest["preparation_version"] is None
+    monkeypatch.setattr(template_cache, "PREPARATION_VERSION", PREPARATION_VERSION + 1)
+    again = load_template(root)
+    assert torch.equal(again.latents, torch.cat(latents).float()) and again.fingerprint == t.fingerprint
+
+
+def test_a_cache_of_an_older_preparation_is_a_one_line_cli_error(image_cache, tmp_path, demo_models):
+    """``musetalk render`` of a cache written before #23 (manifest key engine_version) says what to do."""
+    import subprocess
+    import sys
+
+    out = image_cache[0]
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["preparation_version"]
+    (out / "manifest.json").write_text(json.dumps({**manifest, "engine_version": "0.1.0"}))
+    (tmp_path / "a.wav").write_bytes(b"")
+    argv = ["render", "--template", out, "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "musetalk_ops.cli", *map(str, argv), "--models", str(demo_models)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"musetalk: error: cache {out} was made by an older preparation: re-run musetalk prepare --force"
+    )
 
 
 def test_official_placeholder_box_is_a_pass_through_frame(avatar):

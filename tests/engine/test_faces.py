@@ -1,4 +1,4 @@
-"""Landmarks and the official face-box rule (reference §2.4–2.5), checked against hand-computed boxes."""
+"""Landmarks and the official face-box rule (docs/reference.md §2.4–2.5), against hand-computed boxes."""
 
 import numpy as np
 import pytest

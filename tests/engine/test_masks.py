@@ -1,4 +1,4 @@
-"""Parsing modes and blending masks (reference §2.9–2.10) against hand-derived expectations."""
+"""Parsing modes and blending masks (docs/reference.md §2.9–2.10) against hand-derived expectations."""
 
 import cv2
 import numpy as np
@@ -108,7 +108,7 @@ def test_blur_kernel_sizes(width, k):
 
 
 def test_blending_mask_keeps_lower_face_box_only():
-    face_box, crop_box = (100, 120, 300, 330), (43, 68, 357, 382)  # reference §2.10 example, s = 157
+    face_box, crop_box = (100, 120, 300, 330), (43, 68, 357, 382)  # docs/reference.md §2.10 example, s = 157
     mask = blending_mask(np.full((512, 512), 255, np.uint8), face_box, crop_box)
     assert mask.shape == (314, 314) and mask.dtype == np.uint8
     # Before blurring: 255 on rows [157, 330−68) × cols [100−43, 300−43), else 0; k = 31 (W = 314).

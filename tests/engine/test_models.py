@@ -259,7 +259,9 @@ def test_vae_encode_uses_posterior_mean_and_masks_the_lower_half(demo_models):
     assert latents.shape == (1, 8, 32, 32) and latents.dtype == torch.float32
     torch.testing.assert_close(encode_crops(vae, images), latents, rtol=0, atol=0)  # deterministic
 
-    x = seen[0]
+    assert [tuple(t.shape) for t in seen] == [(1, 3, 256, 256)] * 2  # one image per call
+    assert all(t.is_contiguous() for t in seen)  # NCHW, as the official input computes
+    x = torch.cat(seen)
     full = images.astype(np.float32) / np.float32(255) * 2 - 1  # independent: numpy, NHWC
     masked = full.copy()
     masked[:, 128:] = -1
@@ -267,9 +269,12 @@ def test_vae_encode_uses_posterior_mean_and_masks_the_lower_half(demo_models):
     assert (x[:1, :, 128:] == -1).all()
     np.testing.assert_allclose(x[1:].permute(0, 2, 3, 1).numpy(), full, atol=1e-6)
 
-    with torch.no_grad():  # the same batch (CPU conv numerics depend on the batch) from the numpy input
-        moments = vae.quant_conv(
-            vae.encoder(torch.from_numpy(np.concatenate([masked, full])).permute(0, 3, 1, 2))
+    with torch.no_grad():  # one image per call (CPU numerics depend on the batch) from the numpy input
+        moments = torch.cat(
+            [
+                vae.quant_conv(vae.encoder(torch.from_numpy(image).permute(0, 3, 1, 2).contiguous()))
+                for image in (masked, full)
+            ]
         )
     mean, logvar = moments.chunk(2, dim=1)
     torch.testing.assert_close(latents[:, :4], mean[:1] * VAE_SCALE, rtol=1e-5, atol=1e-6)
@@ -352,7 +357,7 @@ def test_whisper_encoder_keys_are_strict_decoder_keys_ignored(demo_models, tmp_p
 def test_parse_faces_labels_and_preprocessing(demo_models, astronaut_rgb):
     model = load_bisenet(demo_models, "cpu", torch.float32)
     images = [astronaut_rgb[40:300, 120:380], astronaut_rgb[:100, :150]]  # any size → 512²
-    labels = parse_faces(model, images, batch_size=1)
+    labels = parse_faces(model, images)
     assert labels.shape == (2, 512, 512) and labels.dtype == np.uint8
     assert labels.max() < 19
 
@@ -360,8 +365,10 @@ def test_parse_faces_labels_and_preprocessing(demo_models, astronaut_rgb):
     mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
     x = np.stack([np.asarray(Image.fromarray(im).resize((512, 512), Image.BILINEAR)) for im in images])
     x = (x.astype(np.float32) / 255 - mean) / std
-    with torch.no_grad():  # one image per batch, like parse_faces(batch_size=1): same CPU numerics
-        logits = torch.cat([model(torch.from_numpy(x[i : i + 1]).permute(0, 3, 1, 2)) for i in range(2)])
+    with torch.no_grad():  # one contiguous NCHW image per call, as the official parser (ToTensor)
+        logits = torch.cat(
+            [model(torch.from_numpy(x[i : i + 1]).permute(0, 3, 1, 2).contiguous()) for i in range(2)]
+        )
     assert logits.shape == (2, 19, 512, 512)
     np.testing.assert_array_equal(labels, logits.argmax(1).numpy())
     assert (labels == 1).mean() > 0.5  # the demo head favours skin so demo blending masks are not empty

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -18,7 +20,7 @@ from musetalk_ops.models.layers import GroupNorm, Timesteps, Upsample2D, group_n
 from musetalk_ops.models.layout import ModelLayout, read_json, read_state_dict
 from musetalk_ops.models.unet import OFFICIAL_UNET_CONFIG, build_unet
 from musetalk_ops.models.unet_model import UNetConfig
-from musetalk_ops.models.vae import OFFICIAL_VAE_CONFIG, build_vae
+from musetalk_ops.models.vae import OFFICIAL_VAE_CONFIG, build_vae, encode_crops, load_vae
 from musetalk_ops.models.vae_model import VAEConfig, rename_deprecated_attention
 
 TOLERANCE = 1e-4  # max abs difference in fp32 on CPU (measured: 0, the same operations in the same order)
@@ -352,3 +354,63 @@ def test_engine_models_are_folded_and_compute_what_diffusers_does(demo_models):
         assert max_diff(vae.decode(latents), reference_vae.decode(latents).sample) <= TOLERANCE
         want = reference_unet(sample, t, encoder_hidden_states=tokens).sample
         assert max_diff(unet(sample, t, tokens), want) <= TOLERANCE
+
+
+# --- template latents against the official computation ---------------------------------------------
+
+
+def official_latents(reference: AutoencoderKL, crop_bgr: np.ndarray) -> torch.Tensor:
+    """Reference §3.1 with the posterior mean for one 256² BGR crop: the input built as the official
+    ``preprocess_img`` builds it (float64 /255, a ``FloatTensor`` of the transposed array, half mask,
+    Normalize 0.5/0.5, [1,3,256,256]), one encode per image; masked ‖ full → [1,8,32,32]."""
+    x = np.transpose(np.asarray([cv2.cvtColor(crop_bgr, cv2.COLOR_BGR2RGB)]) / 255.0, (3, 0, 1, 2))
+    x = torch.squeeze(torch.FloatTensor(x))
+    mask = torch.zeros(256, 256)
+    mask[:128] = 1
+    halves = []
+    with torch.no_grad():
+        for image in (x * (mask > 0.5), x):
+            official = ((image - torch.full((3, 1, 1), 0.5)) / torch.full((3, 1, 1), 0.5)).unsqueeze(0)
+            # A permuted array's strides, but with a batch stride that rules out channels-last: torch
+            # computes it as contiguous NCHW, bit for bit.
+            latents = reference.encode(official).latent_dist.mean
+            assert torch.equal(latents, reference.encode(official.contiguous()).latent_dist.mean)
+            halves.append(latents * 0.18215)
+    return torch.cat(halves, dim=1)
+
+
+def test_template_latents_are_the_official_encode_bit_for_bit(
+    tmp_path, astronaut_png, astronaut_rgb, demo_models
+):
+    """Issue #23: fp32 on the CPU, the preparation path's latents (a template prepared from the image
+    with a manual box, and ``encode_crops`` of several crops at once) equal diffusers' ``AutoencoderKL``
+    fed the official contiguous input, exactly; the masked crop's constant lower half is where a
+    channels-last input drifted."""
+    from musetalk_ops.prepare import face_crops, prepare_template
+    from musetalk_ops.settings import TemplateSettings
+    from musetalk_ops.template_cache import read_cache
+
+    reference = AutoencoderKL.from_pretrained(ModelLayout(demo_models).vae_dir).eval()
+    bgr = np.ascontiguousarray(astronaut_rgb[..., ::-1])  # what cv2.imread gives the official code
+
+    template = read_cache(
+        prepare_template(
+            astronaut_png,
+            tmp_path / "cache",
+            template_id="astronaut",
+            settings=TemplateSettings(face_box=[177, 66, 272, 175]),
+            models_root=demo_models,
+            device="cpu",
+            dtype="float32",
+        )
+    )
+    x1, y1, x2, y2 = template.faces[0].face_box
+    assert (x1, y1, x2, y2) == (177, 66, 272, 185)  # the box plus extra_margin 10
+    crop = cv2.resize(bgr[y1:y2, x1:x2], (256, 256), interpolation=cv2.INTER_LANCZOS4)
+    assert torch.equal(template.latents, official_latents(reference, crop))
+
+    boxes = [(177, 66, 272, 185), (150, 40, 300, 200), (190, 90, 250, 170)]
+    got = encode_crops(load_vae(demo_models, "cpu", torch.float32), face_crops([astronaut_rgb] * 3, boxes))
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        crop = cv2.resize(bgr[y1:y2, x1:x2], (256, 256), interpolation=cv2.INTER_LANCZOS4)
+        assert torch.equal(got[i : i + 1], official_latents(reference, crop)), boxes[i]

@@ -19,8 +19,8 @@ INSTANCE_CONFIG_MAP = f"{RELEASE}-instance"
 PG_SECRET = "dagster-postgresql-secret"
 DAGSTER_HOME = "/opt/dagster/dagster_home"
 
-# Which steps load weights and which need a GPU (design.md: only render work runs on GPU pods; Whisper
-# features are CPU work but read the weights volume).
+# Which steps load weights and which need a GPU (docs/architecture.md §3: only render work runs on GPU
+# pods; Whisper features are CPU work but read the weights volume).
 GPU_STEPS = {"render_chunk", "template_cache", "welcome_video"}
 WEIGHT_STEPS = GPU_STEPS | {"audio_features"}
 GPU = "nvidia.com/gpu"

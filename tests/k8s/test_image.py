@@ -33,7 +33,7 @@ def test_dockerfile_builds_the_documented_image():
 
 def test_image_keeps_compiled_bytecode():
     """Compiled bytecode is what keeps a step's cold start short: without it, every fresh process
-    compiles torch's modules on import (1.7 → 2.7–3.6 s on an H200 host, bench/RESULTS.md session 6)."""
+    compiles torch's modules on import (1.7 → 2.7–3.6 s on an H200 host, bench/RESULTS.md, 2026-12-03)."""
     from pipelines.executors import GPU_K8S_CONFIG, WEIGHTS_K8S_CONFIG
 
     runs = [arg for op, arg in dockerfile_instructions() if op == "RUN"]

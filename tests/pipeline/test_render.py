@@ -9,10 +9,10 @@ import pytest
 import soundfile as sf
 from helpers import deployment_env
 
-from musetalk_ops import ENGINE_VERSION
+from musetalk_ops import PREPARATION_VERSION
 from musetalk_ops.settings import TemplateSettings
 from musetalk_ops.store import open_store
-from musetalk_ops.template_cache import settings_sha256, sha256_file, template_fingerprint
+from musetalk_ops.template_cache import sha256_file, template_fingerprint
 from musetalk_ops.video import probe
 
 FACE_BOX = [177, 66, 272, 175]  # the astronaut's landmark box: no face detector needed
@@ -102,12 +102,10 @@ def test_template_and_render_end_to_end(backend, instance, astronaut_png, short_
     (event,) = result.get_asset_materialization_events()
     meta = event.materialization.metadata
     fingerprint = template_fingerprint(
-        sha256_file(astronaut_png),
-        settings_sha256(TemplateSettings(face_box=FACE_BOX).to_dict()),
-        "demo",
-        ENGINE_VERSION,
+        sha256_file(astronaut_png), TemplateSettings(face_box=FACE_BOX).to_dict(), "demo"
     )
     assert event.partition == "astro" and meta["fingerprint"].value == fingerprint
+    assert meta["preparation_version"].value == PREPARATION_VERSION
     assert meta["weights"].value == "demo" and meta["frames"].value == 1 and meta["fps"].value == 25.0
     assert meta["face_size"].value != "no face" and meta["preparation_seconds"].value > 0
     assert meta["preview"].value.startswith("![preview](data:image/jpeg;base64,")

@@ -7,9 +7,10 @@ import time
 import dagster as dg
 import pytest
 
+from musetalk_ops import PREPARATION_VERSION
 from musetalk_ops.store import LocalStore
 from pipelines.resources import StoreResource
-from pipelines.sensors import AUDIO_GRACE_SECONDS, render_request_sensor, template_sensor
+from pipelines.sensors import AUDIO_GRACE_SECONDS, _template_inputs, render_request_sensor, template_sensor
 
 
 @pytest.fixture
@@ -55,16 +56,40 @@ def test_template_sensor_follows_the_store(instance, store):
     assert sorted(instance.get_dynamic_partitions("templates")) == ["bob", "carol"]  # alice removed
 
 
-def add_template(instance, tid: str) -> None:
+def add_template(instance, tid: str, **metadata) -> None:
     """A template the instance knows: its partition plus a template_cache materialization."""
     instance.add_dynamic_partitions("templates", [tid])
     instance.report_runless_asset_event(
         dg.AssetMaterialization(
             asset_key="template_cache",
             partition=tid,
-            metadata={"fingerprint": "0123456789abcdef", "weights": "demo"},
+            metadata={"fingerprint": "0123456789abcdef", "weights": "demo", **metadata},
         )
     )
+
+
+def test_template_sensor_prepares_again_what_an_older_preparation_made(instance, store):
+    """After an upgrade that bumps PREPARATION_VERSION, the first tick requests every template whose
+    current cache another preparation version made, once; nobody has to act."""
+    for tid in ("alice", "bob", "carol", "dave"):
+        store.put_bytes(f"templates/{tid}/source.png", tid.encode())
+    add_template(instance, "alice")  # materialized before the version was recorded
+    add_template(instance, "bob", preparation_version=PREPARATION_VERSION)
+    add_template(instance, "carol", preparation_version=PREPARATION_VERSION - 1)
+    instance.add_dynamic_partitions("templates", ["dave"])  # never materialized: nothing to redo
+    older_cursor = json.dumps(_template_inputs(store.list("templates/")))  # what the previous code wrote
+
+    upgraded = tick(template_sensor, instance, store, older_cursor)
+    assert sorted(r.partition_key for r in upgraded.run_requests) == ["alice", "carol"]
+    assert all(r.asset_selection == [dg.AssetKey("template_cache")] for r in upgraded.run_requests)
+    # requested once: the next ticks wait for those runs instead of asking again
+    assert tick(template_sensor, instance, store, upgraded.cursor).run_requests == []
+    add_template(instance, "alice", preparation_version=PREPARATION_VERSION)
+    assert tick(template_sensor, instance, store, upgraded.cursor).run_requests == []
+    store.put_bytes("templates/bob/source.png", b"bob, new photo")  # inputs still count as before
+    assert [
+        r.partition_key for r in tick(template_sensor, instance, store, upgraded.cursor).run_requests
+    ] == ["bob"]
 
 
 def put_request(store, rid: str, body, audio: str | None = "wav", age: float = 0.0) -> None:
