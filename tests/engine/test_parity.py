@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from helpers import png_frames
 from PIL import Image
-from test_nets import diffusers_kwargs, official_latents
+from engine.test_nets import diffusers_kwargs, official_latents
 from transformers import WhisperFeatureExtractor, WhisperModel
 
 from musetalk_ops.models.layout import ModelLayout, read_json, read_state_dict

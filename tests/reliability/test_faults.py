@@ -509,7 +509,7 @@ def test_merge_that_died_after_publishing_is_reported_not_merged_again(
     """The worker dies between writing renders/<id>.json and finishing the step (the chunks are already
     deleted): the re-executed merge finds the published video of the same cache, reports it and
     succeeds instead of failing on the missing chunks or writing the video again."""
-    from pipelines import render as ops
+    from pipelines import jobs as ops
 
     push_template(astronaut_png)
     materialize(instance)
