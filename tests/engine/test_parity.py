@@ -16,9 +16,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from helpers import png_frames
 from PIL import Image
-from engine.test_nets import diffusers_kwargs, official_latents
 from transformers import WhisperFeatureExtractor, WhisperModel
 
+from engine.test_nets import diffusers_kwargs, official_latents
 from musetalk_ops.models.layout import ModelLayout, read_json, read_state_dict
 
 BBOX = (177, 66, 272, 175)  # the astronaut's face, before extra_margin
