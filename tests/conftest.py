@@ -28,10 +28,11 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns xdist_group marks into node ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``--dist loadgroup``, the tests that need the engine build of ``aot_cache`` share one
-    worker, so that the build (about a minute) runs once."""
+    """The tests that need the engine build of ``aot_cache`` (about a minute) are slow, and share one
+    xdist worker under ``--dist loadgroup`` so that the build runs once."""
     for item in items:
         if "aot_cache" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
             item.add_marker(pytest.mark.xdist_group("aot_cache"))
 
 
