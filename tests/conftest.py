@@ -26,13 +26,12 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, share)))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns xdist_group marks into node ids
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by mark
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``--dist loadgroup``, the tests that need the engine build of ``aot_cache`` share one
-    worker, so that the build (about a minute) runs once."""
+    """The tests that need the engine build of ``aot_cache`` (about a minute) are slow."""
     for item in items:
         if "aot_cache" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("aot_cache"))
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
@@ -186,7 +185,22 @@ def features(render_models, speech_wav):
 @pytest.fixture(scope="session")
 def aot_cache(tmp_path_factory, demo_models) -> Path:
     """A ``$MUSETALK_CACHE`` holding an AOTInductor engine for the demo models on the CPU (float32, batch
-    4), built by ``musetalk engine build`` in its own process (about a minute on two cores)."""
+    4), built by ``musetalk engine build`` in its own process (about a minute on two cores).
+
+    Under xdist the first worker that needs it builds it for the run (an engine is found by the models'
+    architecture, not by their files) and every worker gets its own copy."""
     cache = tmp_path_factory.mktemp("aot-cache")
-    cli_engine_build(demo_models, cache).check_returncode()
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        cli_engine_build(demo_models, cache).check_returncode()
+        return cache
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "aot-cache"  # the run's directory above the workers'
+    with FileLock(f"{shared}.lock"):
+        if not shared.is_dir():
+            partial = shared.with_name("aot-cache.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            cli_engine_build(demo_models, partial).check_returncode()
+            partial.rename(shared)
+    shutil.copytree(shared, cache, dirs_exist_ok=True)
     return cache

@@ -120,6 +120,7 @@ def test_an_engine_runs_only_the_batch_sizes_it_was_built_for(aot_cache, demo_mo
         engine.unet(*inputs(2))
 
 
+@pytest.mark.slow
 def test_a_sliced_decode_gives_the_whole_batch_decode(demo_models, monkeypatch):
     """Slices of 3 for 7 latents: three calls of one shape (the last padded), the faces of one call."""
     vae = cpu_models(demo_models).vae
@@ -374,6 +375,7 @@ def test_engine_compiler_shares_the_process_cxx_runtime(tmp_path, monkeypatch):
     assert engine_compiler() is None  # nothing suitable: Inductor's default, still checked
 
 
+@pytest.mark.slow
 def test_an_engine_linked_with_its_own_cxx_runtime_is_refused(demo_models, tmp_path):
     """The failure the lent GPU image showed, for real on the CPU: a wrapper with a static libstdc++
     does not load (SIGSEGV there, a failed container creation here); the build says so in one line and

@@ -163,6 +163,7 @@ def test_cuda_requested_without_cuda(tmp_path, astronaut_cache, speech_wav, demo
     assert_user_error(proc, "CUDA is not available")
 
 
+@pytest.mark.slow
 def test_models_demo_and_check(tmp_path):
     root = tmp_path / "weights"
     assert musetalk("models", "demo", root).returncode == 0

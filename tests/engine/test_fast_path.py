@@ -154,6 +154,7 @@ def test_bucket_sizes():
     assert bucket_sizes(32, "aot") == (32,) and bucket_sizes(20, "aot") == (20,)
 
 
+@pytest.mark.slow
 def test_a_partial_batch_reuses_a_bucket_already_used(demo_models):
     """A new shape costs a fresh process more (cuDNN plans, kernel loading) than padding does."""
     models = load_models(demo_models, device="cpu", dtype=torch.float32, components=("unet", "vae"))
@@ -166,6 +167,7 @@ def test_a_partial_batch_reuses_a_bucket_already_used(demo_models):
     assert partial.shape[0] == 3 and torch.equal(partial, faces[:3])  # same inputs, padded batch
 
 
+@pytest.mark.slow
 def test_a_bucket_decodes_only_the_slices_that_hold_its_frames(demo_models, monkeypatch):
     """Decodes of at most 4 frames (as 32 on a GPU): a bucket of 6 decodes in two slices of 3; a batch of
     2 padded to it decodes only the first, and its faces are the full batch's."""
@@ -217,6 +219,7 @@ def test_graphs_mode_needs_cuda(render_models, features, astronaut_cache, tmp_pa
         )
 
 
+@pytest.mark.slow
 def test_fast_path_renders_the_reference_frames(
     render_models, features, astronaut_cache, tmp_path, speech_wav
 ):

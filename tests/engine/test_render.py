@@ -100,6 +100,7 @@ def test_render_chunk_frame_matches_independent_computation(
     assert np.array_equal(written[f"{i:08d}.png"][outside], template.frames[k][outside])
 
 
+@pytest.mark.slow
 def test_chunks_join_into_the_same_frames_as_one_render(
     render_models, features, astronaut_cache, tmp_path, speech_wav
 ):
@@ -170,6 +171,7 @@ def _write_official_avatar(cache_dir, avatar_dir):
     )
 
 
+@pytest.mark.slow
 def test_official_avatar_renders_like_the_cache(render_models, features, astronaut_cache, tmp_path):
     avatar = tmp_path / "avatar"
     _write_official_avatar(astronaut_cache, avatar)

@@ -152,6 +152,7 @@ def test_render_chunk_runs_as_a_valid_gpu_pod_on_kubernetes():
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
 
 
+@pytest.mark.slow
 def test_dagster_definitions_validate(tmp_path):
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "MUSETALK_STORE": str(tmp_path / "store")}
     env.pop("MUSETALK_S3_BUCKET", None)

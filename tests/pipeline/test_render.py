@@ -92,6 +92,7 @@ def run_render(instance, rid: str, **kwargs) -> dg.ExecuteInProcessResult:
     )
 
 
+@pytest.mark.slow
 def test_template_and_render_end_to_end(backend, instance, astronaut_png, short_speech):
     from pipelines.resources import StoreResource
     from pipelines.sensors import render_request_sensor
@@ -157,6 +158,7 @@ def test_template_and_render_end_to_end(backend, instance, astronaut_png, short_
         assert any(k.endswith(f"{result.run_id}/load_request/result") for k in outputs)
 
 
+@pytest.mark.slow
 @local
 def test_template_cache_is_not_prepared_twice(backend, instance, astronaut_png):
     push_template(astronaut_png)
@@ -225,6 +227,7 @@ def test_bad_requests_fail_cleanly(backend, instance, short_speech):
     assert store.list("renders/") == [] and store.list("work/") == []
 
 
+@pytest.mark.slow
 @local
 def test_reexecution_rerenders_only_missing_chunks_and_stats_count_requests_once(
     backend, instance, astronaut_png, short_speech, monkeypatch, tmp_path
@@ -301,6 +304,7 @@ def test_reexecution_rerenders_only_missing_chunks_and_stats_count_requests_once
     assert stats["engine"]["weights"] == "demo" and "unreachable" in stats["engine"]["codeLocation"]
 
 
+@pytest.mark.slow
 @local
 def test_welcome_video_from_text_and_from_audio(backend, instance, astronaut_png, short_speech):
     from pipelines.assets import welcome_video

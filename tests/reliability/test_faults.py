@@ -99,6 +99,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_damaged_cache_is_refused_then_repaired(pipeline_env, instance, astronaut_png, short_speech, damage):
     push_template(astronaut_png)
@@ -137,6 +138,7 @@ def test_damaged_cache_is_refused_then_repaired(pipeline_env, instance, astronau
 # --- CUDA out of memory --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_out_of_memory_halves_the_batch_until_it_fits(monkeypatch):
     from musetalk_ops.render import chunks
 
@@ -203,6 +205,7 @@ def test_a_failed_attempt_holds_nothing_when_gpu_memory_is_released(monkeypatch)
     assert alive_at_release == [[False]]
 
 
+@pytest.mark.slow
 def test_chunk_out_of_memory_retries_smaller_and_matches_a_small_batch_render(
     pipeline_env, instance, astronaut_png, short_speech, monkeypatch, tmp_path
 ):
@@ -254,6 +257,7 @@ def s3_via_proxy(moto_server, monkeypatch):
     proxy.cut()  # stop listening and drop the connections
 
 
+@pytest.mark.slow
 def test_s3_cut_during_cache_upload_leaves_no_visible_cache(
     pipeline_env, s3_via_proxy, instance, astronaut_png, monkeypatch
 ):
@@ -363,6 +367,7 @@ def test_s3_cut_during_a_run_fails_clearly_and_reexecution_completes(
     assert probe(fetch("renders/blip.mp4", tmp_path)).frames == expected_frames(short_speech)
 
 
+@pytest.mark.slow
 def test_s3_paused_briefly_only_delays_the_run(
     pipeline_env, moto_server, s3_via_proxy, instance, astronaut_png, short_speech, monkeypatch
 ):

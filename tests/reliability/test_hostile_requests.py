@@ -165,6 +165,7 @@ def sandbox(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=ids, body=bodies)
 def test_sensor_refuses_hostile_requests_without_writing_outside_the_store(sandbox, name, body):
