@@ -30,7 +30,7 @@ class Timings:
     dtype: str = "float32"
     batch_size: int = 0
     weights: str = "official"
-    mode: str = ""  # the execution path that rendered (render.resolve_mode): aot, graphs, reference…
+    mode: str = ""  # the execution path that rendered (render.chunks.resolve_mode): aot, graphs, reference…
     extra: dict[str, float] = field(default_factory=dict)
 
     @contextmanager

@@ -14,7 +14,6 @@ from helpers import deployment_env, free_port, start_group, stop_group, wait_for
 @pytest.fixture
 def pipeline_env(tmp_path, monkeypatch, demo_models) -> Path:
     """What a deployment sets: demo weights, a private engine cache, the local store (returned)."""
-    monkeypatch.delenv("MUSETALK_FAULT_MAX_BATCH", raising=False)
     return deployment_env(monkeypatch, tmp_path, demo_models)
 
 
