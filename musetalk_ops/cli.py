@@ -14,13 +14,10 @@ import tempfile
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from musetalk_ops.errors import InputError, MuseTalkError
 from musetalk_ops.options import OPTIONS, VERSIONS
-
-if TYPE_CHECKING:  # render imports torch: only the commands that render load it
-    from musetalk_ops.render.settings import RenderSettings
+from musetalk_ops.render.settings import RenderSettings
 
 log = logging.getLogger("musetalk")
 
@@ -39,10 +36,8 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
         OPTIONS[name].add_flag(p)
 
 
-def _render_settings(args: argparse.Namespace, **more: object) -> "RenderSettings":
+def _render_settings(args: argparse.Namespace, **more: object) -> RenderSettings:
     """``RenderSettings`` from the ``_add_runtime_flags`` flags plus a command's own (``more``)."""
-    from musetalk_ops.render.settings import RenderSettings
-
     return RenderSettings(
         device=args.device, dtype=args.dtype, version=args.version, models_root=args.models, **more
     )
