@@ -132,7 +132,8 @@ def test_every_model_input_is_contiguous_nchw(tmp_path, astronaut_png, short_spe
     from musetalk_ops.models.unet_model import UNet
     from musetalk_ops.models.vae_model import Decoder, Encoder
     from musetalk_ops.prepare import prepare_template
-    from musetalk_ops.render import RenderSettings, render_file
+    from musetalk_ops.render.file import render_file
+    from musetalk_ops.render.settings import RenderSettings
     from musetalk_ops.settings import TemplateSettings
 
     watched = (Encoder, Decoder, UNet, BiSeNet, WhisperEncoder)
