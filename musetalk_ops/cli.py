@@ -117,6 +117,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--part", help="build only this part, e.g. unet-b64 (the missing ones are built in parallel)"
     )
 
+    w = sub.add_parser("serve", help="a warm render worker: models resident, replies over HTTP (README)")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    w.add_argument("--port", type=int, default=8000, help="port (default 8000; --per-gpu: the first)")
+    _add_runtime_flags(w)
+    for name in ("batch_size", "crf", "preset", "mode", "encoders"):
+        OPTIONS[name].add_flag(w)
+    w.add_argument(
+        "--preload-templates",
+        default="all",
+        help="templates to load and keep resident at start: all (every prepared one), none, or id,id,…",
+    )
+    w.add_argument("--queue", type=int, default=16, help="replies queued or rendering at most (then 429)")
+    w.add_argument(
+        "--template-memory-mb", type=int, default=2048, help="memory for resident templates (default 2048)"
+    )
+    w.add_argument(
+        "--name", help="worker name in records (default: <host name>-<port>; keep it across restarts)"
+    )
+    w.add_argument(
+        "--per-gpu", action="store_true", help="one worker per visible GPU, on consecutive ports from --port"
+    )
+
     t = sub.add_parser("templates", help="manage the templates in the object store")
     tsub = t.add_subparsers(dest="templates_command", required=True, metavar="ACTION")
     push = tsub.add_parser("push", help="upload templates/<id>/ folders into the store")
@@ -127,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         (p, cmd_prepare),
         (m, cmd_models),
         (e, cmd_engine),
+        (w, cmd_serve),
         (t, cmd_templates),
     ):
         command.set_defaults(handler=handler)
@@ -315,6 +338,67 @@ def _run_children(commands: list[list[str]]) -> None:
     for i, proc in enumerate(procs):
         if proc.returncode != 0:
             raise EngineError(last.get(i, f"exit {proc.returncode}").removeprefix("musetalk: error: "))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Check what a user can get wrong in milliseconds, then load, warm and serve (docs: README)."""
+    import os
+
+    from musetalk_ops.config import models_dir
+    from musetalk_ops.ids import validate_id
+    from musetalk_ops.models.layout import check_models
+    from musetalk_ops.store import open_store
+
+    if not 0 < args.port < 65536 or args.queue < 1 or args.template_memory_mb < 1:
+        raise InputError("--port must be 1-65535, --queue and --template-memory-mb positive")
+    if args.per_gpu:
+        return _serve_per_gpu(args)
+    check_models(models_dir(args.models), version=args.version or VERSIONS[0])
+    preload = None if args.preload_templates == "all" else []
+    if args.preload_templates not in ("all", "none"):
+        preload = [validate_id(t.strip(), "template id") for t in args.preload_templates.split(",")]
+    token = os.environ.get("MUSETALK_WORKER_TOKEN") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
+        log.warning("warning: serving beyond this machine without MUSETALK_WORKER_TOKEN: anyone can render")
+    from musetalk_ops.serve.server import serve
+    from musetalk_ops.serve.worker import Worker
+
+    settings = _render_settings(
+        args, **{name: getattr(args, name) for name in ("batch_size", "crf", "preset", "mode", "encoders")}
+    )
+    worker = Worker(
+        open_store(),
+        settings,
+        name=validate_id(args.name or _default_worker_name(args.port), "worker name"),
+        queue_limit=args.queue,
+        template_budget_bytes=args.template_memory_mb << 20,
+    )
+    return serve(worker, host=args.host, port=args.port, token=token, preload=preload)
+
+
+def _default_worker_name(port: int) -> str:
+    import re
+    import socket
+
+    return re.sub(r"[^a-z0-9_-]", "-", f"{socket.gethostname().lower()}-{port}").strip("-_")[-64:]
+
+
+def _serve_per_gpu(args: argparse.Namespace) -> int:
+    """``serve`` once per visible GPU (``--device cuda:N``, port ``--port + N``); SIGTERM drains them all."""
+    import signal
+
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise InputError("--per-gpu: no CUDA GPU is visible here (start one worker with --device cpu)")
+    argv = [a for a in sys.argv[1:] if a != "--per-gpu"]
+    children = []
+    for index in range(count):
+        flags = ["--device", f"cuda:{index}", "--port", str(args.port + index)]
+        children.append(subprocess.Popen([sys.executable, "-m", "musetalk_ops.cli", *argv, *flags]))
+    signal.signal(signal.SIGTERM, lambda *_: [c.send_signal(signal.SIGTERM) for c in children])
+    return max(child.wait() for child in children)
 
 
 def cmd_templates(args: argparse.Namespace) -> int:

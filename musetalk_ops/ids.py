@@ -1,6 +1,8 @@
 """Identifiers that travel from requests into storage keys: validated before any use."""
 
 import re
+import secrets
+from datetime import datetime, timezone
 from pathlib import Path
 
 from musetalk_ops.errors import InputError
@@ -29,3 +31,8 @@ def default_template_id(source: Path) -> str:
     stem = source.parent.name if source.stem == "source" else source.stem
     cleaned = "".join(c if c.isascii() and (c.isalnum() or c in "_-") else "-" for c in stem.lower())
     return validate_id(cleaned.strip("-_")[:64] or "template", "template id")
+
+
+def new_request_id() -> str:
+    """A fresh, sortable request id: ``r<UTC yyyymmddHHMMSS>-<8 hex>``."""
+    return f"r{datetime.now(timezone.utc):%Y%m%d%H%M%S}-{secrets.token_hex(4)}"

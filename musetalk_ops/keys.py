@@ -15,6 +15,9 @@ SOURCE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "mp4", "mov", "webm", "mkv")
 MANIFEST = "manifest.json"  # the template cache's manifest file (template_cache.py)
 REQUESTS = "requests/"  # request objects, watched by the request sensor
 REJECTED = f"{REQUESTS}rejected/"  # requests refused before any run, with their reasons
+RENDERS = "renders/"  # finished videos and their records, watched by the direct-render sensor
+FAILED = f"{RENDERS}failed/"  # records of renders that failed on a worker
+CLAIMS = "claims/"  # one object per request id ever taken: the atomic reservation of the id
 MAX_CHUNKS = 10000  # chunk numbers are zero-padded to 4 digits so listings sort in frame order
 
 _FINGERPRINT = re.compile(r"[0-9a-f]{16}")
@@ -56,6 +59,15 @@ def cache_manifest(tid: str, fingerprint: str) -> str:
     return cache_prefix(tid, fingerprint) + MANIFEST
 
 
+def template_pointer(tid: str) -> str:
+    """``current.json``: names the template's current cache; ``template_cache`` writes it last."""
+    return f"cache/templates/{validate_id(tid, 'template id')}/current.json"
+
+
+def claim(rid: str) -> str:
+    return f"{CLAIMS}{validate_id(rid, 'request id')}.json"
+
+
 def request(rid: str) -> str:
     return f"{REQUESTS}{validate_id(rid, 'request id')}.json"
 
@@ -70,6 +82,14 @@ def rejected_reason(rid: str) -> str:
 
 def audio(rid: str, ext: str) -> str:
     return f"audio/{validate_id(rid, 'request id')}.{_ext(ext, AUDIO_EXTS, 'audio')}"
+
+
+def audio_object(value: object) -> str:
+    """An audio key a client names (``audio/<name>.<ext>``, a known audio type): never any other object."""
+    if not isinstance(value, str) or not value.startswith("audio/") or "." not in value:
+        raise InputError(f"audio {value!r}: expected a key audio/<name>.<ext>")
+    name, _, ext = value.removeprefix("audio/").rpartition(".")
+    return audio(validate_id(name, "audio name"), ext)
 
 
 def work_prefix(rid: str) -> str:
@@ -88,11 +108,16 @@ def work_chunk(rid: str, n: int) -> str:
 
 
 def render_video(rid: str) -> str:
-    return f"renders/{validate_id(rid, 'request id')}.mp4"
+    return f"{RENDERS}{validate_id(rid, 'request id')}.mp4"
 
 
 def render_timings(rid: str) -> str:
-    return f"renders/{validate_id(rid, 'request id')}.json"
+    """The render record (timings, template, where it ran), written after the video: it marks it done."""
+    return f"{RENDERS}{validate_id(rid, 'request id')}.json"
+
+
+def failed_render(rid: str) -> str:
+    return f"{FAILED}{validate_id(rid, 'request id')}.json"
 
 
 def welcome_video(tid: str, fingerprint: str) -> str:

@@ -42,6 +42,7 @@ class Option:
     low: float | None = None  # with high: the inclusive range of a number
     high: float | None = None
     per_request: bool = False
+    warm_fixed: bool = False  # a warm worker's models or buckets depend on it: a request may not change it
     label: str = ""  # how errors name it; default: the name with spaces
 
     @property
@@ -81,6 +82,7 @@ OPTIONS: dict[str, Option] = {
             low=1,
             high=1024,
             per_request=True,
+            warm_fixed=True,
         ),
         Option("crf", int, 18, "H.264 quality, 0 (lossless) to 51", low=0, high=51, per_request=True),
         Option("preset", str, "veryfast", "x264 preset", choices=X264_PRESETS, per_request=True),

@@ -23,6 +23,8 @@ from musetalk_ops.files import write_atomic
 from musetalk_ops.store import ObjectInfo, Store, check_key, check_prefix, is_key, local_file, shown
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+# A conditional write that lost: the key exists, or a concurrent conditional write is in progress.
+_TAKEN = ("PreconditionFailed", "ConditionalRequestConflict")
 
 
 def _code(error: ClientError) -> str:
@@ -135,6 +137,17 @@ class S3Store(Store):
         full, local = self._full(key), local_file(path)
         with self._errors(key):
             self._client.upload_file(str(local), self.bucket, full)
+
+    def create(self, key: str, data: bytes) -> bool:
+        full = self._full(key)
+        with self._errors(key):
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data), IfNoneMatch="*")
+            except ClientError as e:
+                if _code(e) in _TAKEN:
+                    return False
+                raise
+        return True
 
     def exists(self, key: str) -> bool:
         full = self._full(key)

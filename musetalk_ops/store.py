@@ -20,7 +20,7 @@ from pathlib import Path
 
 from musetalk_ops import config, keys
 from musetalk_ops.errors import InputError, StoreError
-from musetalk_ops.files import TEMP_SUFFIX, write_atomic
+from musetalk_ops.files import TEMP_SUFFIX, temp_path, write_atomic
 from musetalk_ops.ids import validate_id
 from musetalk_ops.settings import load_settings
 
@@ -110,6 +110,11 @@ class Store(ABC):
         """Upload the local file ``path`` to ``key`` atomically."""
 
     @abstractmethod
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if no object has that key, atomically (one of two racing writers wins);
+        returns whether this call created it."""
+
+    @abstractmethod
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
@@ -192,6 +197,22 @@ class LocalStore(Store):
         dest = self._path(key)
         with open(local_file(path), "rb") as s, self._errors(key, "write"):
             write_atomic(dest, lambda f: shutil.copyfileobj(s, f, 1 << 20), fsync=True)
+
+    def create(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        with self._errors(key, "write"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temp_path(path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    os.fsync(f.fileno())
+                os.link(tmp, path)  # fails if the key exists: the file appears complete or not at all
+            except FileExistsError:
+                return False
+            finally:
+                tmp.unlink(missing_ok=True)
+        return True
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

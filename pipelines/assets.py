@@ -24,12 +24,19 @@ from musetalk_ops.errors import InputError, MuseTalkError
 from musetalk_ops.files import sha256_file
 from musetalk_ops.settings import TemplateSettings, load_settings
 from musetalk_ops.store import Store
+from musetalk_ops.template_store import (
+    CacheRef,
+    download_cache,
+    local_cache,
+    stored_manifest,
+    upload_cache,
+    write_pointer,
+)
 from musetalk_ops.timings import Timings
-from pipelines.catalog import TEMPLATE_CACHE, CacheRef, latest_cache, user_errors
+from pipelines.catalog import TEMPLATE_CACHE, latest_cache, user_errors
 from pipelines.executors import GPU_OP_TAGS
 from pipelines.partitions import render_requests, templates
 from pipelines.resources import RenderResource, StoreResource
-from pipelines.template_store import download_cache, local_cache, stored_manifest, upload_cache
 
 CODE_VERSION = __version__
 FACES_CHECK = "faces_present"
@@ -195,6 +202,7 @@ def template_cache(
             loadable = _loadable_check(client, ref, manifest, load=True) if manifest else None
             if loadable is not None and loadable.passed:
                 context.log.info(f"template {tid} unchanged (cache {fingerprint} loads): nothing to do")
+                write_pointer(client, ref)  # caches from before the pointer existed get one
                 yield _faces_check(manifest)
                 yield loadable
                 return
@@ -227,6 +235,9 @@ def template_cache(
         manifest = json.loads(client.get_bytes(ref.manifest))
         metadata = _cache_metadata(client, ref, manifest, weights_fp, prepared)
         checks = [_faces_check(manifest), _loadable_check(client, ref, manifest, load=True)]
+        if checks[1].passed:  # last: workers find only a cache that loads
+            write_pointer(client, ref)
+            context.log.info(f"{client.uri(keys.template_pointer(tid))} → cache {fingerprint}")
     yield dg.MaterializeResult(
         metadata=metadata, data_version=dg.DataVersion(fingerprint), check_results=checks
     )

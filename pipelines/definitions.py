@@ -10,7 +10,7 @@ from pipelines.assets import rendered_video, template_cache, welcome_video
 from pipelines.executors import select_executor
 from pipelines.jobs import render_video
 from pipelines.resources import default_resources
-from pipelines.sensors import render_request_sensor, template_sensor
+from pipelines.sensors import direct_render_sensor, render_request_sensor, template_sensor
 
 
 def build_defs() -> dg.Definitions:
@@ -18,7 +18,7 @@ def build_defs() -> dg.Definitions:
     return dg.Definitions(
         assets=[template_cache, welcome_video, rendered_video],
         jobs=[render_video],
-        sensors=[template_sensor, render_request_sensor],
+        sensors=[template_sensor, render_request_sensor, direct_render_sensor],
         resources=resources,
         executor=select_executor(gpus=resources["render"].gpu_count),
     )

@@ -99,13 +99,13 @@ def main() -> int:
     import dagster as dg
 
     from musetalk_ops import keys
+    from musetalk_ops.ids import new_request_id
     from musetalk_ops.store import open_store, push_templates
     from musetalk_ops.timings import STAGES
     from pipelines.assets import speak, template_cache, welcome_video
     from pipelines.definitions import defs
     from pipelines.resources import default_resources
     from pipelines.stats import collect_stats, format_stats
-    from pipelines.submit import new_request_id
 
     instance = dg.DagsterInstance.get()
     store = open_store()

@@ -18,16 +18,17 @@ import dagster as dg
 from musetalk_ops import keys
 from musetalk_ops.config import Limits
 from musetalk_ops.errors import CacheError, InputError
+from musetalk_ops.render_records import render_record, write_render_record
 from musetalk_ops.store import Store
-from musetalk_ops.timings import STAGES, Timings
+from musetalk_ops.template_store import load_cached_template, stored_manifest
+from musetalk_ops.timings import Timings
 from musetalk_ops.video import GENERATED_COMMENT, mux
-from pipelines.catalog import RENDERED_VIDEO, TEMPLATE_CACHE, latest_cache, user_errors
+from pipelines.catalog import latest_cache, render_events, user_errors
 from pipelines.executors import GPU_OP_TAGS, WEIGHTS_OP_TAGS
 from pipelines.partitions import render_requests
 from pipelines.records import Chunk, Features, RenderedChunk, Request
 from pipelines.request import parse_request
 from pipelines.resources import GpuSlots, RenderResource, StoreResource
-from pipelines.template_store import load_cached_template, stored_manifest
 
 
 @dg.op(description="Read and validate requests/<partition>.json and find its template's current cache.")
@@ -236,7 +237,7 @@ def _merge(
     """Join the chunk segments with the request's audio into renders/<id>.mp4, then write its timings
     summary (last: it marks the request done), then drop the request's work objects."""
     rid, tid = request.id, request.template
-    video_key, timings_key = keys.render_video(rid), keys.render_timings(rid)
+    video_key = keys.render_video(rid)
     with tempfile.TemporaryDirectory(prefix="musetalk-merge-") as tmp:
         segments = []
         for chunk in chunks:
@@ -251,15 +252,16 @@ def _merge(
         client.put_file(video_key, out)
         run_start = context.instance.get_run_stats(context.run_id).start_time or time.time()
         timings = request_timings(features, chunks, mux_seconds, time.time() - run_start)
-        summary = {
-            **timings.to_dict(),
-            "id": rid,
-            "template": tid,
-            "fingerprint": request.cache.fingerprint,
-            "chunks": len(chunks),
-            "run_id": context.run_id,
-        }
-        client.put_bytes(timings_key, json.dumps(summary, indent=1).encode())
+        summary = render_record(
+            timings,
+            rid=rid,
+            template=tid,
+            fingerprint=request.cache.fingerprint,
+            source="run",
+            chunks=len(chunks),
+            run_id=context.run_id,
+        )
+        write_render_record(client, summary)
         client.delete_prefix(keys.work_prefix(rid))
     return summary
 
@@ -273,7 +275,7 @@ def merge_video(
     chunks: list[RenderedChunk],
 ) -> dict:
     client = store.get()
-    rid, tid = request.id, request.template
+    rid = request.id
     video_key, timings_key = keys.render_video(rid), keys.render_timings(rid)
     with user_errors():
         summary = _merged_before(client, request)
@@ -283,43 +285,9 @@ def merge_video(
         else:
             summary = _merge(context, client, request, features, sorted(chunks, key=lambda c: c.chunk.index))
     timings = Timings.from_dict(summary)
-    context.log_event(
-        dg.AssetMaterialization(
-            asset_key=RENDERED_VIDEO,
-            partition=rid,
-            description=f"{timings.frames} frames of template {tid}",
-            metadata={
-                "uri": client.uri(video_key),
-                "timings_uri": client.uri(timings_key),
-                "template": tid,
-                "cache_fingerprint": request.cache.fingerprint,
-                "weights": timings.weights,
-                "mode": timings.mode,
-                "chunks": len(chunks),
-                "reused_chunks": sum(c.reused for c in chunks),
-                "frames": timings.frames,
-                "video_seconds": dg.MetadataValue.float(timings.video_seconds),
-                **{
-                    f"{s}_seconds": dg.MetadataValue.float(round(getattr(timings, s), 4))
-                    for s in (*STAGES, "total")
-                },
-                "fps": dg.MetadataValue.float(round(timings.fps, 3)),
-                "rtf": dg.MetadataValue.float(round(timings.rtf, 3)),
-                "timings": dg.MetadataValue.json(summary),
-            },
-        )
-    )
-    context.log_event(
-        dg.AssetObservation(
-            asset_key=TEMPLATE_CACHE,
-            partition=tid,
-            metadata={
-                "used_by_request": rid,
-                "cache_fingerprint": request.cache.fingerprint,
-                "run_id": context.run_id,
-            },
-        )
-    )
+    extra = {"chunks": len(chunks), "reused_chunks": sum(c.reused for c in chunks)}
+    for event in render_events(client, summary, run_id=context.run_id, **extra):
+        context.log_event(event)
     context.log.info(
         f"wrote {client.uri(video_key)}: {timings.frames} frames, {timings.total:.2f} s, "
         f"rtf {timings.rtf:.2f}"

@@ -6,7 +6,7 @@ or pod; frames and features travel as objects in the store (``work/<id>/``).
 
 from dataclasses import asdict, dataclass
 
-from pipelines.catalog import CacheRef
+from musetalk_ops.template_store import CacheRef
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,6 @@ class RenderRequest:
         return json.dumps({"template": self.template, "audio": self.audio, "options": self.options}).encode()
 
 
-def _audio_key(value: object) -> str:
-    """Only ``audio/<id>.<ext>`` with a known audio type: a request never names any other object."""
-    if not isinstance(value, str) or not value.startswith("audio/") or "." not in value:
-        raise InputError(f"audio {value!r}: expected a key audio/<name>.<ext>")
-    name, _, ext = value.removeprefix("audio/").rpartition(".")
-    return keys.audio(validate_id(name, "audio name"), ext)
-
-
 def parse_request(request_id: str, data: bytes) -> RenderRequest:
     """Parse and validate a request object; InputError names what is wrong."""
     validate_id(request_id, "request id")
@@ -57,7 +49,7 @@ def parse_request(request_id: str, data: bytes) -> RenderRequest:
         return RenderRequest(
             id=request_id,
             template=validate_id(body["template"], "template id"),
-            audio=_audio_key(body["audio"]),
+            audio=keys.audio_object(body["audio"]),
             options=check_request_options(body.get("options", {})),
         )
     except InputError as e:

@@ -1,6 +1,7 @@
-"""Triggers from the object store: templates to prepare and render requests to run.
+"""Triggers from the object store: templates to prepare, render requests to run, and direct renders
+of warm workers to record.
 
-Both sensors only list and read small objects; the work happens in the runs they request.
+The sensors only list and read small objects; the work happens in the runs they request.
 """
 
 import hashlib
@@ -12,8 +13,9 @@ import dagster as dg
 from musetalk_ops import PREPARATION_VERSION, keys
 from musetalk_ops.errors import InputError, StoreError
 from musetalk_ops.ids import ID_PATTERN
+from musetalk_ops.render_records import claim_id, read_claim
 from musetalk_ops.store import ObjectInfo, Store
-from pipelines.catalog import TEMPLATE_CACHE, latest_cache
+from pipelines.catalog import RENDERED_VIDEO, TEMPLATE_CACHE, latest_cache, render_events
 from pipelines.partitions import render_requests, templates
 from pipelines.request import MAX_REQUEST_BYTES, TEMPLATE_TAG, parse_request
 from pipelines.resources import StoreResource
@@ -131,6 +133,11 @@ def _check_request(
         if age < AUDIO_GRACE_SECONDS:
             return None
         raise InputError(f"request {rid}: audio object {request.audio} does not exist")
+    if not claim_id(store, rid, "request", template=tid):  # claimed by its submit, or by a worker
+        claim = read_claim(store, rid) or {}
+        if claim.get("by") == "worker":
+            worker = claim.get("worker")
+            raise InputError(f"request {rid}: the id is taken by a direct render on worker {worker}")
     return rid, tid
 
 
@@ -169,4 +176,51 @@ def render_request_sensor(context: dg.SensorEvaluationContext, store: StoreResou
             for rid, tid in accepted.items()
         ],
         dynamic_partitions_requests=[render_requests.build_add_request(sorted(accepted))] if accepted else [],
+    )
+
+
+# Records read per tick at most: a backlog (Dagster was down for a while) is recorded over a few ticks.
+RECORDS_PER_TICK = 200
+
+
+def _recorded(instance: dg.DagsterInstance, rid: str) -> bool:
+    """Whether ``rid`` already has a rendered_video materialization (a tick that died after reporting)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=RENDERED_VIDEO, asset_partitions=[rid]), limit=1
+    ).records
+    return bool(records)
+
+
+@dg.sensor(
+    minimum_interval_seconds=10,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Records the direct renders of warm workers (renders/<id>.json with source worker) as "
+    "rendered_video materializations of their request partitions, once each, also after Dagster was down.",
+)
+def direct_render_sensor(context: dg.SensorEvaluationContext, store: StoreResource) -> dg.SensorResult:
+    client = store.get()
+    known = set(context.instance.get_dynamic_partitions(render_requests.name))
+    events: list = []
+    added: list[str] = []
+    for info in client.list(keys.RENDERS):
+        rid = info.key.removeprefix(keys.RENDERS).removesuffix(".json")
+        if not info.key.endswith(".json") or not ID_PATTERN.fullmatch(rid) or rid in known:
+            continue
+        try:
+            record = json.loads(client.get_bytes(info.key))
+        except (StoreError, ValueError) as e:
+            context.log.warning(f"skipped {info.key}: {e}")
+            continue
+        if not isinstance(record, dict) or record.get("source") != "worker":
+            continue  # a run's record: its run reported it
+        if not _recorded(context.instance, rid):
+            events.extend(render_events(client, record, worker=str(record.get("worker", ""))))
+        added.append(rid)
+        if len(added) >= RECORDS_PER_TICK:
+            break
+    if added:
+        context.log.info(f"recorded {len(added)} direct render(s): {', '.join(added[:10])}")
+    return dg.SensorResult(
+        asset_events=events,
+        dynamic_partitions_requests=[render_requests.build_add_request(added)] if added else [],
     )

@@ -3,9 +3,11 @@ and the store. Keeps the fields of the service this replaces (totalRequests, com
 completionRate, pythonEngineStatus, templateUsage).
 
 A request is a ``render_requests`` partition; its runs (retries, re-executions) are grouped by the
-partition tag, so a request counts once whatever happened to it.
+partition tag, so a request counts once whatever happened to it. A warm worker's direct render is
+counted from the store (its record, failure record or claim), so it counts while Dagster is down too.
 """
 
+import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -17,6 +19,7 @@ from musetalk_ops import keys
 from musetalk_ops.config import models_dir
 from musetalk_ops.errors import InputError, ModelFilesError, MuseTalkError
 from musetalk_ops.models.layout import check_models, weights_kind
+from musetalk_ops.render_records import read_records
 from musetalk_ops.store import Store
 from musetalk_ops.timings import STAGES
 from pipelines.catalog import RENDERED_VIDEO
@@ -83,6 +86,41 @@ def _latest_timings(instance: dg.DagsterInstance) -> list[dict]:
         cursor = result.cursor
 
 
+def _direct_renders(store: Store, run_ids: set[str]) -> dict[str, dict]:
+    """``{request id: {"status": completed | failed | in progress, "template": ...}}`` of the renders of
+    warm workers, from the store (their record, failure record or claim): they have no runs."""
+    found: dict[str, dict] = {}
+    for record in read_records(store, keys.FAILED):
+        found[record.get("id", "")] = {"status": "failed", "template": record.get("template", "")}
+    for info in store.list(keys.RENDERS):
+        rid = info.key.removeprefix(keys.RENDERS).removesuffix(".json")
+        if "/" in rid or not info.key.endswith(".json") or rid in run_ids:
+            continue
+        try:
+            record = json.loads(store.get_bytes(info.key))
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("source") == "worker":
+            found[rid] = {"status": "completed", "template": record.get("template", "")}
+    for claim in read_records(store, keys.CLAIMS):
+        rid = claim.get("id", "")
+        if claim.get("by") == "worker" and rid not in found:
+            found[rid] = {"status": "in progress", "template": claim.get("template", "")}
+    found.pop("", None)
+    return found
+
+
+def _counts(total: int, completed: int, failed: int, running: int) -> dict:
+    ratio = completed / total if total else 0.0
+    return {
+        "total": total,
+        "completed": completed,
+        "failed": failed,
+        "inProgress": running,
+        "completionRate": f"{ratio * 100:.2f}%",
+    }
+
+
 def collect_stats(
     instance: dg.DagsterInstance,
     store: Store,
@@ -90,12 +128,14 @@ def collect_stats(
     models: str | os.PathLike | None = None,
     client: GraphQLClient | None = None,
 ) -> dict:
+    """Requests of both paths (Dagster runs and warm workers' direct renders), apart and together."""
     runs: dict[str, list[dg.DagsterRun]] = {}
     for record in instance.get_run_records(filters=dg.RunsFilter(job_name="render_video")):
         partition = record.dagster_run.tags.get("dagster/partition")
         if partition:
             runs.setdefault(partition, []).append(record.dagster_run)
-    requests = set(instance.get_dynamic_partitions(render_requests.name)) | set(runs)
+    direct = _direct_renders(store, set(runs))
+    requests = (set(instance.get_dynamic_partitions(render_requests.name)) | set(runs)) - set(direct)
     completed = {rid for rid, rs in runs.items() if any(r.status == dg.DagsterRunStatus.SUCCESS for r in rs)}
     running = {
         rid for rid, rs in runs.items() if rid not in completed and any(r.status in RUNNING for r in rs)
@@ -105,20 +145,29 @@ def collect_stats(
         next((r.tags[TEMPLATE_TAG] for r in rs if r.tags.get(TEMPLATE_TAG)), "unknown")
         for rs in runs.values()
     )
+    usage.update(d["template"] or "unknown" for d in direct.values())
+    by_status = Counter(d["status"] for d in direct.values())
+    paths = {
+        "run": _counts(len(requests), len(completed), len(failed), len(running)),
+        "worker": _counts(len(direct), by_status["completed"], by_status["failed"], by_status["in progress"]),
+    }
+    total = len(requests) + len(direct)
+    done = len(completed) + by_status["completed"]
     rejected = [i for i in store.list(keys.REJECTED) if i.key.endswith(".json")]
     timings = _latest_timings(instance)
-    ratio = len(completed) / len(requests) if requests else 0.0
+    ratio = done / total if total else 0.0
     engine = engine_status(models)
     location = code_location_status(client or GraphQLClient(timeout=3.0))
     return {
-        "totalRequests": len(requests),
-        "completedRequests": len(completed),
+        "totalRequests": total,
+        "completedRequests": done,
         "completionRate": f"{ratio * 100:.2f}%",
         "completionRatio": round(ratio, 4),
-        "failedRequests": len(failed),
-        "inProgressRequests": len(running),
+        "failedRequests": len(failed) + by_status["failed"],
+        "inProgressRequests": len(running) + by_status["in progress"],
         "notStartedRequests": len(requests - set(runs)),
         "rejectedRequests": len(rejected),
+        "paths": paths,
         "pythonEngineStatus": f"weights {engine['weights']}, code location {location}",
         "engine": {**engine, "codeLocation": location},
         "templateUsage": dict(sorted(usage.items())),
@@ -144,6 +193,11 @@ def format_stats(stats: dict) -> str:
         f"({stats['completionRate']}), {stats['failedRequests']} failed, "
         f"{stats['inProgressRequests']} in progress, "
         f"{stats['notStartedRequests']} not started, {stats['rejectedRequests']} rejected",
+        *(
+            f"  {path:<9}{c['total']} total, {c['completed']} completed ({c['completionRate']}), "
+            f"{c['failed']} failed, {c['inProgress']} in progress"
+            for path, c in (("runs", stats["paths"]["run"]), ("workers", stats["paths"]["worker"]))
+        ),
         f"engine     {stats['pythonEngineStatus']}",
         "templates  "
         + (", ".join(f"{k}: {v}" for k, v in stats["templateUsage"].items()) or "none used yet"),

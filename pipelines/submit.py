@@ -5,17 +5,19 @@ The same sequence works from any client (POST ``{"query": ..., "variables": ...}
 
 1. ``TEMPLATE_QUERY`` with ``{"template": "<id>"}``: the template must have a ``template_cache``
    materialization (``assetMaterializations`` not empty).
-2. ``ADD_PARTITION`` with ``{"selector": {"repositoryLocationName": "musetalk", "repositoryName":
+2. Claim the id in the store: create ``claims/<request id>.json`` only if it does not exist (S3
+   ``If-None-Match: *``), so no warm worker renders it too (``musetalk_ops.render_records``).
+3. ``ADD_PARTITION`` with ``{"selector": {"repositoryLocationName": "musetalk", "repositoryName":
    "__repository__"}, "name": "render_requests", "key": "<request id>"}``. This reserves the id
    (``DuplicateDynamicPartitionError`` if it exists) *before* anything is uploaded, so
    ``render_request_sensor`` never starts a second run for it.
-3. Upload ``audio/<request id>.<ext>``, then ``requests/<request id>.json`` =
+4. Upload ``audio/<request id>.<ext>``, then ``requests/<request id>.json`` =
    ``{"template": "<id>", "audio": "audio/<request id>.<ext>", "options": {}}``.
-4. ``LAUNCH_RUN`` with ``{"params": {"selector": {"repositoryLocationName": "musetalk",
+5. ``LAUNCH_RUN`` with ``{"params": {"selector": {"repositoryLocationName": "musetalk",
    "repositoryName": "__repository__", "jobName": "render_video"}, "runConfigData": {},
    "executionMetadata": {"tags": [{"key": "dagster/partition", "value": "<request id>"},
    {"key": "musetalk/template", "value": "<id>"}]}}}`` → ``LaunchRunSuccess.run.runId``.
-5. Poll ``RUN_QUERY`` with ``{"runId": ...}`` until ``status`` is SUCCESS, FAILURE or CANCELED;
+6. Poll ``RUN_QUERY`` with ``{"runId": ...}`` until ``status`` is SUCCESS, FAILURE or CANCELED;
    the video is ``renders/<request id>.mp4`` and its timings ``renders/<request id>.json``. A FAILURE
    tagged ``dagster/will_retry=true`` is not the end: the daemon re-executes the run from failure
    (run_retries, e.g. after its worker died) and tags it ``dagster/auto_retry_run_id=<new run>``;
@@ -25,18 +27,17 @@ Without the API, uploading the audio and then the request object is enough: the 
 """
 
 import json
-import secrets
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from musetalk_ops import keys
 from musetalk_ops.audio import load_audio
 from musetalk_ops.config import Limits
 from musetalk_ops.errors import InputError
-from musetalk_ops.ids import validate_id
+from musetalk_ops.ids import new_request_id, validate_id
 from musetalk_ops.options import check_request_options
+from musetalk_ops.render_records import claim_id
 from musetalk_ops.store import Store
 from pipelines.graphql import LOCATION, REPOSITORY, DagsterApiError, GraphQLClient
 from pipelines.request import TEMPLATE_TAG, RenderRequest
@@ -99,11 +100,6 @@ query Failure($runId: ID!) {
 }"""
 
 
-def new_request_id() -> str:
-    """A fresh, sortable request id: ``r<UTC yyyymmddHHMMSS>-<8 hex>``."""
-    return f"r{datetime.now(timezone.utc):%Y%m%d%H%M%S}-{secrets.token_hex(4)}"
-
-
 @dataclass
 class Submission:
     request_id: str
@@ -149,6 +145,8 @@ def submit(
             "(musetalk templates push) and let template_sensor prepare it, or materialize it in the UI"
         )
 
+    if not claim_id(store, request_id, "request", template=template):  # a worker may have rendered it
+        raise InputError(f"request id {request_id!r} already exists: ids are never reused")
     added = client.query(
         ADD_PARTITION, {"selector": _selector(), "name": "render_requests", "key": request_id}
     )

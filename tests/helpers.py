@@ -1,6 +1,7 @@
 """Helpers shared by the tests: servers in their own process groups, polling, a cuttable TCP proxy,
-the frames of an MP4 for exact comparisons, and injected faults (a GPU too small for a batch, child
-interpreters that crash)."""
+the frames of an MP4 for exact comparisons, an app on uvicorn in a thread, a template published as
+``template_cache`` leaves it, and injected faults (a GPU too small for a batch, child interpreters
+that crash)."""
 
 import contextlib
 import os
@@ -260,3 +261,36 @@ def crash_python_children(monkeypatch) -> None:
     ``faults/crash_at_start`` goes first on ``$PYTHONPATH``, so its ``sitecustomize`` runs."""
     path = [str(CRASH_AT_START), *filter(None, [os.environ.get("PYTHONPATH")])]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
+
+
+def publish_template(store, cache: Path, tid: str = "astronaut"):
+    """The cache in the store as ``template_cache`` leaves it: files, manifest, then the pointer."""
+    from musetalk_ops.template_cache import read_cache
+    from musetalk_ops.template_store import CacheRef, upload_cache, write_pointer
+
+    template = read_cache(cache)
+    ref = CacheRef(tid, template.fingerprint, template.weights)
+    upload_cache(store, cache, ref.prefix)
+    write_pointer(store, ref)
+    return ref
+
+
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """``app`` served by uvicorn on a free port of 127.0.0.1 in a thread; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -5,12 +5,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from musetalk_ops.audio import AudioFeatures
 from musetalk_ops.config import Limits
 from musetalk_ops.errors import InputError
+from musetalk_ops.models import Models
 from musetalk_ops.render.chunks import render_chunk
 from musetalk_ops.render.models import compute_features, load_render_models
 from musetalk_ops.render.settings import RenderSettings
 from musetalk_ops.render.template import open_template
+from musetalk_ops.template_cache import Template
 from musetalk_ops.timings import Timings
 from musetalk_ops.video import GENERATED_COMMENT, fps_fraction, mux
 
@@ -32,27 +35,55 @@ def render_file(
     if not out_path.parent.is_dir():
         raise InputError(f"--out {out_path}: directory {out_path.parent} does not exist")
     wall = time.perf_counter()
+    load_start = time.perf_counter()
+    template = open_template(Path(template_path), settings, limits)
+    models = load_render_models(settings, version=template.version)
+    load_seconds = time.perf_counter() - load_start
+
+    feature_start = time.perf_counter()
+    features = compute_features(models, Path(audio_path), limits)
+    feature_seconds = time.perf_counter() - feature_start
+    timings = render_clip(
+        models,
+        template,
+        features,
+        Path(audio_path),
+        out_path,
+        settings,
+        frames_dir=frames_dir,
+        progress=progress,
+    )
+    timings.load = load_seconds
+    timings.audio_features = feature_seconds
+    timings.total = time.perf_counter() - wall
+    return timings
+
+
+def render_clip(
+    models: Models,
+    template: Template,
+    features: AudioFeatures,
+    audio_path: Path,
+    out_path: Path,
+    settings: RenderSettings,
+    *,
+    frames_dir: Path | None = None,
+    progress: bool = False,
+) -> Timings:
+    """Every frame of ``features`` as one chunk, muxed with ``audio_path`` into ``out_path`` (written
+    atomically); the timings of the chunk and the mux (the warm worker's path and the CLI's)."""
+    fps = fps_fraction(settings.fps or template.fps)
+    total_frames = features.num_frames(fps)
+    if total_frames == 0:
+        raise InputError(f"{audio_path}: the audio is shorter than one video frame at {float(fps):g} fps")
+    bar = _progress_bar(total_frames, progress)
+
+    def retry(message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+        if bar is not None:
+            bar.reset()
+
     with tempfile.TemporaryDirectory(prefix=".musetalk-", dir=out_path.parent) as tmp:
-        load_start = time.perf_counter()
-        template = open_template(Path(template_path), settings, limits)
-        models = load_render_models(settings, version=template.version)
-        load_seconds = time.perf_counter() - load_start
-
-        feature_start = time.perf_counter()
-        features = compute_features(models, Path(audio_path), limits)
-        feature_seconds = time.perf_counter() - feature_start
-        fps = fps_fraction(settings.fps or template.fps)
-        total_frames = features.num_frames(fps)
-        if total_frames == 0:
-            raise InputError(f"{audio_path}: the audio is shorter than one video frame at {float(fps):g} fps")
-
-        bar = _progress_bar(total_frames, progress)
-
-        def retry(message: str) -> None:
-            print(f"warning: {message}", file=sys.stderr)
-            if bar is not None:
-                bar.reset()
-
         try:
             chunk = render_chunk(
                 models,
@@ -71,10 +102,7 @@ def render_file(
                 bar.close()
         timings = chunk.timings
         with timings.stage("mux"):
-            mux([chunk.path], Path(audio_path), out_path, comment=GENERATED_COMMENT)
-    timings.load = load_seconds
-    timings.audio_features = feature_seconds
-    timings.total = time.perf_counter() - wall
+            mux([chunk.path], audio_path, out_path, comment=GENERATED_COMMENT)
     return timings
 
 

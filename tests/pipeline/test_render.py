@@ -116,6 +116,8 @@ def test_template_and_render_end_to_end(backend, instance, astronaut_png, short_
     store = open_store()
     assert store.exists(f"cache/templates/astro/{fingerprint}/manifest.json")
     assert json.loads(store.get_bytes(f"cache/templates/astro/{fingerprint}/manifest.json"))["id"] == "astro"
+    pointer = json.loads(store.get_bytes("cache/templates/astro/current.json"))  # what workers resolve
+    assert pointer == {"template": "astro", "fingerprint": fingerprint, "weights": "demo"}
 
     submit_request("req-1", short_speech)
     with dg.build_sensor_context(instance=instance, resources={"store": StoreResource()}) as context:
@@ -142,6 +144,7 @@ def test_template_and_render_end_to_end(backend, instance, astronaut_png, short_
     assert timings["video_seconds"] == pytest.approx(frames / FPS)
     assert all(timings[s] > 0 for s in ("audio_features", "unet", "vae_decode", "encode", "mux", "total"))
     assert timings["fingerprint"] == fingerprint and timings["template"] == "astro"
+    assert timings["source"] == "run" and timings["run_id"] == result.run_id
     assert store.list("work/") == []  # intermediates removed
 
     (video,) = result.asset_materializations_for_node("merge_video")

@@ -3,9 +3,10 @@
 import pytest
 
 from musetalk_ops.errors import InputError
+from musetalk_ops.ids import new_request_id
 from musetalk_ops.store import LocalStore
 from pipelines.graphql import DagsterApiError, GraphQLClient
-from pipelines.submit import latency, new_request_id, submit
+from pipelines.submit import latency, submit
 
 UNREACHABLE = GraphQLClient("http://127.0.0.1:9", timeout=0.5)
 

@@ -1,25 +1,69 @@
-"""Template caches between the object store and the local disk.
+"""Template caches between the object store and the local disk, and which cache is current.
 
 Upload writes ``manifest.json`` last, so a cache is visible in the store only when complete; the
 local copy under ``$MUSETALK_CACHE/templates/<id>/<fingerprint>/`` appears by one rename, so
-concurrent steps on one machine download it at most a few times and never read half of it.
+concurrent steps on one machine download it at most a few times and never read half of it. The
+pointer ``cache/templates/<id>/current.json`` (written after the cache) lets workers and clients
+find a template's current cache without asking Dagster.
 """
 
 import json
 import shutil
 import uuid
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from musetalk_ops import config
-from musetalk_ops.errors import CacheError
+from musetalk_ops import config, keys
+from musetalk_ops.errors import CacheError, InputError, StoreError
 from musetalk_ops.keys import MANIFEST
 from musetalk_ops.store import Store
-from pipelines.catalog import CacheRef
 
 if TYPE_CHECKING:
     from musetalk_ops.template_cache import Template
+
+
+@dataclass(frozen=True)
+class CacheRef:
+    """One template cache in the store: the template, the fingerprint of its inputs, its weights kind."""
+
+    template: str
+    fingerprint: str
+    weights: str
+
+    @property
+    def prefix(self) -> str:
+        return keys.cache_prefix(self.template, self.fingerprint)
+
+    @property
+    def manifest(self) -> str:
+        return keys.cache_manifest(self.template, self.fingerprint)
+
+
+def write_pointer(store: Store, ref: CacheRef) -> None:
+    """Make ``ref`` the template's current cache (after its manifest: never pointing at a partial one)."""
+    store.put_bytes(keys.template_pointer(ref.template), json.dumps(asdict(ref), indent=1).encode())
+
+
+def current_cache(store: Store, tid: str) -> CacheRef:
+    """The current cache of template ``tid`` (its pointer); InputError if it was never prepared."""
+    key = keys.template_pointer(tid)
+    try:
+        data = json.loads(store.get_bytes(key))
+        ref = CacheRef(tid, keys.validate_fingerprint(data["fingerprint"]), str(data["weights"]))
+    except StoreError:
+        if store.exists(key):
+            raise
+        raise InputError(
+            f"template {tid!r} is unknown or not prepared (the store has no {key}): "
+            "materialize its template_cache partition"
+        ) from None
+    except (ValueError, KeyError, TypeError, InputError):
+        raise CacheError(
+            f"template pointer {key} is damaged: re-materialize template_cache partition {tid}"
+        ) from None
+    return ref
 
 
 def stored_manifest(store: Store, ref: CacheRef) -> dict | None:
