@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import cli_engine_build, free_port
+from helpers import cli_engine_build, free_port, start_group, stop_group, wait_for
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -204,3 +205,18 @@ def aot_cache(tmp_path_factory, demo_models) -> Path:
             partial.rename(shared)
     shutil.copytree(shared, cache, dirs_exist_ok=True)
     return cache
+
+
+@pytest.fixture
+def moto_server(tmp_path):
+    """A moto S3 server owned by this test (so that it can be paused), yielding (process, url)."""
+    port = free_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    proc = start_group(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env, tmp_path / "moto.log"
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for("moto", lambda: urllib.request.urlopen(f"{url}/moto-api/", timeout=1), 30, tmp_path / "moto.log")
+    yield proc, url
+    os.killpg(proc.pid, signal.SIGCONT)
+    stop_group(proc, signal.SIGTERM, 10)

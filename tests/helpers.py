@@ -263,6 +263,13 @@ def crash_python_children(monkeypatch) -> None:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
 
 
+def worker_settings(models: Path):
+    """How the worker tests render: CPU, float32, batch 8 (the warm-up renders one small batch)."""
+    from musetalk_ops.render.settings import RenderSettings
+
+    return RenderSettings(device="cpu", dtype="float32", models_root=models, batch_size=8)
+
+
 def publish_template(store, cache: Path, tid: str = "astronaut"):
     """The cache in the store as ``template_cache`` leaves it: files, manifest, then the pointer."""
     from musetalk_ops.template_cache import read_cache

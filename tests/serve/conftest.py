@@ -5,16 +5,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import publish_template, serving
+from helpers import publish_template, serving, worker_settings
 
-from musetalk_ops.render.settings import RenderSettings
 from musetalk_ops.store import LocalStore
-
-BATCH = 8  # small buckets: the warm-up renders one batch
-
-
-def worker_settings(models: Path) -> RenderSettings:
-    return RenderSettings(device="cpu", dtype="float32", models_root=models, batch_size=BATCH)
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,13 @@
 """The worker's HTTP API on a real uvicorn server: direct renders, their records, and every refusal."""
 
 import json
+import os
+import signal
 import threading
 
 import pytest
 import requests
-from helpers import serving
+from helpers import publish_template, serving, worker_settings
 
 from musetalk_ops import keys
 from musetalk_ops.render_records import claim_id
@@ -185,3 +187,55 @@ def test_a_token_guards_everything_but_health_and_readiness(worker, short_speech
         assert answer.status_code == 401
         ok = requests.get(f"{url}/metrics", headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and "musetalk_requests_total" in ok.text
+
+
+def test_a_damaged_template_cache_is_refused_with_the_clis_message(
+    api, worker, astronaut_cache, short_speech
+):
+    ref = publish_template(worker.store, astronaut_cache, "broken")
+    worker.store.put_bytes(ref.prefix + "latents.safetensors", b"not a tensor file")
+    response = post_reply(api, "on-broken", short_speech, template="broken")
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert "is damaged" in error and "re-materialize template_cache partition broken" in error
+    assert written(worker, "on-broken") == []
+
+
+def test_a_store_that_stops_answering_is_a_503_and_nothing_is_half_written(
+    moto_server, monkeypatch, astronaut_cache, demo_models, short_speech
+):
+    import boto3
+
+    from musetalk_ops.s3_store import S3Store
+    from musetalk_ops.serve.api import create_app
+    from musetalk_ops.serve.worker import Worker
+
+    proc, url = moto_server
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_MAX_ATTEMPTS": "1",
+        "MUSETALK_S3_READ_TIMEOUT": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="worker")
+    store = S3Store("worker", endpoint_url=url)
+    publish_template(store, astronaut_cache)
+    worker = Worker(store, worker_settings(demo_models), name="s3-worker")
+    worker.start(["astronaut"])
+    with serving(create_app(worker)) as api:
+        assert post_reply(api, "while-up", short_speech).status_code == 200
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            response = post_reply(api, "while-down", short_speech)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert response.status_code == 503
+        assert response.json()["error"].startswith(f"object store unreachable at {url}")
+        assert post_reply(api, "while-up-again", short_speech).status_code == 200
+    worker.close()
+    renders = sorted(i.key for i in store.list("renders/"))
+    assert renders == sorted(
+        f"renders/{r}.{e}" for r in ("while-up", "while-up-again") for e in ("json", "mp4")
+    )
+    assert not store.exists(keys.claim("while-down"))
