@@ -346,11 +346,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from musetalk_ops.config import models_dir
     from musetalk_ops.ids import validate_id
+    from musetalk_ops.local_env import load_env_file
     from musetalk_ops.models.layout import check_models
     from musetalk_ops.store import open_store
 
     if not 0 < args.port < 65536 or args.queue < 1 or args.template_memory_mb < 1:
         raise InputError("--port must be 1-65535, --queue and --template-memory-mb positive")
+    load_env_file()  # the store and weights `make demo` recorded, as dagster dev loads them
     if args.per_gpu:
         return _serve_per_gpu(args)
     check_models(models_dir(args.models), version=args.version or VERSIONS[0])

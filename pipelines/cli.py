@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from musetalk_ops.local_env import load_env_file
 from musetalk_ops.options import OPTIONS, REQUEST_OPTIONS
 from musetalk_ops.store import open_store
 from musetalk_ops.timings import Timings
 from pipelines.graphql import GraphQLClient
-from pipelines.local_env import load_env_file
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

@@ -5,7 +5,7 @@ Local-folder store (``$MUSETALK_STORE``), a SQLite Dagster instance (``$DAGSTER_
 when none are there, a demo (random-weight) set written to ``.musetalk/demo-models`` and labelled so.
 Steps: push the bundled templates → materialize ``template_cache`` and ``welcome_video`` → submit one
 render request (espeak-ng speech) → run ``render_video`` → print the video's key, timings and stats.
-It records ``DAGSTER_HOME`` and ``MUSETALK_MODELS`` in ``.env`` (``pipelines.local_env``), so the
+It records ``DAGSTER_HOME`` and ``MUSETALK_MODELS`` in ``.env`` (``musetalk_ops.local_env``), so the
 README's next commands (``dagster dev -w workspace.yaml``, ``musetalk submit``) find the same instance
 and weights with nothing set by hand.
 """
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.local_env import load_env_file, write_env_file
+from musetalk_ops.local_env import load_env_file, write_env_file
 
 DEMO_MODELS = Path(".musetalk") / "demo-models"
 DEMO_TEXT = "Thanks for trying the MuseTalk pipeline. Every reply becomes a short lip-synced video."

@@ -11,11 +11,11 @@ import pytest
 import soundfile as sf
 from helpers import dagster_dev_server, free_port, wait_for, wait_for_template
 
+from musetalk_ops.local_env import write_env_file
 from musetalk_ops.store import LocalStore
 from musetalk_ops.video import probe
 from pipelines.demo import instance_yaml
 from pipelines.graphql import GraphQLClient
-from pipelines.local_env import write_env_file
 
 FAILED_RUNS = "{ runsOrError(filter: {statuses: [FAILURE]}) { ... on Runs { results { runId jobName } } } }"
 

@@ -2,15 +2,17 @@
 
 ``dagster dev`` loads ``.env`` from its working directory into its own environment and its code
 servers', so the UI, the daemon and the runs see the same ``DAGSTER_HOME`` and ``MUSETALK_MODELS`` as
-the demo did; ``musetalk submit`` and ``musetalk stats`` read it the same way. Variables already set
-win over the file.
+the demo did; ``musetalk serve``, ``musetalk submit`` and ``musetalk stats`` read it the same way.
+Variables already set win over the file.
 """
 
 import os
 from pathlib import Path
 
+from musetalk_ops.files import write_atomic
+
 ENV_FILE = Path(".env")
-HEADER = "# Written by `make demo`: the environment of the local pipeline (dagster dev, musetalk submit).\n"
+HEADER = "# Written by `make demo`: the local environment (dagster dev, musetalk serve, submit, stats).\n"
 
 
 def read_env_file(path: Path = ENV_FILE) -> dict[str, str]:
@@ -29,7 +31,6 @@ def load_env_file(path: Path = ENV_FILE) -> None:
 
 def write_env_file(values: dict[str, str], path: Path = ENV_FILE) -> None:
     """Merge ``values`` into ``path``, keeping the variables it already names (written atomically)."""
-    from musetalk_ops.files import write_atomic
 
     merged = {**read_env_file(path), **values}
     text = HEADER + "".join(f"{key}={value}\n" for key, value in merged.items())
