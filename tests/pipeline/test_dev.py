@@ -1,15 +1,18 @@
 """The product as users run it: ``dagster dev`` (webserver + daemon + code server) from workspace.yaml,
 templates prepared by template_sensor, a render through GraphQL with ``musetalk submit --wait``, a bad
-request refused by render_request_sensor, and ``musetalk stats``."""
+request refused by render_request_sensor, a direct render on ``musetalk serve`` recorded by the daemon's
+direct_render_sensor, and ``musetalk stats``."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
+import requests
 import soundfile as sf
-from helpers import dagster_dev_server, free_port, wait_for, wait_for_template
+from helpers import BIN, dagster_dev_server, free_port, start_group, stop_group, wait_for, wait_for_template
 
 from musetalk_ops.local_env import write_env_file
 from musetalk_ops.store import LocalStore
@@ -18,6 +21,8 @@ from pipelines.demo import instance_yaml
 from pipelines.graphql import GraphQLClient
 
 FAILED_RUNS = "{ runsOrError(filter: {statuses: [FAILURE]}) { ... on Runs { results { runId jobName } } } }"
+DIRECT_RENDER = """{ assetOrError(assetKey: {path: ["rendered_video"]}) { ... on Asset {
+  assetMaterializations(partitions: ["direct-e2e"], limit: 1) { partition runId } } } }"""
 
 
 @pytest.fixture
@@ -55,6 +60,28 @@ def musetalk(env: dict, cwd, *args: str, timeout: float = 300) -> subprocess.Com
         text=True,
         timeout=timeout,
     )
+
+
+def render_on_a_worker(env: dict, checkout, tmp_path, audio) -> dict:
+    """``musetalk serve`` as the README starts it beside ``dagster dev`` (weights from .env), one reply."""
+    port = free_port()
+    argv = [str(BIN / "musetalk"), "serve", "--port", str(port), "--batch-size", "8"]
+    log = tmp_path / "serve.log"
+    proc = start_group(argv, env, log, cwd=checkout)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for("the worker", lambda: requests.get(f"{url}/readyz", timeout=2).status_code == 200, 120, log)
+        with open(audio, "rb") as f:
+            answer = requests.post(
+                f"{url}/v1/renders",
+                data={"template": "astro", "id": "direct-e2e"},
+                files={"audio": f},
+                timeout=120,
+            )
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+    finally:
+        stop_group(proc, signal.SIGTERM)
 
 
 @pytest.mark.slow
@@ -109,9 +136,20 @@ def test_render_through_graphql_under_dagster_dev(dagster_dev, astronaut_png, sp
     )
     assert "unknown template 'nobody'" in reason
 
+    direct = render_on_a_worker(env, checkout, tmp_path, speech_wav)
+    assert direct["timings"]["source"] == "worker" and direct["timings"]["frames"] == frames
+    recorded = wait_for(
+        "direct_render_sensor to record the direct render",
+        lambda: client.query(DIRECT_RENDER)["assetOrError"]["assetMaterializations"],
+        90,
+        log,
+    )
+    assert recorded[0]["partition"] == "direct-e2e"
+
     stats = musetalk(env, checkout, "stats", "--json", timeout=120)
     assert stats.returncode == 0, stats.stderr
     report = json.loads(stats.stdout)
-    assert (report["totalRequests"], report["completedRequests"], report["rejectedRequests"]) == (1, 1, 1)
-    assert report["templateUsage"] == {"astro": 1} and report["engine"]["codeLocation"] == "loaded"
+    assert (report["totalRequests"], report["completedRequests"], report["rejectedRequests"]) == (2, 2, 1)
+    assert report["paths"]["worker"]["completed"] == 1 and report["paths"]["run"]["completed"] == 1
+    assert report["templateUsage"] == {"astro": 2} and report["engine"]["codeLocation"] == "loaded"
     assert client.query(FAILED_RUNS)["runsOrError"]["results"] == []  # nothing red in the UI
