@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--template",
         required=True,
         type=Path,
-        help="template cache dir, official realtime avatar dir, or a source image/video",
+        help="template cache dir, official realtime avatar dir, a source image/video, or the id of a "
+        "template prepared in the store",
     )
     r.add_argument("--audio", required=True, type=Path, help="speech: wav, flac, mp3, m4a/aac or ogg")
     r.add_argument("--out", required=True, type=Path, help="output .mp4")
@@ -169,9 +170,12 @@ def _check_writable(out: Path) -> None:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from musetalk_ops.ids import ID_PATTERN
+
     for name in ("template", "audio"):  # before importing torch: a typo fails in milliseconds
-        if not getattr(args, name).exists():
-            raise InputError(f"--{name} {getattr(args, name)}: no such file or directory")
+        path = getattr(args, name)
+        if not path.exists() and not (name == "template" and ID_PATTERN.fullmatch(str(path))):
+            raise InputError(f"--{name} {path}: no such file or directory")
     _check_writable(args.out)
     from musetalk_ops.render.file import render_file
 

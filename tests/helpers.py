@@ -263,6 +263,17 @@ def crash_python_children(monkeypatch) -> None:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
 
 
+def impatient_s3(monkeypatch, attempts: int) -> None:
+    """Credentials for moto, and an S3 client that gives up on a hung endpoint after 1 s × ``attempts``."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_MAX_ATTEMPTS": str(attempts),
+        "MUSETALK_S3_READ_TIMEOUT": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
 def worker_settings(models: Path):
     """How the worker tests render: CPU, float32, batch 8 (the warm-up renders one small batch)."""
     from musetalk_ops.render.settings import RenderSettings

@@ -5,13 +5,14 @@ from pathlib import Path
 
 from musetalk_ops.config import Limits, models_dir
 from musetalk_ops.errors import InputError
-from musetalk_ops.ids import default_template_id
+from musetalk_ops.ids import ID_PATTERN, default_template_id
 from musetalk_ops.render.settings import RenderSettings
 from musetalk_ops.template_cache import Template, load_template
 
 
 def open_template(path: Path, settings: RenderSettings, limits: Limits | None = None) -> Template:
-    """A template cache directory, an official realtime avatar directory, or a source image/video.
+    """A template cache directory, an official realtime avatar directory, a source image/video, or the id
+    of a template prepared in the store (its current cache, through ``cache/templates/<id>/current.json``).
 
     A source file is prepared on the fly (with the ``settings.yaml`` beside it, if any) into the local
     cache (``$MUSETALK_CACHE/templates/<id>/<fingerprint>/``), so rendering it again reuses that work.
@@ -19,6 +20,12 @@ def open_template(path: Path, settings: RenderSettings, limits: Limits | None = 
     path = Path(path)
     if path.is_dir():
         return load_template(path)
+    if not path.exists() and ID_PATTERN.fullmatch(str(path)):
+        from musetalk_ops.store import open_store
+        from musetalk_ops.template_store import current_cache, local_cache
+
+        store = open_store()
+        return load_template(local_cache(store, current_cache(store, str(path))))
     if not path.is_file():
         raise InputError(f"template not found: {path}")
     from musetalk_ops.prepare import prepare_to_cache  # cv2 and the face detector: only a source needs them

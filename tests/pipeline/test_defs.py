@@ -28,7 +28,11 @@ def test_definitions_have_the_canonical_names(monkeypatch):
         "welcome_video",
         "rendered_video",
     }
-    assert {s.name for s in repo.sensor_defs} == {"template_sensor", "render_request_sensor"}
+    assert {s.name for s in repo.sensor_defs} == {
+        "template_sensor",
+        "render_request_sensor",
+        "direct_render_sensor",
+    }
     job = defs.get_job_def("render_video")
     assert job.partitions_def.name == "render_requests"
     assert {n.name for n in job.nodes} == {

@@ -18,7 +18,7 @@ import dagster as dg
 import pytest
 import torch
 from dagster._core.definitions.reconstruct import ReconstructableJob
-from helpers import TcpProxy, decoded_frames, limit_gpu_batch, wait_for
+from helpers import TcpProxy, decoded_frames, impatient_s3, limit_gpu_batch, wait_for
 from pipeline.test_render import (
     CHUNK_CONFIG,
     expected_frames,
@@ -402,13 +402,7 @@ def test_s3_hung_past_the_read_timeout_fails_with_one_line_then_recovers(moto_se
     read timeout × attempts with a one-line StoreError (what a step shows); once the endpoint is
     back the same store works."""
     proc, url = moto_server
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_MAX_ATTEMPTS": "2",
-        "MUSETALK_S3_READ_TIMEOUT": "1",
-    }.items():
-        monkeypatch.setenv(name, value)
+    impatient_s3(monkeypatch, attempts=2)
     boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="hang")
     store = S3Store("hang", endpoint_url=url)
     store.put_bytes("requests/r1.json", b"{}")

@@ -3,11 +3,13 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
 import requests
-from helpers import publish_template, serving, worker_settings
+from helpers import decoded_frames, impatient_s3, publish_template, serving, worker_settings
 
 from musetalk_ops import keys
 from musetalk_ops.render_records import claim_id
@@ -211,13 +213,7 @@ def test_a_store_that_stops_answering_is_a_503_and_nothing_is_half_written(
     from musetalk_ops.serve.worker import Worker
 
     proc, url = moto_server
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_MAX_ATTEMPTS": "1",
-        "MUSETALK_S3_READ_TIMEOUT": "1",
-    }.items():
-        monkeypatch.setenv(name, value)
+    impatient_s3(monkeypatch, attempts=1)
     boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="worker")
     store = S3Store("worker", endpoint_url=url)
     publish_template(store, astronaut_cache)
@@ -239,3 +235,33 @@ def test_a_store_that_stops_answering_is_a_503_and_nothing_is_half_written(
         f"renders/{r}.{e}" for r in ("while-up", "while-up-again") for e in ("json", "mp4")
     )
     assert not store.exists(keys.claim("while-down"))
+
+
+def test_the_cli_renders_a_template_by_id_as_a_worker_does(
+    worker, store_root, demo_models, short_speech, tmp_path
+):
+    """``musetalk render --template <id>`` finds the cache through the pointer, as workers do, and makes
+    the same frames as a direct render."""
+    from musetalk_ops.serve.worker import Reply
+
+    key = "audio/same-frames.wav"
+    worker.store.put_file(key, short_speech)
+    worker.submit(Reply(id="same-frames", template="astronaut", options={}, audio_key=key)).result(
+        timeout=120
+    )
+    worker.store.get_file("renders/same-frames.mp4", tmp_path / "direct.mp4")
+    env = {**os.environ, "MUSETALK_STORE": str(store_root), "MUSETALK_CACHE": str(tmp_path / "cache")}
+    argv = ["render", "--template", "astronaut", "--audio", short_speech, "--out", tmp_path / "cli.mp4"]
+    argv += ["--models", demo_models, "--device", "cpu", "--batch-size", "8", "--no-progress"]
+    done = subprocess.run(
+        [sys.executable, "-m", "musetalk_ops.cli", *map(str, argv)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert (decoded_frames(tmp_path / "cli.mp4") == decoded_frames(tmp_path / "direct.mp4")).all()
+    missing = subprocess.run(
+        [sys.executable, "-m", "musetalk_ops.cli", *map(str, argv[:2]), "nobody", *map(str, argv[3:])],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "template 'nobody' is unknown or not prepared" in missing.stderr

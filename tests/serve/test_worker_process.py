@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def start_worker(tmp_path, store_root, models, name: str):
-    """``musetalk serve`` on a free port, as a user starts it; returns (process, url, log)."""
+    """``musetalk serve`` on a free port, as a user starts it, once ready; returns (process, url, log)."""
     port = free_port()
     env = {
         **os.environ,
@@ -30,7 +30,14 @@ def start_worker(tmp_path, store_root, models, name: str):
     log = tmp_path / f"{name}.log"
     proc = start_group([*argv, "--name", name, "--preload-templates", "astronaut"], env, log)
     url = f"http://127.0.0.1:{port}"
-    wait_for("the worker's /healthz", lambda: urllib.request.urlopen(f"{url}/healthz", timeout=1), 60, log)
+    try:
+        wait_for(
+            "the worker's /healthz", lambda: urllib.request.urlopen(f"{url}/healthz", timeout=1), 60, log
+        )
+        wait_for("readiness", lambda: ready(url), 120, log)
+    except BaseException:
+        stop_group(proc)
+        raise
     return proc, url, log
 
 
@@ -38,7 +45,8 @@ def ready(url: str) -> bool:
     return requests.get(f"{url}/readyz", timeout=2).status_code == 200
 
 
-def post_in_thread(url: str, rid: str, audio) -> tuple[threading.Thread, dict]:
+def post_in_thread(url: str, rid: str, audio, store, log) -> tuple[threading.Thread, dict]:
+    """POST a reply from a thread and wait until the worker has claimed its id (it is rendering)."""
     answer: dict = {}
 
     def post() -> None:
@@ -55,6 +63,7 @@ def post_in_thread(url: str, rid: str, audio) -> tuple[threading.Thread, dict]:
 
     thread = threading.Thread(target=post)
     thread.start()
+    wait_for("the render to claim its id", lambda: store.exists(keys.claim(rid)), 60, log, every=0.05)
     return thread, answer
 
 
@@ -64,11 +73,7 @@ def test_sigterm_finishes_the_render_in_flight_refuses_new_ones_and_exits(
     proc, url, log = start_worker(tmp_path, store_root, demo_models, "drained")
     store = LocalStore(store_root)
     try:
-        wait_for("readiness", lambda: ready(url), 120, log)
-        thread, answer = post_in_thread(url, "in-flight", speech_wav)
-        wait_for(
-            "the render to claim its id", lambda: store.exists(keys.claim("in-flight")), 60, log, every=0.05
-        )
+        thread, answer = post_in_thread(url, "in-flight", speech_wav, store, log)
         os.killpg(proc.pid, signal.SIGTERM)
         wait_for(
             "draining", lambda: requests.get(f"{url}/readyz", timeout=2).status_code == 503, 10, log, 0.05
@@ -93,11 +98,7 @@ def test_a_worker_killed_mid_render_leaves_no_video_and_its_restart_records_the_
     store = LocalStore(store_root)
     proc, url, log = start_worker(tmp_path, store_root, demo_models, "killed")
     try:
-        wait_for("readiness", lambda: ready(url), 120, log)
-        thread, answer = post_in_thread(url, "cut-short", speech_wav)
-        wait_for(
-            "the render to claim its id", lambda: store.exists(keys.claim("cut-short")), 60, log, every=0.05
-        )
+        thread, answer = post_in_thread(url, "cut-short", speech_wav, store, log)
         os.killpg(proc.pid, signal.SIGKILL)
         thread.join(60)
     finally:
@@ -108,7 +109,6 @@ def test_a_worker_killed_mid_render_leaves_no_video_and_its_restart_records_the_
 
     proc, url, log = start_worker(tmp_path, store_root, demo_models, "killed")
     try:
-        wait_for("readiness", lambda: ready(url), 120, log)
         status = requests.get(f"{url}/v1/renders/cut-short", timeout=5).json()
         assert status == {"id": "cut-short", "status": "failed", "error": INTERRUPTED}
         with open(speech_wav, "rb") as f:
