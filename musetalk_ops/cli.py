@@ -19,7 +19,7 @@ from musetalk_ops.errors import InputError, MuseTalkError
 from musetalk_ops.options import OPTIONS, VERSIONS
 from musetalk_ops.render.settings import RenderSettings
 
-log = logging.getLogger("musetalk")
+log = logging.getLogger("musetalk_ops.cli")  # also when run as __main__
 
 COMMAND_GROUP = "musetalk.commands"  # entry points: functions that add subcommands to the parser
 
@@ -422,7 +422,8 @@ def cmd_templates(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # other libraries: warnings only
+    logging.getLogger("musetalk_ops").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     return _guard(lambda: args.handler(args))
 
 

@@ -165,6 +165,7 @@ def main() -> int:
     _step("musetalk stats")
     print(format_stats(collect_stats(instance, store)))
     print(f"\nweights: {weights}.  Inspect the runs: make dev (DAGSTER_HOME and MUSETALK_MODELS are in .env)")
+    print("A warm worker for direct replies: musetalk serve (README, Warm render workers)")
     return 0
 
 

@@ -22,10 +22,10 @@ _NOISE_LEVEL = 1e-3
 def warm_plan(models: Models, settings: RenderSettings) -> tuple[tuple[int, ...], int]:
     """The batch sizes a render of ``settings`` pads its batches to, smallest first, and how many times
     to run each (twice where the generator captures CUDA graphs: at a bucket's second batch). The
-    reference path runs batches as they are: its full batch stands for them."""
+    reference path has no buckets (it runs batches as they are): one frame pays its first-call costs."""
     mode = resolve_mode(settings.mode, models, settings.batch_size)
     if mode == "reference":
-        return (settings.batch_size,), 1
+        return (1,), 1
     generator = cached_generator(models.unet, models.vae, mode, settings.batch_size)  # the one renders use
     return tuple(sorted(generator.buckets)), 2 if generator.capture else 1
 

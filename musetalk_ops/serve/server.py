@@ -9,7 +9,7 @@ import uvicorn
 from musetalk_ops.serve.api import create_app
 from musetalk_ops.serve.worker import Worker
 
-log = logging.getLogger("musetalk.serve")
+log = logging.getLogger(__name__)
 
 
 class DrainingServer(uvicorn.Server):
