@@ -4,7 +4,7 @@ The fast render path keeps decoded faces on the GPU, resizes and blends only the
 converts the block of the frame that changes to YUV 4:2:0 (``yuv.py``) and copies just that back,
 instead of copying 256² faces to the host and compositing and converting whole frames on the CPU.
 Both steps reproduce the reference in integer arithmetic, so on any device the result equals
-``paste_face`` bit for bit (tests/test_fast_path.py checks it on the CPU, the benchmark on the GPU):
+``paste_face`` bit for bit (tests/engine/test_fast_path.py checks it on the CPU, the benchmark on the GPU):
 
 * the resize is OpenCV's ``INTER_LINEAR`` for uint8 images: 11-bit fixed-point weights rounded from
   float32 (source x clamped to the image, source y not, its rows clamped instead), a horizontal pass

@@ -8,7 +8,7 @@ The arithmetic follows swscale's ``rgb24 → yuv420p`` (bilinear, accurate round
 reference render takes, in float32: the studio-swing BT.709 matrix on 8-bit RGB (Y 16–235, Cb/Cr
 16–240); each chroma sample averages a horizontal pair of pixels and filters rows with the taps
 (1, 3, 3, 1)/8 around its row pair, the frame's edge rows repeated beyond its borders; rounded half up.
-It differs from swscale's fixed-point result by at most one level (tests/test_yuv.py), so converted
+It differs from swscale's fixed-point result by at most one level (tests/engine/test_yuv.py), so converted
 face regions sit in swscale-converted surroundings without a seam.
 
 A region converted on its own needs the rows just above and below it for its chroma: callers pass

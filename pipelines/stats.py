@@ -46,7 +46,7 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": round(float(p50), 4), "p95": round(float(p95), 4)}
 
 
-def engine_status(models: str | os.PathLike | None = None) -> dict:
+def weights_status(models: str | os.PathLike | None = None) -> dict:
     """Which weights a render would use here: official, demo, or missing (with the reason)."""
     root = models_dir(models)
     try:
@@ -156,7 +156,7 @@ def collect_stats(
     rejected = [i for i in store.list(keys.REJECTED) if i.key.endswith(".json")]
     timings = _latest_timings(instance)
     ratio = done / total if total else 0.0
-    engine = engine_status(models)
+    weights = weights_status(models)
     location = code_location_status(client or GraphQLClient(timeout=3.0))
     return {
         "totalRequests": total,
@@ -168,8 +168,8 @@ def collect_stats(
         "notStartedRequests": len(requests - set(runs)),
         "rejectedRequests": len(rejected),
         "paths": paths,
-        "pythonEngineStatus": f"weights {engine['weights']}, code location {location}",
-        "engine": {**engine, "codeLocation": location},
+        "pythonEngineStatus": f"weights {weights['weights']}, code location {location}",  # the old service's
+        "status": {**weights, "codeLocation": location},
         "templateUsage": dict(sorted(usage.items())),
         "renders": len(timings),
         # the execution path per rendered video: on a GPU, whether renders found the AOT engine
@@ -198,7 +198,7 @@ def format_stats(stats: dict) -> str:
             f"{c['failed']} failed, {c['inProgress']} in progress"
             for path, c in (("runs", stats["paths"]["run"]), ("workers", stats["paths"]["worker"]))
         ),
-        f"engine     {stats['pythonEngineStatus']}",
+        f"status     {stats['pythonEngineStatus']}",
         "templates  "
         + (", ".join(f"{k}: {v}" for k, v in stats["templateUsage"].items()) or "none used yet"),
         "paths      " + (", ".join(f"{k}: {v}" for k, v in stats["renderModes"].items()) or "no renders yet"),

@@ -96,7 +96,9 @@ def test_bundled_template_settings_are_valid():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2] / "templates"
-    for settings in root.glob("*/settings.yaml"):
+    found = sorted(root.glob("*/settings.yaml"))
+    assert found, f"no template settings under {root}"
+    for settings in found:
         s = load_settings(settings)
         if s.welcome_audio:
             assert (settings.parent / s.welcome_audio).is_file()

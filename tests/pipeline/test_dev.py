@@ -151,5 +151,5 @@ def test_render_through_graphql_under_dagster_dev(dagster_dev, astronaut_png, sp
     report = json.loads(stats.stdout)
     assert (report["totalRequests"], report["completedRequests"], report["rejectedRequests"]) == (2, 2, 1)
     assert report["paths"]["worker"]["completed"] == 1 and report["paths"]["run"]["completed"] == 1
-    assert report["templateUsage"] == {"astro": 2} and report["engine"]["codeLocation"] == "loaded"
+    assert report["templateUsage"] == {"astro": 2} and report["status"]["codeLocation"] == "loaded"
     assert client.query(FAILED_RUNS)["runsOrError"]["results"] == []  # nothing red in the UI

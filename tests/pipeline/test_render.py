@@ -304,7 +304,7 @@ def test_reexecution_rerenders_only_missing_chunks_and_stats_count_requests_once
         timings["total"], abs=1e-3
     )
     assert stats["rtf"]["p50"] == pytest.approx(timings["rtf"], abs=1e-3)
-    assert stats["engine"]["weights"] == "demo" and "unreachable" in stats["engine"]["codeLocation"]
+    assert stats["status"]["weights"] == "demo" and "unreachable" in stats["status"]["codeLocation"]
 
 
 @pytest.mark.slow
