@@ -263,6 +263,15 @@ def crash_python_children(monkeypatch) -> None:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
 
 
+def post_reply(url: str, rid: str | None, audio: Path, template: str = "astronaut", **fields):
+    """``POST /v1/renders`` as a multipart upload of ``audio`` (``rid`` None: the worker picks the id)."""
+    import requests
+
+    data = {"template": template, **({"id": rid} if rid else {}), **fields}
+    with open(audio, "rb") as f:
+        return requests.post(f"{url}/v1/renders", data=data, files={"audio": (audio.name, f)}, timeout=120)
+
+
 def impatient_s3(monkeypatch, attempts: int) -> None:
     """Credentials for moto, and an S3 client that gives up on a hung endpoint after 1 s × ``attempts``."""
     for name, value in {

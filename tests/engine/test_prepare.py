@@ -315,35 +315,21 @@ def test_prepare_missing_bisenet_weights(tmp_path, astronaut_png, demo_models):
 def test_prepare_to_cache_reuses(tmp_path, astronaut_png, demo_models):
     from musetalk_ops.prepare import prepare_to_cache
 
-    settings = TemplateSettings(face_box=(177, 66, 272, 175))
-    first = prepare_to_cache(
-        astronaut_png,
-        tmp_path,
-        template_id="astro",
-        settings=settings,
-        models_root=demo_models,
-        device="cpu",
-        dtype="float32",
-    )
+    def prepare(**settings):
+        return prepare_to_cache(
+            astronaut_png,
+            tmp_path,
+            template_id="astro",
+            settings=TemplateSettings(face_box=(177, 66, 272, 175), **settings),
+            models_root=demo_models,
+            device="cpu",
+            dtype="float32",
+        )
+
+    first = prepare()
     assert first.parent == tmp_path / "templates" / "astro" and (first / "manifest.json").is_file()
     stamp = (first / "manifest.json").stat().st_mtime_ns
-    again = prepare_to_cache(
-        astronaut_png,
-        tmp_path,
-        template_id="astro",
-        settings=settings,
-        models_root=demo_models,
-        device="cpu",
-        dtype="float32",
-    )
+    again = prepare()
     assert again == first and (first / "manifest.json").stat().st_mtime_ns == stamp
-    changed = prepare_to_cache(
-        astronaut_png,
-        tmp_path,
-        template_id="astro",
-        settings=TemplateSettings(face_box=(177, 66, 272, 175), extra_margin=0),
-        models_root=demo_models,
-        device="cpu",
-        dtype="float32",
-    )
+    changed = prepare(extra_margin=0)
     assert changed != first and changed.parent == first.parent

@@ -12,7 +12,16 @@ import sys
 import pytest
 import requests
 import soundfile as sf
-from helpers import BIN, dagster_dev_server, free_port, start_group, stop_group, wait_for, wait_for_template
+from helpers import (
+    BIN,
+    dagster_dev_server,
+    free_port,
+    post_reply,
+    start_group,
+    stop_group,
+    wait_for,
+    wait_for_template,
+)
 
 from musetalk_ops.local_env import write_env_file
 from musetalk_ops.store import LocalStore
@@ -71,13 +80,7 @@ def render_on_a_worker(env: dict, checkout, tmp_path, audio) -> dict:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for("the worker", lambda: requests.get(f"{url}/readyz", timeout=2).status_code == 200, 120, log)
-        with open(audio, "rb") as f:
-            answer = requests.post(
-                f"{url}/v1/renders",
-                data={"template": "astro", "id": "direct-e2e"},
-                files={"audio": f},
-                timeout=120,
-            )
+        answer = post_reply(url, "direct-e2e", audio, template="astro")
         assert answer.status_code == 200, answer.text
         return answer.json()
     finally:

@@ -9,19 +9,13 @@ import threading
 
 import pytest
 import requests
-from helpers import decoded_frames, impatient_s3, publish_template, serving, worker_settings
+from helpers import decoded_frames, impatient_s3, post_reply, publish_template, serving, worker_settings
 
 from musetalk_ops import keys
 from musetalk_ops.render_records import claim_id
 from musetalk_ops.video import probe
 
 FPS = 25.0
-
-
-def post_reply(url: str, rid: str | None, audio, template: str = "astronaut", **fields) -> requests.Response:
-    data = {"template": template, **({"id": rid} if rid else {}), **fields}
-    with open(audio, "rb") as f:
-        return requests.post(f"{url}/v1/renders", data=data, files={"audio": (audio.name, f)}, timeout=120)
 
 
 def written(worker, rid: str) -> list[str]:
@@ -184,9 +178,7 @@ def test_a_token_guards_everything_but_health_and_readiness(worker, short_speech
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             answer = requests.get(f"{url}/metrics", headers=headers)
             assert answer.status_code == 401 and answer.json() == {"error": "missing or wrong bearer token"}
-        with open(short_speech, "rb") as f:
-            answer = requests.post(f"{url}/v1/renders", data={"template": "astronaut"}, files={"audio": f})
-        assert answer.status_code == 401
+        assert post_reply(url, None, short_speech).status_code == 401
         ok = requests.get(f"{url}/metrics", headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and "musetalk_requests_total" in ok.text
 

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 import requests
-from helpers import BIN, free_port, start_group, stop_group, wait_for
+from helpers import BIN, free_port, post_reply, start_group, stop_group, wait_for
 
 from musetalk_ops import keys
 from musetalk_ops.serve.worker import INTERRUPTED
@@ -51,13 +51,7 @@ def post_in_thread(url: str, rid: str, audio, store, log) -> tuple[threading.Thr
 
     def post() -> None:
         try:
-            with open(audio, "rb") as f:
-                answer["response"] = requests.post(
-                    f"{url}/v1/renders",
-                    data={"template": "astronaut", "id": rid},
-                    files={"audio": f},
-                    timeout=120,
-                )
+            answer["response"] = post_reply(url, rid, audio)
         except requests.ConnectionError as e:
             answer["error"] = e
 
@@ -78,10 +72,7 @@ def test_sigterm_finishes_the_render_in_flight_refuses_new_ones_and_exits(
         wait_for(
             "draining", lambda: requests.get(f"{url}/readyz", timeout=2).status_code == 503, 10, log, 0.05
         )
-        with open(speech_wav, "rb") as f:
-            late = requests.post(
-                f"{url}/v1/renders", data={"template": "astronaut"}, files={"audio": f}, timeout=30
-            )
+        late = post_reply(url, None, speech_wav)
         assert late.status_code == 503 and "shutting down" in late.json()["error"]
         thread.join(120)
         assert answer["response"].status_code == 200, answer
@@ -111,13 +102,7 @@ def test_a_worker_killed_mid_render_leaves_no_video_and_its_restart_records_the_
     try:
         status = requests.get(f"{url}/v1/renders/cut-short", timeout=5).json()
         assert status == {"id": "cut-short", "status": "failed", "error": INTERRUPTED}
-        with open(speech_wav, "rb") as f:
-            again = requests.post(
-                f"{url}/v1/renders",
-                data={"template": "astronaut", "id": "cut-short"},
-                files={"audio": f},
-                timeout=30,
-            )
+        again = post_reply(url, "cut-short", speech_wav)
         assert again.status_code == 409  # the id stays used: its failure is on record
     finally:
         stop_group(proc, signal.SIGTERM)
