@@ -100,8 +100,17 @@ def write_sources(directory: Path) -> tuple[Path, Path]:
     return png, video
 
 
-def prepare(source: Path, out: Path, box, models_root: Path, template_id: str) -> tuple[Path, dict]:
-    """Prepare a template on the GPU with a manual face box; returns the cache and per-stage seconds."""
+def prepare(
+    source: Path,
+    out: Path,
+    box,
+    models_root: Path,
+    template_id: str,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> tuple[Path, dict]:
+    """Prepare a template with a manual face box (default: on the GPU where there is one); returns the
+    cache and per-stage seconds."""
     timings = Timings()
     start = time.perf_counter()
     cache = prepare_template(
@@ -110,6 +119,8 @@ def prepare(source: Path, out: Path, box, models_root: Path, template_id: str) -
         template_id=template_id,
         settings=TemplateSettings(face_box=box),
         models_root=models_root,
+        device=device,
+        dtype=dtype,
         timings=timings,
     )
     stages = {"load": round(timings.load, 3), **{k: round(v, 3) for k, v in timings.extra.items()}}
