@@ -140,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--per-gpu", action="store_true", help="one worker per visible GPU, on consecutive ports from --port"
     )
 
+    v = sub.add_parser("verify", help="check a video's content credentials (C2PA): present, intact, signed")
+    v.add_argument("file", type=Path)
+    v.add_argument("--trust", type=Path, help="trust anchors, PEM (default: $MUSETALK_C2PA_TRUST)")
+    v.add_argument("--require-trusted", action="store_true", help="also fail a chain no trust anchor accepts")
+    v.add_argument("--json", action="store_true", help="print the findings as JSON")
+    c = sub.add_parser("credentials", help="signing identities for content credentials")
+    csub = c.add_subparsers(dest="credentials_command", required=True, metavar="ACTION")
+    dev = csub.add_parser("dev-cert", help="write a TEST signing chain (root + signer) for local use")
+    dev.add_argument("--dir", type=Path, default=Path(".musetalk/credentials"), help="where to write it")
+
     t = sub.add_parser("templates", help="manage the templates in the object store")
     tsub = t.add_subparsers(dest="templates_command", required=True, metavar="ACTION")
     push = tsub.add_parser("push", help="upload templates/<id>/ folders into the store")
@@ -151,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         (m, cmd_models),
         (e, cmd_engine),
         (w, cmd_serve),
+        (v, cmd_verify),
+        (c, cmd_credentials),
         (t, cmd_templates),
     ):
         command.set_defaults(handler=handler)
@@ -190,7 +202,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     )
     if timings.weights == "demo":
         print("note: rendered with demo (random) weights: the mouth is noise, not lip-sync", file=sys.stderr)
-    print(f"wrote {args.out} ({timings.frames} frames, {timings.video_seconds:.2f} s)")
+    signed = "signed" if "sign" in timings.extra else "unsigned"
+    print(f"wrote {args.out} ({timings.frames} frames, {timings.video_seconds:.2f} s, {signed})")
     print(timings.summary())
     if args.stats_json:
         from musetalk_ops.files import write_json
@@ -405,6 +418,45 @@ def _serve_per_gpu(args: argparse.Namespace) -> int:
         children.append(subprocess.Popen([sys.executable, "-m", "musetalk_ops.cli", *argv, *flags]))
     signal.signal(signal.SIGTERM, lambda *_: [c.send_signal(signal.SIGTERM) for c in children])
     return max(child.wait() for child in children)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 for intact, validly signed credentials (and trusted, with --require-trusted), else 1."""
+    import json
+
+    from musetalk_ops.credentials import verify_video
+
+    if not args.file.is_file():
+        raise InputError(f"{args.file}: no such file")
+    found = verify_video(args.file, args.trust)
+    ok = found.signed and (found.trusted or not args.require_trusted)
+    if args.json:
+        print(json.dumps({"file": str(args.file), "ok": ok, **vars(found)}, indent=1))
+        return 0 if ok else 1
+    if found.state is None:
+        print(f"{args.file}: no content credentials")
+        return 1
+    if not found.signed:
+        print(f"{args.file}: content credentials INVALID: {', '.join(found.failures) or found.state}")
+        return 1
+    trust = "trusted" if found.trusted else "valid, signer not trusted (no trust anchor accepts it)"
+    print(f"{args.file}: content credentials intact and signed: {trust}")
+    print(f"  signer            {found.signer} (issuer {found.issuer})")
+    print(f"  generator         {found.generator}")
+    print(f"  source type       {found.source_type}")
+    for key, value in found.provenance.items():
+        print(f"  {key:<17} {value}")
+    return 0 if ok else 1
+
+
+def cmd_credentials(args: argparse.Namespace) -> int:
+    from musetalk_ops.credentials import write_dev_certificate
+
+    paths = write_dev_certificate(args.dir)
+    print("wrote a TEST signing chain (not for production: a real deployment uses a CA-issued certificate):")
+    for variable, path in paths.items():
+        print(f"  export {variable}={path.resolve()}")
+    return 0
 
 
 def cmd_templates(args: argparse.Namespace) -> int:

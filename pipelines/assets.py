@@ -288,6 +288,7 @@ def speak(command: list[str], text: str, out: Path) -> Path:
 def welcome_video(
     context: dg.AssetExecutionContext, config: WelcomeConfig, store: StoreResource, render: RenderResource
 ) -> dg.MaterializeResult:
+    from musetalk_ops.credentials import configured_identity
     from musetalk_ops.render.file import render_file
 
     tid = context.partition_key
@@ -307,6 +308,7 @@ def welcome_video(
             spoken = f"text: {text}"
         out = Path(tmp) / "welcome.mp4"
         timings = render_file(local_cache(client, ref), audio, out, render.render_settings(), progress=False)
+        signer = configured_identity()  # the one render_file signed with, if any
         key = keys.welcome_video(tid, ref.fingerprint)
         client.put_file(key, out)
         audio_sha = sha256_file(audio)
@@ -320,6 +322,7 @@ def welcome_video(
             "video_seconds": dg.MetadataValue.float(round(timings.video_seconds, 3)),
             "total_seconds": dg.MetadataValue.float(round(timings.total, 3)),
             "weights": timings.weights,
+            "signer": signer.subject if signer else "unsigned",
             "timings": dg.MetadataValue.json(timings.to_dict()),
         },
         data_version=dg.DataVersion(f"{ref.fingerprint}-{audio_sha[:16]}"),

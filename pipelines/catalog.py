@@ -46,6 +46,8 @@ def render_events(
             "template": tid,
             "cache_fingerprint": fingerprint,
             "source": record.get("source", "run"),
+            "signed": bool(record.get("signer")),
+            "signer": record.get("signer") or "unsigned",
             "weights": timings.weights,
             "mode": timings.mode,
             **more,

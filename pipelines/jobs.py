@@ -17,6 +17,7 @@ import dagster as dg
 
 from musetalk_ops import keys
 from musetalk_ops.config import Limits
+from musetalk_ops.credentials import Provenance, timed_sign
 from musetalk_ops.errors import CacheError, InputError
 from musetalk_ops.render_records import render_record, write_render_record
 from musetalk_ops.store import Store
@@ -65,6 +66,7 @@ def load_request(context: dg.OpExecutionContext, store: StoreResource) -> Reques
         options=request.options,
         cache=ref,
         version=manifest["model"]["version"],
+        weights=manifest["model"]["weights"],
         fps=float(request.options.get("fps") or manifest["fps"]),
     )
 
@@ -249,15 +251,20 @@ def _merge(
         start = time.perf_counter()
         mux(segments, audio, out, comment=GENERATED_COMMENT)
         mux_seconds = time.perf_counter() - start
+        signed = Timings()
+        provenance = Provenance(request.version, request.weights, tid, request.cache.fingerprint, rid)
+        identity = timed_sign(out, provenance, signed)
         client.put_file(video_key, out)
         run_start = context.instance.get_run_stats(context.run_id).start_time or time.time()
         timings = request_timings(features, chunks, mux_seconds, time.time() - run_start)
+        timings.merge(signed)
         summary = render_record(
             timings,
             rid=rid,
             template=tid,
             fingerprint=request.cache.fingerprint,
             source="run",
+            signer=identity.subject if identity else None,
             chunks=len(chunks),
             run_id=context.run_id,
         )

@@ -19,6 +19,7 @@ class Request:
     options: dict
     cache: CacheRef
     version: str  # MuseTalk version of the template cache
+    weights: str  # the fingerprint of the weights the cache was prepared with, or "demo"
     fps: float
 
 

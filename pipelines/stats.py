@@ -172,6 +172,7 @@ def collect_stats(
         "status": {**weights, "codeLocation": location},
         "templateUsage": dict(sorted(usage.items())),
         "renders": len(timings),
+        "unsignedRenders": sum(not t.get("signer") for t in timings),  # without content credentials
         # the execution path per rendered video: on a GPU, whether renders found the AOT engine
         "renderModes": dict(sorted(Counter(t.get("mode") or "unknown" for t in timings).items())),
         "stages": {
@@ -202,6 +203,7 @@ def format_stats(stats: dict) -> str:
         "templates  "
         + (", ".join(f"{k}: {v}" for k, v in stats["templateUsage"].items()) or "none used yet"),
         "paths      " + (", ".join(f"{k}: {v}" for k, v in stats["renderModes"].items()) or "no renders yet"),
+        f"signed     {stats['renders'] - stats['unsignedRenders']} of {stats['renders']} rendered videos",
         f"timings    over {stats['renders']} rendered videos (seconds)   p50     p95",
     ]
     for stage, p in stats["stages"].items():

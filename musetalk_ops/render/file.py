@@ -7,6 +7,7 @@ from pathlib import Path
 
 from musetalk_ops.audio import AudioFeatures
 from musetalk_ops.config import Limits
+from musetalk_ops.credentials import configured_identity, template_provenance, timed_sign
 from musetalk_ops.errors import InputError
 from musetalk_ops.models import Models
 from musetalk_ops.render.chunks import render_chunk
@@ -34,6 +35,7 @@ def render_file(
         raise InputError(f"--out {out_path}: the output must be an .mp4 file")
     if not out_path.parent.is_dir():
         raise InputError(f"--out {out_path}: directory {out_path.parent} does not exist")
+    configured_identity()  # a half-configured signing identity fails before the render, not after
     wall = time.perf_counter()
     load_start = time.perf_counter()
     template = open_template(Path(template_path), settings, limits)
@@ -67,11 +69,13 @@ def render_clip(
     out_path: Path,
     settings: RenderSettings,
     *,
+    request: str | None = None,
     frames_dir: Path | None = None,
     progress: bool = False,
 ) -> Timings:
     """Every frame of ``features`` as one chunk, muxed with ``audio_path`` into ``out_path`` (written
-    atomically); the timings of the chunk and the mux (the warm worker's path and the CLI's)."""
+    atomically) and signed with the deployment's content credentials, if any (``request`` names the
+    reply in them); the timings of the chunk, the mux and the signature (the worker's path and the CLI's)."""
     fps = fps_fraction(settings.fps or template.fps)
     total_frames = features.num_frames(fps)
     if total_frames == 0:
@@ -103,6 +107,7 @@ def render_clip(
         timings = chunk.timings
         with timings.stage("mux"):
             mux([chunk.path], audio_path, out_path, comment=GENERATED_COMMENT)
+    timed_sign(out_path, template_provenance(template, request), timings)
     return timings
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from musetalk_ops import keys
 from musetalk_ops.config import Limits
+from musetalk_ops.credentials import configured_identity
 from musetalk_ops.errors import InputError, MuseTalkError
 from musetalk_ops.ids import validate_id
 from musetalk_ops.options import OPTIONS, check_request_options
@@ -174,6 +175,7 @@ class Worker:
         from musetalk_ops.render.warm import warm_up
 
         begin = time.perf_counter()
+        configured_identity()  # a half-configured signing identity stops the start, not every reply
         self.models = load_render_models(self.settings, version=self.version)
         loaded = time.perf_counter()
         interrupted = self.record_interrupted()
@@ -307,8 +309,9 @@ class Worker:
         from musetalk_ops.render.file import render_clip
 
         out = tmp / "out.mp4"
-        timings = render_clip(self.models, template, features, audio, out, settings)
+        timings = render_clip(self.models, template, features, audio, out, settings, request=reply.id)
         timings.merge(before)
+        identity = configured_identity()  # the one render_clip signed with, if any
         start = time.perf_counter()
         if reply.audio_file is not None:
             self.store.put_file(reply.audio_key, audio)
@@ -321,6 +324,7 @@ class Worker:
             template=reply.template,
             fingerprint=template.fingerprint,
             source="worker",
+            signer=identity.subject if identity else None,
             worker=self.name,
             audio=reply.audio_key,
         )

@@ -145,6 +145,7 @@ def test_template_and_render_end_to_end(backend, instance, astronaut_png, short_
     assert all(timings[s] > 0 for s in ("audio_features", "unet", "vae_decode", "encode", "mux", "total"))
     assert timings["fingerprint"] == fingerprint and timings["template"] == "astro"
     assert timings["source"] == "run" and timings["run_id"] == result.run_id
+    assert timings["signer"] is None  # no certificate configured: delivered unsigned
     assert store.list("work/") == []  # intermediates removed
 
     (video,) = result.asset_materializations_for_node("merge_video")

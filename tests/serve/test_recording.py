@@ -127,3 +127,32 @@ def test_an_id_claimed_by_a_worker_is_refused_by_submit_and_by_the_request_senso
         assert render_request_sensor(context).run_requests == []
     reason = worker.store.get_bytes(keys.rejected_reason("direct-only")).decode()
     assert "taken by a direct render on worker test-worker" in reason
+
+
+def test_a_direct_render_is_signed_and_its_record_and_materialization_say_by_whom(
+    instance, worker, store_root, short_speech, tmp_path, monkeypatch
+):
+    from musetalk_ops.credentials import CERT_ENV, KEY_ENV, verify_video, write_dev_certificate
+    from pipelines.stats import collect_stats
+
+    paths = write_dev_certificate(tmp_path / "credentials")
+    monkeypatch.setenv(CERT_ENV, str(paths[CERT_ENV]))
+    monkeypatch.setenv(KEY_ENV, str(paths[KEY_ENV]))
+    record = render_directly(worker, "signed-1", short_speech)
+    assert "CN=musetalk test signer" in record["signer"] and record["extra"]["sign"] > 0
+    worker.store.get_file("renders/signed-1.mp4", tmp_path / "signed.mp4")
+    found = verify_video(tmp_path / "signed.mp4")
+    assert found.signed and found.provenance["request"] == "signed-1"
+    assert found.provenance["cache_fingerprint"] == record["fingerprint"]
+    monkeypatch.delenv(CERT_ENV)
+    monkeypatch.delenv(KEY_ENV)
+    render_directly(worker, "unsigned-1", short_speech)
+    tick(instance, store_root)
+    recorded = {m.partition: m.metadata for m in materializations(instance)}
+    assert (
+        recorded["signed-1"]["signed"].value is True
+        and recorded["signed-1"]["signer"].value == record["signer"]
+    )
+    assert recorded["unsigned-1"]["signed"].value is False
+    stats = collect_stats(instance, worker.store, client=UNREACHABLE)
+    assert stats["unsignedRenders"] == stats["renders"] - 1
