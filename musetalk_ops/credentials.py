@@ -2,8 +2,9 @@
 verifiably, that the video is synthetic and how it was made (docs/credentials.md).
 
 The deployment's signing identity is ``$MUSETALK_C2PA_CERT`` (the PEM chain, signer first) and
-``$MUSETALK_C2PA_KEY`` (its PEM private key); without them videos are delivered unsigned, said once
-per process. ``$MUSETALK_C2PA_TSA_URL`` adds a timestamp authority's countersignature.
+``$MUSETALK_C2PA_KEY`` (its PEM private key), each a file or the PEM text itself; without them videos
+are delivered unsigned, said once per process. ``$MUSETALK_C2PA_TSA_URL`` adds a timestamp authority's
+countersignature.
 """
 
 import datetime
@@ -100,14 +101,22 @@ def _algorithm(key_pem: bytes, path: str) -> str:
     raise InputError(f"${KEY_ENV}={path}: {type(key).__name__} keys cannot sign C2PA manifests")
 
 
+def _pem(value: str) -> bytes:
+    """A variable's PEM: the text itself (a Kubernetes Secret key), else the file it names."""
+    if value.lstrip().startswith("-----BEGIN"):
+        return value.encode()
+    try:
+        return Path(value).read_bytes()
+    except OSError as e:
+        raise InputError(f"content credentials: cannot read {e.filename}: {e.strerror}") from None
+
+
 @lru_cache(maxsize=4)
 def _read_identity(cert: str, key: str, tsa_url: str | None) -> Identity:
     from cryptography import x509
 
-    try:
-        chain, key_pem = Path(cert).read_bytes(), Path(key).read_bytes()
-    except OSError as e:
-        raise InputError(f"content credentials: cannot read {e.filename}: {e.strerror}") from None
+    chain, key_pem = _pem(cert), _pem(key)
+    cert, key = (v if not v.lstrip().startswith("-----BEGIN") else "(PEM text)" for v in (cert, key))
     try:
         subject = x509.load_pem_x509_certificates(chain)[0].subject.rfc4514_string()
     except ValueError as e:

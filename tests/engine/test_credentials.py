@@ -5,6 +5,7 @@ certificate renders succeed unsigned (docs/credentials.md)."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -101,16 +102,34 @@ def test_a_changed_byte_is_reported_invalid(signed, tmp_path):
     assert "assertion.bmffHash.mismatch" in done.stdout
 
 
-def test_without_a_certificate_renders_succeed_unsigned_and_say_so_once(
-    tmp_path, astronaut_cache, short_speech, demo_models
-):
-    out = tmp_path / "plain.mp4"
-    done = render(out, astronaut_cache, short_speech, demo_models, env={})
+@pytest.fixture(scope="module")
+def unsigned(tmp_path_factory, astronaut_cache, short_speech, demo_models):
+    """A render with no certificate configured, and what the command printed."""
+    out = tmp_path_factory.mktemp("unsigned") / "plain.mp4"
+    return out, render(out, astronaut_cache, short_speech, demo_models, env={})
+
+
+def test_without_a_certificate_renders_succeed_unsigned_and_say_so_once(unsigned):
+    out, done = unsigned
     assert done.returncode == 0, done.stderr
     assert "unsigned)" in done.stdout.splitlines()[0] and done.stderr.count("delivered unsigned") == 1
     assert "generated" in probe(out).comment.lower()  # the comment tag stays
     missing = musetalk("verify", out, env={})
     assert missing.returncode == 1 and "no content credentials" in missing.stdout
+
+
+def test_the_identity_may_be_the_pem_text_itself(unsigned, chain, tmp_path, monkeypatch):
+    """As a Kubernetes Secret key gives it (k8s/values.yaml)."""
+    from musetalk_ops.credentials import Provenance, sign_video
+
+    copy = tmp_path / "copy.mp4"
+    copy.write_bytes(unsigned[0].read_bytes())
+    for variable in (CERT_ENV, KEY_ENV):
+        monkeypatch.setenv(variable, Path(chain[variable]).read_text())
+    identity = sign_video(copy, Provenance("v15", "demo", "astronaut", "0" * 16, "from-secret"))
+    assert identity is not None and "musetalk test signer" in identity.subject
+    found = verify_video(copy)
+    assert found.signed and found.provenance["request"] == "from-secret"
 
 
 def test_half_a_signing_identity_is_one_line_before_any_work(

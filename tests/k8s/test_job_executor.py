@@ -50,7 +50,11 @@ class FakeKubernetes:
                 env[var["name"]] = var["value"]
             else:
                 ref = var["valueFrom"]["secretKeyRef"]
-                env[var["name"]] = self.objects[("Secret", ref["name"])][ref["key"]]
+                secret = self.objects.get(("Secret", ref["name"]), {})
+                if ref["key"] in secret:
+                    env[var["name"]] = secret[ref["key"]]
+                elif not ref.get("optional"):  # as the kubelet: a missing optional key leaves it unset
+                    raise KeyError(f"Secret {ref['name']} has no key {ref['key']}")
         env["DAGSTER_HOME"] = str(self.dagster_home)  # the image's (empty) DAGSTER_HOME, here the instance's
         return env
 

@@ -99,6 +99,11 @@ def test_every_step_job_validates_and_inherits_the_deployment_settings(step_jobs
         pg = next(v for v in container["env"] if v["name"] == "DAGSTER_PG_PASSWORD")
         assert pg["valueFrom"]["secretKeyRef"]["name"] == PG_SECRET
         assert {"name": "DAGSTER_HOME", "value": DAGSTER_HOME} in container["env"]  # writable in the image
+        signing = {v["name"]: v["valueFrom"]["secretKeyRef"] for v in container["env"] if "C2PA" in v["name"]}
+        assert signing == {  # content credentials from an optional Secret: without it, unsigned videos
+            "MUSETALK_C2PA_CERT": {"name": "musetalk-c2pa", "key": "signer-chain.pem", "optional": True},
+            "MUSETALK_C2PA_KEY": {"name": "musetalk-c2pa", "key": "signer-key.pem", "optional": True},
+        }, key
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert job["spec"]["ttlSecondsAfterFinished"] == 3600
         resources = container["resources"]
