@@ -75,6 +75,17 @@ def write_models(root: Path, cache: Path) -> dict[str, float]:
     return seconds
 
 
+def write_model_set(root: Path, work: Path, full: bool) -> None:
+    """Full-size random weights (``full``, the GPU's case; its fp16 copies under ``work/cache``) or the
+    demo-size set, in the official layout under ``root``."""
+    if full:
+        write_models(root, work / "cache")
+    else:
+        from musetalk_ops.models.demo import write_demo_models
+
+        write_demo_models(root)
+
+
 def astronaut() -> np.ndarray:
     from skimage import data
 

@@ -55,12 +55,7 @@ def main() -> int:
     r["group_norm_gap"] = {"cpu": group_norm_gap(torch.device("cpu")), str(device): group_norm_gap(device)}
     work = Path(tempfile.mkdtemp(prefix="musetalk-prep-parity-"))
     models_root = work / "models"
-    if args.full:
-        assets.write_models(models_root, work / "cache")
-    else:
-        from musetalk_ops.models.demo import write_demo_models
-
-        write_demo_models(models_root)
+    assets.write_model_set(models_root, work, args.full)
     png, _video = assets.write_sources(work)
     wav = assets.write_speech_like(work / "speech.wav", args.frames / 25 + 0.1)
     cpu = RenderSettings(device="cpu", dtype="float32", models_root=models_root, mode="reference")

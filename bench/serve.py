@@ -88,12 +88,7 @@ def main() -> int:
     r = report.data
     work = Path(tempfile.mkdtemp(prefix="musetalk-bench-serve-"))
     models = work / "models"
-    if args.full:
-        assets.write_models(models, work / "cache")
-    else:
-        from musetalk_ops.models.demo import write_demo_models
-
-        write_demo_models(models)
+    assets.write_model_set(models, work, args.full)
     png, _video = assets.write_sources(work)
     cache, _ = assets.prepare(png, work / "astronaut", assets.ASTRONAUT_BOX, models, "astronaut")
     wav = assets.write_speech_like(work / "reply.wav", args.seconds + 0.02)
