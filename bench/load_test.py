@@ -55,7 +55,7 @@ def _expected_frames(wav: Path) -> int:
     return info.frames * FPS // info.samplerate
 
 
-def _start_dagster(env: dict, port: int, log: Path) -> subprocess.Popen:
+def start_dagster(env: dict, port: int, log: Path) -> subprocess.Popen:
     """``dagster dev`` in its own process group with default signal handling (docs/architecture.md §7.1)."""
 
     def reset() -> None:
@@ -70,7 +70,7 @@ def _start_dagster(env: dict, port: int, log: Path) -> subprocess.Popen:
         )  # fmt: skip
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_dagster(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGINT)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -80,7 +80,7 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=10)
 
 
-def _wait(what: str, check, timeout: float, log: Path):
+def wait_until(what: str, check, timeout: float, log: Path):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
@@ -140,7 +140,7 @@ def run_load(
     (home / "dagster.yaml").write_text(
         f"telemetry:\n  enabled: false\nconcurrency:\n  runs:\n    max_concurrent_runs: {concurrency}\n"
     )
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
@@ -156,13 +156,13 @@ def run_load(
     store = LocalStore(workdir / "store")
     audio = [_speech(workdir / f"speech{i}.wav", text) for i, text in enumerate(SENTENCES)]
     log = workdir / "dagster-dev.log"
-    proc = _start_dagster(env, port, log)
+    proc = start_dagster(env, port, log)
     try:
-        _wait("the webserver", lambda: urllib.request.urlopen(f"{url}/server_info", timeout=2), 180, log)
+        wait_until("the webserver", lambda: urllib.request.urlopen(f"{url}/server_info", timeout=2), 180, log)
         for name in ("source.png", "settings.yaml"):
             store.put_file(f"templates/astronaut/{name}", ROOT / "templates" / "astronaut" / name)
         client = GraphQLClient(url, timeout=60)
-        _wait(
+        wait_until(
             "template_sensor to prepare the template",
             lambda: client.query(TEMPLATE_QUERY, {"template": "astronaut"})["assetOrError"].get(
                 "assetMaterializations"
@@ -199,7 +199,7 @@ def run_load(
             done = {rid: rs[0] for rid, rs in runs.items() if rid in started_at and rs[0].is_finished}
             return runs if len(done) == len(started_at) else None
 
-        runs = _wait(f"{len(started_at)} runs to finish", finished, timeout, log)
+        runs = wait_until(f"{len(started_at)} runs to finish", finished, timeout, log)
         wall = time.time() - t0
         watcher.stop.set()
         watcher.join()
@@ -262,10 +262,10 @@ def run_load(
             raise LoadError("; ".join(problems))
         return report
     finally:
-        _stop(proc)
+        stop_dagster(proc)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -1,21 +1,21 @@
-"""The direct reply path of a warm worker against a cold process per reply, in one run.
+"""The direct reply path of a warm worker against the paths it replaces, in one run.
 
-    python -m bench.serve [--seconds 3] [--requests 8] [--concurrent 4] [--batch 8] [--full]
+    python -m bench.serve [--seconds 3] [--requests 8] [--concurrent 4] [--dagster 3] [--batch 8] [--full]
 
-Both render the 512² astronaut template (prepared with its manual face box) and the same speech-like
+All render the 512² astronaut template (prepared with its manual face box) and the same speech-like
 clip. *Before*: ``musetalk render`` in a fresh process per reply, the cost every Dagster step pays
-(start, imports, model loading, then the render), timed from outside. *After*: one ``musetalk serve``
-started once (its start-to-ready time is reported), then ``--requests`` replies one after another,
-then ``--concurrent`` at once. The overhead of a direct reply is its wall time at the client minus the
-model work its answer reports (``audio_features + unet + vae_decode + mux``); the stage table shows
-where it goes (queue, store, load). Demo-size models on the CPU unless ``--full`` (full-size random
-weights, the GPU's case). Writes ``serve.json`` into ``--out``.
+(start, imports, model loading, then the render), timed from outside; and ``--dagster`` replies through
+``dagster dev`` and ``musetalk submit --wait`` (in-process runs) with their latency breakdown. *After*:
+one ``musetalk serve`` started once (its start-to-ready time is reported), then ``--requests`` replies
+one after another, then ``--concurrent`` at once. The overhead of a reply is its wall time at the client
+minus the model work its timings report (``audio_features + unet + vae_decode + mux``); the stage table
+shows where it goes (queue, store, load). Demo-size models on the CPU unless ``--full`` (full-size
+random weights, the GPU's case). Writes ``serve.json`` into ``--out``.
 """
 
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from bench import assets
 from bench.common import Report
+from bench.load_test import ROOT, free_port, start_dagster, stop_dagster, wait_until
 from musetalk_ops.store import LocalStore
 from musetalk_ops.template_cache import read_cache
 from musetalk_ops.template_store import CacheRef, upload_cache, write_pointer
@@ -81,6 +82,9 @@ def main() -> int:
     p.add_argument("--concurrent", type=int, default=4, help="replies at once (default 4)")
     p.add_argument("--cold", type=int, default=3, help="cold-process baseline replies (default 3)")
     p.add_argument("--batch", type=int, default=8, help="render batch size (default 8)")
+    p.add_argument(
+        "--dagster", type=int, default=3, help="replies through dagster dev and musetalk submit (0: none)"
+    )
     p.add_argument("--full", action="store_true", help="full-size random weights instead of the demo set")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")), help="report folder")
     args = p.parse_args()
@@ -118,9 +122,7 @@ def main() -> int:
         cold.append((time.perf_counter() - start, json.loads(stats.read_text())))
     r["cold_process"] = direct_rows(cold)
 
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     argv = [str(BIN / "musetalk"), "serve", "--port", str(port), "--batch-size", str(args.batch)]
     start = time.perf_counter()
@@ -136,9 +138,57 @@ def main() -> int:
             r["concurrent"] = concurrent_replies(url, wav, args.concurrent)
         finally:
             worker.terminate()
+    if args.dagster:  # after the worker: the template sensor rewrites the template's pointer
+        r["dagster"] = dagster_replies(work, env, wav, args.dagster, args.batch)
     report.save()
     print_tables(r)
     return 0
+
+
+def dagster_replies(work: Path, env: dict, wav: Path, count: int, batch: int) -> dict:
+    """``musetalk submit --wait``'s path under ``dagster dev`` (in-process runs, the template prepared by
+    its sensor): wall time at the client and the latency breakdown ``wait`` reports, per reply."""
+    from musetalk_ops.store import LocalStore
+    from pipelines.demo import instance_yaml
+    from pipelines.graphql import GraphQLClient
+    from pipelines.submit import TEMPLATE_QUERY, submit, wait
+
+    home = work / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(instance_yaml(gpus=1))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**env, "DAGSTER_HOME": str(home), "MUSETALK_DAGSTER_URL": url, "MUSETALK_EXECUTOR": "in_process"}
+    env["MUSETALK_GPUS"] = "1"
+    log = work / "dagster-dev.log"
+    proc = start_dagster(env, port, log)
+    store = LocalStore(work / "store")
+    try:
+        wait_until("the webserver", lambda: urllib.request.urlopen(f"{url}/server_info", timeout=2), 180, log)
+        for name in ("source.png", "settings.yaml"):
+            store.put_file(f"templates/astronaut/{name}", ROOT / "templates" / "astronaut" / name)
+        client = GraphQLClient(url, timeout=60)
+        wait_until(
+            "template_sensor to prepare the template",
+            lambda: client.query(TEMPLATE_QUERY, {"template": "astronaut"})["assetOrError"].get(
+                "assetMaterializations"
+            ),
+            600,
+            log,
+        )
+        runs = []
+        for _ in range(count + 1):  # the first run meets a cold code server: not counted
+            start = time.perf_counter()
+            done = wait(
+                submit(store, "astronaut", wav, options={"batch_size": batch}, client=client), store, client
+            )
+            runs.append((time.perf_counter() - start, done.result))
+    finally:
+        stop_dagster(proc)
+    rows = direct_rows([(wall, result["timings"]) for wall, result in runs[1:]])
+    keys = runs[1][1]["latency"]
+    rows["latency"] = {k: round(statistics.median(r["latency"][k] for _, r in runs[1:]), 3) for k in keys}
+    return rows
 
 
 def wait_ready(url: str, worker: subprocess.Popen, log: Path) -> None:
@@ -165,22 +215,31 @@ def concurrent_replies(url: str, wav: Path, count: int) -> dict:
 
 
 def print_tables(r: dict) -> None:
-    print(f"\nreply of {r['env']['seconds']:g} s, batch {r['env']['batch']}, {r['env']['cpus']} CPUs")
-    print(f"worker start → ready: {r['worker_start_to_ready_s']} s")
-    print(f"{'path':<28}{'n':>3}{'wall p50':>10}{'p95':>8}{'overhead p50':>14}{'p95':>8}")
-    for name, key in (
+    paths = [
         ("cold process per reply", "cold_process"),
         ("warm worker", "direct"),
         ("warm, concurrent", "concurrent"),
-    ):
+    ]
+    if "dagster" in r:
+        paths.insert(0, ("dagster dev + submit --wait", "dagster"))
+    print(f"\nreply of {r['env']['seconds']:g} s, batch {r['env']['batch']}, {r['env']['cpus']} CPUs")
+    print(f"worker start → ready: {r['worker_start_to_ready_s']} s")
+    print(f"{'path':<28}{'n':>3}{'wall p50':>10}{'p95':>8}{'overhead p50':>14}{'p95':>8}")
+    for name, key in paths:
         row = r[key]
         print(
             f"{name:<28}{row['wall']['n']:>3}{row['wall']['p50']:>10.3f}{row['wall']['p95']:>8.3f}"
             f"{row['overhead']['p50']:>14.3f}{row['overhead']['p95']:>8.3f}"
         )
     print(f"\nmedian seconds per stage{'':<6}" + "".join(f"{s[:10]:>11}" for s in STAGES))
-    for name, key in (("cold process per reply", "cold_process"), ("warm worker", "direct")):
-        print(f"{name:<30}" + "".join(f"{r[key]['stages'][s]:>11.3f}" for s in STAGES))
+    for name, key in paths:
+        if key != "concurrent":
+            print(f"{name:<30}" + "".join(f"{r[key]['stages'][s]:>11.3f}" for s in STAGES))
+    if "dagster" in r:
+        print(
+            "dagster path, median seconds: "
+            + ", ".join(f"{k} {v}" for k, v in r["dagster"]["latency"].items())
+        )
     print(f"\nconcurrent throughput: {r['concurrent']['replies_per_s']} replies/s")
 
 
