@@ -415,9 +415,12 @@ def _serve_per_gpu(args: argparse.Namespace) -> int:
     children = []
     for index in range(count):
         flags = ["--device", f"cuda:{index}", "--port", str(args.port + index)]
+        if args.name:  # one name per worker: a restart records only its own interrupted renders
+            flags += ["--name", f"{args.name[:58]}-gpu{index}"]
         children.append(subprocess.Popen([sys.executable, "-m", "musetalk_ops.cli", *argv, *flags]))
     signal.signal(signal.SIGTERM, lambda *_: [c.send_signal(signal.SIGTERM) for c in children])
-    return max(child.wait() for child in children)
+    codes = [child.wait() for child in children]
+    return 0 if all(code == 0 for code in codes) else 1
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from musetalk_ops import __version__
-from musetalk_ops.errors import InputError
+from musetalk_ops.errors import InputError, MuseTalkError
 from musetalk_ops.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,10 @@ TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trai
 PROVENANCE_LABEL = "org.musetalk.render"  # our assertion: model, weights, template, cache, request
 SIGNED_STATES = ("Valid", "Trusted")  # intact and validly signed; Trusted also chains to a trust anchor
 DEV_CERT_DIR = Path(".musetalk/credentials")
+
+
+class CredentialsError(MuseTalkError):
+    """Signing failed: the identity is unusable for C2PA (a video is never delivered unsigned by accident)."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,8 @@ class Verification:
         return self.state == "Trusted"
 
 
-def _algorithm(key_pem: bytes, path: str) -> str:
+def _algorithm(key_pem: bytes, path: str):
+    """C2PA's name for the key's signing algorithm, and its public key."""
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -93,35 +98,48 @@ def _algorithm(key_pem: bytes, path: str) -> str:
         names = {"secp256r1": "es256", "secp384r1": "es384", "secp521r1": "es512"}
         if key.curve.name not in names:
             raise InputError(f"${KEY_ENV}={path}: curve {key.curve.name} cannot sign C2PA manifests")
-        return names[key.curve.name]
+        return names[key.curve.name], key.public_key()
     if isinstance(key, rsa.RSAPrivateKey):
-        return "ps256"
+        return "ps256", key.public_key()
     if isinstance(key, ed25519.Ed25519PrivateKey):
-        return "ed25519"
+        return "ed25519", key.public_key()
     raise InputError(f"${KEY_ENV}={path}: {type(key).__name__} keys cannot sign C2PA manifests")
 
 
-def _pem(value: str) -> bytes:
+def _is_text(value: str) -> bool:
+    """Whether a variable holds PEM text (never echoed: it may be a private key) rather than a path."""
+    return "-----BEGIN" in value or "\n" in value or len(value) > 4096
+
+
+def _pem(value: str, variable: str) -> bytes:
     """A variable's PEM: the text itself (a Kubernetes Secret key), else the file it names."""
-    if value.lstrip().startswith("-----BEGIN"):
+    if _is_text(value):
         return value.encode()
     try:
         return Path(value).read_bytes()
     except OSError as e:
-        raise InputError(f"content credentials: cannot read {e.filename}: {e.strerror}") from None
+        raise InputError(f"content credentials: cannot read ${variable}={value}: {e.strerror}") from None
 
 
 @lru_cache(maxsize=4)
 def _read_identity(cert: str, key: str, tsa_url: str | None) -> Identity:
     from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-    chain, key_pem = _pem(cert), _pem(key)
-    cert, key = (v if not v.lstrip().startswith("-----BEGIN") else "(PEM text)" for v in (cert, key))
+    chain, key_pem = _pem(cert, CERT_ENV), _pem(key, KEY_ENV)
+    cert, key = ("(PEM text)" if _is_text(v) else v for v in (cert, key))
     try:
-        subject = x509.load_pem_x509_certificates(chain)[0].subject.rfc4514_string()
+        leaf = x509.load_pem_x509_certificates(chain)[0]
     except ValueError as e:
         raise InputError(f"${CERT_ENV}={cert}: not a PEM certificate chain ({e})") from None
-    return Identity(chain, key_pem, subject, _algorithm(key_pem, key), tsa_url)
+    algorithm, public = _algorithm(key_pem, key)
+
+    def spki(k) -> bytes:
+        return k.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+    if spki(leaf.public_key()) != spki(public):
+        raise InputError(f"${KEY_ENV}={key} is not the key of the first certificate of ${CERT_ENV}={cert}")
+    return Identity(chain, key_pem, leaf.subject.rfc4514_string(), algorithm, tsa_url)
 
 
 def configured_identity() -> Identity | None:
@@ -180,14 +198,19 @@ def sign_video(path: Path, provenance: Provenance, identity: Identity | None = N
         return None
     path = Path(path)
     info = c2pa.C2paSignerInfo(identity.algorithm, identity.chain, identity.key, identity.tsa_url)
-    with (
-        c2pa.Signer.from_info(info) as signer,
-        c2pa.Builder(manifest(provenance, path.name)) as builder,
-        atomic_path(path) as tmp,
-        open(path, "rb") as source,
-        open(tmp, "w+b") as signed,
-    ):
-        builder.sign(signer, "video/mp4", source, signed)
+    try:
+        with (
+            c2pa.Signer.from_info(info) as signer,
+            c2pa.Builder(manifest(provenance, path.name)) as builder,
+            atomic_path(path) as tmp,
+            open(path, "rb") as source,
+            open(tmp, "w+b") as signed,
+        ):
+            builder.sign(signer, "video/mp4", source, signed)
+    except c2pa.C2paError as e:
+        raise CredentialsError(
+            f"content credentials: signing {path.name} failed: {str(e).splitlines()[0]}"
+        ) from None
     return identity
 
 

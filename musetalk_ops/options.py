@@ -130,4 +130,4 @@ def check_request_options(options: object) -> dict:
         if name not in REQUEST_OPTIONS:
             raise InputError(f"unknown option {name!r} (known: {', '.join(REQUEST_OPTIONS)})")
         OPTIONS[name].check(value)
-    return dict(options)
+    return {name: value for name, value in options.items() if value is not None}  # null: the default

@@ -214,7 +214,11 @@ def direct_render_sensor(context: dg.SensorEvaluationContext, store: StoreResour
         if not isinstance(record, dict) or record.get("source") != "worker":
             continue  # a run's record: its run reported it
         if not _recorded(context.instance, rid):
-            events.extend(render_events(client, record, worker=str(record.get("worker", ""))))
+            try:
+                events.extend(render_events(client, record, worker=str(record.get("worker", ""))))
+            except (KeyError, TypeError, ValueError) as e:  # not a record a worker of ours wrote
+                context.log.warning(f"skipped {info.key}: not a render record ({type(e).__name__}: {e})")
+                continue
         added.append(rid)
         if len(added) >= RECORDS_PER_TICK:
             break

@@ -1,5 +1,6 @@
 """A whole clip to one MP4 (the CLI's path): template, models and features, one chunk, mux with audio."""
 
+import os
 import sys
 import tempfile
 import time
@@ -105,9 +106,11 @@ def render_clip(
             if bar is not None:
                 bar.close()
         timings = chunk.timings
+        muxed = Path(tmp) / "out.mp4"  # muxed and signed here, then renamed: out_path is never unsigned
         with timings.stage("mux"):
-            mux([chunk.path], audio_path, out_path, comment=GENERATED_COMMENT)
-    timed_sign(out_path, template_provenance(template, request), timings)
+            mux([chunk.path], audio_path, muxed, comment=GENERATED_COMMENT)
+        timed_sign(muxed, template_provenance(template, request), timings)
+        os.replace(muxed, out_path)
     return timings
 
 

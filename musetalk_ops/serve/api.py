@@ -7,6 +7,7 @@ full, with ``Retry-After``), a worker that cannot render now is a 503, a bug is 
 
 import asyncio
 import json
+import logging
 import math
 import secrets
 import shutil
@@ -54,7 +55,7 @@ STATUS = (
     (ModelFilesError, 503),
     (MuseTalkError, 500),
 )
-EXEMPT = ("/healthz", "/readyz")  # answered without the token: probes carry none
+log = logging.getLogger(__name__)
 RENDER_BODY = {  # the two request bodies of POST /v1/renders, for /openapi.json
     "required": True,
     "content": {
@@ -200,7 +201,8 @@ def create_app(worker: Worker, *, token: str | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def bug(_request: Request, error: Exception) -> JSONResponse:
-        return _error(500, f"internal error: {type(error).__name__}: {error}")
+        log.exception("internal error")  # the details stay in the worker's log
+        return _error(500, f"internal error ({type(error).__name__}): see the worker's log")
 
     @app.get("/healthz", summary="The process is alive")
     async def healthz() -> dict:
@@ -228,7 +230,7 @@ def create_app(worker: Worker, *, token: str | None = None) -> FastAPI:
         tmp = Path(tempfile.mkdtemp(prefix="musetalk-upload-"))
         try:
             reply = await _read_reply(request, tmp, worker)
-            future = worker.submit(reply)
+            future = await asyncio.to_thread(worker.submit, reply)  # store reads: off the event loop
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -241,7 +243,7 @@ def create_app(worker: Worker, *, token: str | None = None) -> FastAPI:
     @app.get(
         "/v1/renders/{rid}", summary="Status and timings of a render", dependencies=[Depends(authorized)]
     )
-    async def render_status(rid: str) -> dict:
+    def render_status(rid: str) -> dict:  # plain def: FastAPI runs it on its thread pool (store reads)
         rid = validate_id(rid, "request id")
         store = worker.store
         if store.exists(keys.render_timings(rid)):
@@ -263,11 +265,11 @@ def create_app(worker: Worker, *, token: str | None = None) -> FastAPI:
         dependencies=[Depends(authorized)],
         response_class=Response,
     )
-    async def render_video(rid: str) -> Response:
+    def render_video(rid: str) -> Response:  # plain def: on the thread pool, like render_status
         rid = validate_id(rid, "request id")
         if not worker.store.exists(keys.render_timings(rid)):  # the record comes last: the video is whole
             raise HTTPException(404, f"no finished render {rid}")
-        data = await asyncio.to_thread(worker.store.get_bytes, keys.render_video(rid))
+        data = worker.store.get_bytes(keys.render_video(rid))
         return Response(
             data, media_type="video/mp4", headers={"Content-Disposition": f'inline; filename="{rid}.mp4"'}
         )
@@ -312,7 +314,7 @@ async def _read_reply(request: Request, tmp: Path, worker: Worker) -> Reply:
         options = body.get("options") or {}
         rid = validate_id(body.get("id") or new_request_id(), "request id")
         audio_file, audio_key = None, keys.audio_object(body.get("audio"))
-        if not worker.store.exists(audio_key):
+        if not await asyncio.to_thread(worker.store.exists, audio_key):
             raise InputError(f"audio object {worker.store.uri(audio_key)} does not exist")
     else:
         raise UnsupportedMedia()

@@ -21,8 +21,10 @@ class DrainingServer(uvicorn.Server):
         self.worker = worker
 
     def handle_exit(self, sig: int, frame) -> None:
-        if self.worker.draining:
-            return super().handle_exit(sig, frame)
+        if self.worker.draining:  # the second signal: stop now, queued replies are dropped
+            self.force_exit = self.should_exit = True
+            self.worker.abandon()
+            return None
         self.worker.drain()
         log.info(f"draining: {self.worker.pending} render(s) in flight, new ones get 503")
         threading.Thread(target=self._exit_when_idle, name="musetalk-drain", daemon=True).start()

@@ -9,6 +9,7 @@ nothing; once claimed, a render ends with its record or with a failure record.
 
 import contextlib
 import dataclasses
+import logging
 import tempfile
 import threading
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 from musetalk_ops import keys
 from musetalk_ops.config import Limits
 from musetalk_ops.credentials import configured_identity
-from musetalk_ops.errors import InputError, MuseTalkError
+from musetalk_ops.errors import CacheError, InputError, MuseTalkError
 from musetalk_ops.ids import validate_id
 from musetalk_ops.options import OPTIONS, check_request_options
 from musetalk_ops.render.settings import RenderSettings
@@ -38,6 +39,8 @@ from musetalk_ops.template_store import CacheRef, current_cache, local_cache
 from musetalk_ops.timings import Timings
 
 INTERRUPTED = "interrupted: the worker stopped while rendering"
+
+log = logging.getLogger(__name__)
 
 
 class IdTaken(InputError):
@@ -182,7 +185,13 @@ class Worker:
         ids = prepared_templates(self.store) if preload is None else preload
         first = None
         for tid in ids:
-            template = self.templates.get(tid)
+            try:
+                template = self.templates.get(tid)
+            except (InputError, CacheError) as e:
+                if preload is not None:  # a template the user named must load
+                    raise
+                log.warning(f"not preloading template {tid}: {e}")
+                continue
             first = first or template
         templates = time.perf_counter()
         warm = warm_up(self.models, self.settings, first)
@@ -246,6 +255,11 @@ class Worker:
     def drain(self) -> None:
         """Take no new replies; those queued and rendering finish."""
         self.draining = True
+
+    def abandon(self) -> None:
+        """Drop the queued replies (their clients see the connection close); the one rendering ends with
+        the process, and the restart of this worker records it as failed."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         with self._state:

@@ -148,3 +148,24 @@ def test_the_development_chain_is_written_whole(tmp_path):
     assert sorted(p.name for p in paths.values()) == ["signer-chain.pem", "signer-key.pem", "test-root.pem"]
     assert paths[CERT_ENV].read_text().count("BEGIN CERTIFICATE") == 2  # signer, then root
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted(p.name for p in paths.values())
+
+
+def test_a_key_that_does_not_match_the_chain_is_refused_without_echoing_it(
+    tmp_path, chain, astronaut_cache, short_speech, demo_models
+):
+    other = write_dev_certificate(tmp_path / "other")
+    env = {CERT_ENV: chain[CERT_ENV], KEY_ENV: str(other[KEY_ENV])}
+    done = render(tmp_path / "x.mp4", astronaut_cache, short_speech, demo_models, env=env)
+    assert done.returncode == 2 and "is not the key of the first certificate" in done.stderr
+    secret = "Bag Attributes\n    localKeyID: 01\nsecret-material-never-printed"
+    done = render(
+        tmp_path / "x.mp4", astronaut_cache, short_speech, demo_models, env={**env, KEY_ENV: secret}
+    )
+    assert done.returncode == 2 and "secret-material" not in done.stderr and "(PEM text)" in done.stderr
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_a_null_request_option_means_the_default():
+    from musetalk_ops.options import check_request_options
+
+    assert check_request_options({"crf": None, "preset": None, "batch_size": 8}) == {"batch_size": 8}
