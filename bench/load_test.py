@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -91,6 +92,33 @@ def wait_until(what: str, check, timeout: float, log: Path):
     raise LoadError(f"timed out after {timeout:.0f} s waiting for {what} (log: {log})")
 
 
+@contextlib.contextmanager
+def dagster_with_astronaut(env: dict, port: int, store, log: Path) -> Iterator:
+    """``dagster dev`` on ``port`` with the bundled astronaut pushed into ``store`` and prepared by
+    ``template_sensor``; yields a GraphQL client of its webserver, stops it at the end."""
+    from pipelines.graphql import GraphQLClient
+    from pipelines.submit import TEMPLATE_QUERY
+
+    url = f"http://127.0.0.1:{port}"
+    proc = start_dagster(env, port, log)
+    try:
+        wait_until("the webserver", lambda: urllib.request.urlopen(f"{url}/server_info", timeout=2), 180, log)
+        for name in ("source.png", "settings.yaml"):
+            store.put_file(f"templates/astronaut/{name}", ROOT / "templates" / "astronaut" / name)
+        client = GraphQLClient(url, timeout=60)
+        wait_until(
+            "template_sensor to prepare the template",
+            lambda: client.query(TEMPLATE_QUERY, {"template": "astronaut"})["assetOrError"].get(
+                "assetMaterializations"
+            ),
+            600,
+            log,
+        )
+        yield client
+    finally:
+        stop_dagster(proc)
+
+
 class RunWatcher(threading.Thread):
     """Samples the instance every 0.25 s: the most runs ever STARTED at once, per request status."""
 
@@ -128,7 +156,7 @@ def run_load(
     from musetalk_ops.store import LocalStore
     from musetalk_ops.video import probe
     from pipelines.graphql import GraphQLClient
-    from pipelines.submit import TEMPLATE_QUERY, submit
+    from pipelines.submit import submit
 
     workdir.mkdir(parents=True, exist_ok=True)
     if models is None:
@@ -156,20 +184,7 @@ def run_load(
     store = LocalStore(workdir / "store")
     audio = [_speech(workdir / f"speech{i}.wav", text) for i, text in enumerate(SENTENCES)]
     log = workdir / "dagster-dev.log"
-    proc = start_dagster(env, port, log)
-    try:
-        wait_until("the webserver", lambda: urllib.request.urlopen(f"{url}/server_info", timeout=2), 180, log)
-        for name in ("source.png", "settings.yaml"):
-            store.put_file(f"templates/astronaut/{name}", ROOT / "templates" / "astronaut" / name)
-        client = GraphQLClient(url, timeout=60)
-        wait_until(
-            "template_sensor to prepare the template",
-            lambda: client.query(TEMPLATE_QUERY, {"template": "astronaut"})["assetOrError"].get(
-                "assetMaterializations"
-            ),
-            600,
-            log,
-        )
+    with dagster_with_astronaut(env, port, store, log):
         instance = dg.DagsterInstance.from_config(str(home))
         watcher = RunWatcher(instance)
         watcher.start()
@@ -261,8 +276,6 @@ def run_load(
         if problems:
             raise LoadError("; ".join(problems))
         return report
-    finally:
-        stop_dagster(proc)
 
 
 def free_port() -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench import assets
 from bench.common import Report
-from bench.load_test import ROOT, free_port, start_dagster, stop_dagster, wait_until
+from bench.load_test import dagster_with_astronaut, free_port
 from musetalk_ops.store import LocalStore
 from musetalk_ops.template_cache import read_cache
 from musetalk_ops.template_store import CacheRef, upload_cache, write_pointer
@@ -150,8 +150,7 @@ def dagster_replies(work: Path, env: dict, wav: Path, count: int, batch: int) ->
     its sensor): wall time at the client and the latency breakdown ``wait`` reports, per reply."""
     from musetalk_ops.store import LocalStore
     from pipelines.demo import instance_yaml
-    from pipelines.graphql import GraphQLClient
-    from pipelines.submit import TEMPLATE_QUERY, submit, wait
+    from pipelines.submit import submit, wait
 
     home = work / "dagster_home"
     home.mkdir()
@@ -160,31 +159,15 @@ def dagster_replies(work: Path, env: dict, wav: Path, count: int, batch: int) ->
     url = f"http://127.0.0.1:{port}"
     env = {**env, "DAGSTER_HOME": str(home), "MUSETALK_DAGSTER_URL": url, "MUSETALK_EXECUTOR": "in_process"}
     env["MUSETALK_GPUS"] = "1"
-    log = work / "dagster-dev.log"
-    proc = start_dagster(env, port, log)
     store = LocalStore(work / "store")
-    try:
-        wait_until("the webserver", lambda: urllib.request.urlopen(f"{url}/server_info", timeout=2), 180, log)
-        for name in ("source.png", "settings.yaml"):
-            store.put_file(f"templates/astronaut/{name}", ROOT / "templates" / "astronaut" / name)
-        client = GraphQLClient(url, timeout=60)
-        wait_until(
-            "template_sensor to prepare the template",
-            lambda: client.query(TEMPLATE_QUERY, {"template": "astronaut"})["assetOrError"].get(
-                "assetMaterializations"
-            ),
-            600,
-            log,
-        )
-        runs = []
+    runs = []
+    with dagster_with_astronaut(env, port, store, work / "dagster-dev.log") as client:
         for _ in range(count + 1):  # the first run meets a cold code server: not counted
             start = time.perf_counter()
             done = wait(
                 submit(store, "astronaut", wav, options={"batch_size": batch}, client=client), store, client
             )
             runs.append((time.perf_counter() - start, done.result))
-    finally:
-        stop_dagster(proc)
     rows = direct_rows([(wall, result["timings"]) for wall, result in runs[1:]])
     keys = runs[1][1]["latency"]
     rows["latency"] = {k: round(statistics.median(r["latency"][k] for _, r in runs[1:]), 3) for k in keys}

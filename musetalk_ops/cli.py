@@ -24,6 +24,7 @@ log = logging.getLogger("musetalk_ops.cli")  # also when run as __main__
 COMMAND_GROUP = "musetalk.commands"  # entry points: functions that add subcommands to the parser
 
 RENDER_FLAGS = ("batch_size", "fps", "crf", "preset", "mode", "encoders")  # `render`'s own options
+SERVE_FLAGS = ("batch_size", "crf", "preset", "mode", "encoders")  # a worker's (fps is per request)
 
 
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     w.add_argument("--port", type=int, default=8000, help="port (default 8000; --per-gpu: the first)")
     _add_runtime_flags(w)
-    for name in ("batch_size", "crf", "preset", "mode", "encoders"):
+    for name in SERVE_FLAGS:
         OPTIONS[name].add_flag(w)
     w.add_argument(
         "--preload-templates",
@@ -382,9 +383,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from musetalk_ops.serve.server import serve
     from musetalk_ops.serve.worker import Worker
 
-    settings = _render_settings(
-        args, **{name: getattr(args, name) for name in ("batch_size", "crf", "preset", "mode", "encoders")}
-    )
+    settings = _render_settings(args, **{name: getattr(args, name) for name in SERVE_FLAGS})
     worker = Worker(
         open_store(),
         settings,

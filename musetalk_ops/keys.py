@@ -18,6 +18,8 @@ REJECTED = f"{REQUESTS}rejected/"  # requests refused before any run, with their
 RENDERS = "renders/"  # finished videos and their records, watched by the direct-render sensor
 FAILED = f"{RENDERS}failed/"  # records of renders that failed on a worker
 CLAIMS = "claims/"  # one object per request id ever taken: the atomic reservation of the id
+TEMPLATE_CACHES = "cache/templates/"  # template caches, and each template's pointer to its current one
+POINTER = "current.json"
 MAX_CHUNKS = 10000  # chunk numbers are zero-padded to 4 digits so listings sort in frame order
 
 _FINGERPRINT = re.compile(r"[0-9a-f]{16}")
@@ -51,7 +53,7 @@ def template_settings(tid: str) -> str:
 
 
 def cache_prefix(tid: str, fingerprint: str) -> str:
-    return f"cache/templates/{validate_id(tid, 'template id')}/{validate_fingerprint(fingerprint)}/"
+    return f"{TEMPLATE_CACHES}{validate_id(tid, 'template id')}/{validate_fingerprint(fingerprint)}/"
 
 
 def cache_manifest(tid: str, fingerprint: str) -> str:
@@ -61,7 +63,7 @@ def cache_manifest(tid: str, fingerprint: str) -> str:
 
 def template_pointer(tid: str) -> str:
     """``current.json``: names the template's current cache; ``template_cache`` writes it last."""
-    return f"cache/templates/{validate_id(tid, 'template id')}/current.json"
+    return f"{TEMPLATE_CACHES}{validate_id(tid, 'template id')}/{POINTER}"
 
 
 def claim(rid: str) -> str:

@@ -46,6 +46,16 @@ def write_pointer(store: Store, ref: CacheRef) -> None:
     store.put_bytes(keys.template_pointer(ref.template), json.dumps(asdict(ref), indent=1).encode())
 
 
+def prepared_templates(store: Store) -> list[str]:
+    """Every template id whose current-cache pointer is in the store."""
+    ids = []
+    for info in store.list(keys.TEMPLATE_CACHES):
+        parts = info.key.removeprefix(keys.TEMPLATE_CACHES).split("/")
+        if len(parts) == 2 and parts[1] == keys.POINTER:
+            ids.append(parts[0])
+    return sorted(ids)
+
+
 def current_cache(store: Store, tid: str) -> CacheRef:
     """The current cache of template ``tid`` (its pointer); InputError if it was never prepared."""
     key = keys.template_pointer(tid)

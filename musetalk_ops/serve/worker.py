@@ -23,22 +23,23 @@ from musetalk_ops import keys
 from musetalk_ops.config import Limits
 from musetalk_ops.credentials import configured_identity
 from musetalk_ops.errors import CacheError, InputError, MuseTalkError
-from musetalk_ops.ids import validate_id
+from musetalk_ops.ids import ID_PATTERN, validate_id
 from musetalk_ops.options import OPTIONS, check_request_options
 from musetalk_ops.render.settings import RenderSettings
 from musetalk_ops.render_records import (
     claim_id,
-    read_claim,
+    read_records,
     render_record,
     taken_by,
     write_failure,
     write_render_record,
 )
 from musetalk_ops.store import Store
-from musetalk_ops.template_store import CacheRef, current_cache, local_cache
+from musetalk_ops.template_store import CacheRef, current_cache, local_cache, prepared_templates
 from musetalk_ops.timings import Timings
 
 INTERRUPTED = "interrupted: the worker stopped while rendering"
+SHUTTING_DOWN = "the worker is shutting down: send the request to another worker"
 
 log = logging.getLogger(__name__)
 
@@ -134,16 +135,6 @@ def _add(timings: Timings | None, stage: str, seconds: float) -> None:
         timings.add(stage, seconds)
 
 
-def prepared_templates(store: Store) -> list[str]:
-    """Every template id whose current-cache pointer is in the store."""
-    ids = []
-    for info in store.list("cache/templates/"):
-        parts = info.key.split("/")
-        if len(parts) == 4 and parts[3] == "current.json":
-            ids.append(parts[2])
-    return sorted(ids)
-
-
 class Worker:
     """Renders replies one at a time on its device; ``submit`` queues, the caller waits on the future."""
 
@@ -207,15 +198,14 @@ class Worker:
     def record_interrupted(self) -> int:
         """Failure records for ids this worker claimed but never finished (it was killed mid-render)."""
         count = 0
-        for info in self.store.list(keys.CLAIMS):
-            rid = info.key.removeprefix(keys.CLAIMS).removesuffix(".json")
-            try:
-                claim = read_claim(self.store, validate_id(rid, "request id"))
-            except (InputError, ValueError):
+        for claim in read_records(self.store, keys.CLAIMS):
+            rid = claim.get("id")
+            mine = claim.get("by") == "worker" and claim.get("worker") == self.name
+            if not (mine and isinstance(rid, str) and ID_PATTERN.fullmatch(rid)):
                 continue
-            if not claim or claim.get("by") != "worker" or claim.get("worker") != self.name:
-                continue
-            if taken_by(self.store, rid) == "a render in progress":  # only the claim: never finished
+            if not (
+                self.store.exists(keys.render_timings(rid)) or self.store.exists(keys.failed_render(rid))
+            ):
                 write_failure(
                     self.store, rid, template=claim.get("template", ""), error=INTERRUPTED, worker=self.name
                 )
@@ -234,7 +224,7 @@ class Worker:
     def submit(self, reply: Reply) -> Future:
         """Queue ``reply``; refuses a taken id (IdTaken), a full queue (QueueFull), and all while draining."""
         if self.draining:
-            raise Draining("the worker is shutting down: send the request to another worker")
+            raise Draining(SHUTTING_DOWN)
         if not self.ready:
             raise Draining("the worker is still starting: try again when /readyz answers 200")
         what = taken_by(self.store, reply.id)
@@ -250,7 +240,7 @@ class Worker:
             return self._executor.submit(self._render, reply)
         except RuntimeError:  # the executor was shut down under us
             self._done(reply.id)
-            raise Draining("the worker is shutting down: send the request to another worker") from None
+            raise Draining(SHUTTING_DOWN) from None
 
     def drain(self) -> None:
         """Take no new replies; those queued and rendering finish."""
