@@ -13,8 +13,11 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable, Iterator
 
 from musetalk_ops import keys
+from musetalk_ops.errors import StoreError
+from musetalk_ops.ids import ID_PATTERN
 from musetalk_ops.store import Store
 from musetalk_ops.timings import Timings
 
@@ -76,6 +79,25 @@ def write_failure(store: Store, rid: str, *, template: str, error: str, worker: 
     """Record that the worker ``worker`` failed to render ``rid`` (counted by ``musetalk stats``)."""
     record = {"id": rid, "template": template, "error": error, "source": "worker", "worker": worker}
     store.put_bytes(keys.failed_render(rid), json.dumps({**record, "at": time.time()}, indent=1).encode())
+
+
+def worker_records(
+    store: Store, skip: set[str], on_skip: Callable[[str, Exception], None] | None = None
+) -> Iterator[dict]:
+    """The render records of warm workers (``source: worker``) under ``renders/``, but those of ids in
+    ``skip``, which are not read; an object that cannot be read is passed to ``on_skip`` and left out."""
+    for info in store.list(keys.RENDERS):
+        rid = info.key.removeprefix(keys.RENDERS).removesuffix(".json")
+        if not info.key.endswith(".json") or not ID_PATTERN.fullmatch(rid) or rid in skip:
+            continue
+        try:
+            record = json.loads(store.get_bytes(info.key))
+        except (StoreError, ValueError) as e:  # removed since the listing, or not JSON
+            if on_skip is not None:
+                on_skip(info.key, e)
+            continue
+        if isinstance(record, dict) and record.get("source") == "worker":
+            yield {**record, "id": rid}
 
 
 def read_records(store: Store, prefix: str) -> list[dict]:

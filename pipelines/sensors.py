@@ -13,7 +13,7 @@ import dagster as dg
 from musetalk_ops import PREPARATION_VERSION, keys
 from musetalk_ops.errors import InputError, StoreError
 from musetalk_ops.ids import ID_PATTERN
-from musetalk_ops.render_records import claim_id, read_claim
+from musetalk_ops.render_records import claim_id, read_claim, worker_records
 from musetalk_ops.store import ObjectInfo, Store
 from pipelines.catalog import RENDERED_VIDEO, TEMPLATE_CACHE, latest_cache, render_events
 from pipelines.partitions import render_requests, templates
@@ -202,22 +202,17 @@ def direct_render_sensor(context: dg.SensorEvaluationContext, store: StoreResour
     known = set(context.instance.get_dynamic_partitions(render_requests.name))
     events: list = []
     added: list[str] = []
-    for info in client.list(keys.RENDERS):
-        rid = info.key.removeprefix(keys.RENDERS).removesuffix(".json")
-        if not info.key.endswith(".json") or not ID_PATTERN.fullmatch(rid) or rid in known:
-            continue
-        try:
-            record = json.loads(client.get_bytes(info.key))
-        except (StoreError, ValueError) as e:
-            context.log.warning(f"skipped {info.key}: {e}")
-            continue
-        if not isinstance(record, dict) or record.get("source") != "worker":
-            continue  # a run's record: its run reported it
+
+    def skipped(key: str, error: object) -> None:
+        context.log.warning(f"skipped {key}: {error}")
+
+    for record in worker_records(client, skip=known, on_skip=skipped):  # a run's record: its run reported it
+        rid = record["id"]
         if not _recorded(context.instance, rid):
             try:
                 events.extend(render_events(client, record, worker=str(record.get("worker", ""))))
             except (KeyError, TypeError, ValueError) as e:  # not a record a worker of ours wrote
-                context.log.warning(f"skipped {info.key}: not a render record ({type(e).__name__}: {e})")
+                skipped(keys.render_timings(rid), f"not a render record ({type(e).__name__}: {e})")
                 continue
         added.append(rid)
         if len(added) >= RECORDS_PER_TICK:

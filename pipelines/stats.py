@@ -7,7 +7,6 @@ partition tag, so a request counts once whatever happened to it. A warm worker's
 counted from the store (its record, failure record or claim), so it counts while Dagster is down too.
 """
 
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -19,7 +18,7 @@ from musetalk_ops import keys
 from musetalk_ops.config import models_dir
 from musetalk_ops.errors import InputError, ModelFilesError, MuseTalkError
 from musetalk_ops.models.layout import check_models, weights_kind
-from musetalk_ops.render_records import read_records
+from musetalk_ops.render_records import read_records, worker_records
 from musetalk_ops.store import Store
 from musetalk_ops.timings import STAGES
 from pipelines.catalog import RENDERED_VIDEO
@@ -92,16 +91,8 @@ def _direct_renders(store: Store, run_ids: set[str]) -> dict[str, dict]:
     found: dict[str, dict] = {}
     for record in read_records(store, keys.FAILED):
         found[record.get("id", "")] = {"status": "failed", "template": record.get("template", "")}
-    for info in store.list(keys.RENDERS):
-        rid = info.key.removeprefix(keys.RENDERS).removesuffix(".json")
-        if "/" in rid or not info.key.endswith(".json") or rid in run_ids:
-            continue
-        try:
-            record = json.loads(store.get_bytes(info.key))
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("source") == "worker":
-            found[rid] = {"status": "completed", "template": record.get("template", "")}
+    for record in worker_records(store, skip=run_ids):
+        found[record["id"]] = {"status": "completed", "template": record.get("template", "")}
     for claim in read_records(store, keys.CLAIMS):
         rid = claim.get("id", "")
         if claim.get("by") == "worker" and rid not in found:
